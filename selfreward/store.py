@@ -1,0 +1,228 @@
+"""The run store: one folder per run, one SQLite file (run.db) in it.
+
+Every stage writes its rows and its `stages` marker in one transaction, so a
+stage is either wholly there or wholly absent. `Run.stage_done` is what makes a
+killed run resume where it stopped.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import threading
+import time
+from contextlib import contextmanager
+from datetime import datetime, timezone
+from pathlib import Path
+
+import sqlite_utils
+from sqlite_utils import Migrations
+
+from selfreward import __version__
+from selfreward.config import Config, as_dict, to_toml
+from selfreward.errors import SelfRewardError
+
+migrations = Migrations("selfreward")
+
+
+@migrations()
+def m001_initial(db: sqlite_utils.Database):
+    db["config"].create({"key": str, "value": str}, pk="key")
+    db["rounds"].create(
+        {"round": int, "model_in": str, "model_out": str, "started_at": str, "finished_at": str, "wall_s": float},
+        pk="round",
+    )
+    db["stages"].create(
+        {"round": int, "stage": str, "started_at": str, "finished_at": str, "wall_s": float,
+         "peak_rss_mb": float, "detail": str},
+        pk=("round", "stage"),
+    )
+    db["models"].create(
+        {"name": str, "round": int, "kind": str, "parent": str, "path": str, "adapter_path": str,
+         "note": str, "created_at": str},
+        pk="name",
+    )
+    db["prompts"].create(
+        {"id": int, "round": int, "text": str, "source": str, "created_at": str},
+        pk="id",
+    )
+    db["candidates"].create(
+        {"id": int, "round": int, "prompt_id": int, "idx": int, "text": str, "n_tokens": int,
+         "finish_reason": str, "model": str},
+        pk="id", foreign_keys=[("prompt_id", "prompts", "id")],
+    )
+    db["judgments"].create(
+        {"id": int, "round": int, "candidate_id": int, "sample": int, "judge": str, "score": float,
+         "reason": str, "rationale": str, "raw": str, "n_tokens": int, "template_sha": str, "created_at": str},
+        pk="id", foreign_keys=[("candidate_id", "candidates", "id")],
+    )
+    db["pairs"].create(
+        {"id": int, "round": int, "prompt_id": int, "status": str, "chosen_id": int, "rejected_id": int,
+         "chosen_score": float, "rejected_score": float, "n_scored": int, "n_unscored": int, "rule": str},
+        pk="id", foreign_keys=[("prompt_id", "prompts", "id")],
+    )
+    db["training_steps"].create(
+        {"round": int, "kind": str, "step": int, "epoch": float, "loss": float, "learning_rate": float,
+         "grad_norm": float, "rewards_margin": float, "rewards_accuracy": float, "rewards_chosen": float,
+         "rewards_rejected": float},
+    )
+    db["eft_eval"].create(
+        {"round": int, "model": str, "example": int, "gold_score": int, "score": float, "reason": str,
+         "raw": str},
+    )
+    db["metrics"].create({"round": int, "model": str, "name": str, "value": float}, pk=("round", "model", "name"))
+    for table, cols in {"candidates": ["round"], "judgments": ["round"], "pairs": ["round"],
+                        "prompts": ["round"]}.items():
+        db[table].create_index(cols)
+    db["judgments"].create_index(["candidate_id"])
+    db["candidates"].create_index(["prompt_id"])
+
+
+def now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+class PeakMemory:
+    """Samples this process's resident memory in a thread, so each stage gets its own peak."""
+
+    def __init__(self, interval: float = 0.2):
+        import psutil
+
+        self._proc = psutil.Process()
+        self.peak = self._proc.memory_info().rss
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(interval,), daemon=True)
+
+    def _run(self, interval):
+        while not self._stop.wait(interval):
+            self.peak = max(self.peak, self._proc.memory_info().rss)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self._proc.memory_info().rss)
+
+
+class Run:
+    """A run folder: run.db, config.toml, models/."""
+
+    def __init__(self, path: Path, db: sqlite_utils.Database):
+        self.path = path
+        self.db = db
+        self._lock = None
+
+    # --- opening ---
+    @classmethod
+    def open(cls, path: str | Path) -> "Run":
+        path = Path(path)
+        if not (path / "run.db").is_file():
+            raise SelfRewardError(f"no run at {path} (expected {path / 'run.db'})")
+        db = sqlite_utils.Database(path / "run.db")
+        migrations.apply(db)
+        return cls(path, db)
+
+    @classmethod
+    def create(cls, path: str | Path, config: Config) -> "Run":
+        path = Path(path)
+        # Build the run in a temporary folder and rename it into place, so a
+        # failure here never leaves a half-made run behind.
+        tmp = path.with_name(path.name + ".creating")
+        if tmp.exists():
+            import shutil
+
+            shutil.rmtree(tmp)
+        (tmp / "models").mkdir(parents=True)
+        db = sqlite_utils.Database(tmp / "run.db")
+        migrations.apply(db)
+        with db.atomic():
+            db["config"].insert_all({"key": k, "value": json.dumps(v)} for k, v in as_dict(config).items())
+            db["config"].insert({"key": "_created_by", "value": json.dumps(f"selfreward {__version__}")})
+        db.close()
+        (tmp / "config.toml").write_text(to_toml(config))
+        os.replace(tmp, path)
+        return cls.open(path)
+
+    def config_values(self) -> dict:
+        return {r["key"]: json.loads(r["value"]) for r in self.db["config"].rows if not r["key"].startswith("_")}
+
+    def config(self) -> Config:
+        values = self.config_values()
+        # Keys added by later versions fall back to their defaults.
+        from selfreward.config import FIELDS
+
+        return Config(**{k: v for k, v in values.items() if k in FIELDS})
+
+    def set_config(self, key: str, value) -> None:
+        with self.db.atomic():
+            self.db["config"].upsert({"key": key, "value": json.dumps(value)}, pk="key")
+        (self.path / "config.toml").write_text(to_toml(self.config()))
+
+    @contextmanager
+    def locked(self):
+        """One process per run: a second `iterate` on the same run fails fast."""
+        fh = open(self.path / ".lock", "w")
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fh.close()
+            raise SelfRewardError(f"run {self.path} is in use by another selfreward process") from None
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+            fh.close()
+
+    # --- stages ---
+    def stage_done(self, round: int, stage: str) -> bool:
+        return bool(self.db.execute("select 1 from stages where round=? and stage=?", [round, stage]).fetchone())
+
+    @contextmanager
+    def stage(self, round: int, stage: str):
+        """Time a stage and hand it a Commit; its writes land in one transaction at the end."""
+        started, t0 = now(), time.perf_counter()
+        commit = StageCommit()
+        with PeakMemory() as mem:
+            yield commit
+        with self.db.atomic():
+            for fn in commit.writes:
+                fn(self.db)
+            self.db["stages"].insert({
+                "round": round, "stage": stage, "started_at": started, "finished_at": now(),
+                "wall_s": round_(time.perf_counter() - t0), "peak_rss_mb": round_(mem.peak / 2**20),
+                "detail": json.dumps(commit.detail),
+            })
+
+    def model(self, name: str) -> dict:
+        row = self.db.execute("select * from models where name=?", [name]).fetchone()
+        if row is None:
+            raise SelfRewardError(f"model {name} is not in run {self.path}")
+        cols = [d[0] for d in self.db.execute("select * from models limit 0").description]
+        return dict(zip(cols, row))
+
+    def rows(self, sql: str, params=()) -> list[dict]:
+        cur = self.db.execute(sql, params)
+        cols = [d[0] for d in cur.description]
+        return [dict(zip(cols, r)) for r in cur.fetchall()]
+
+
+class StageCommit:
+    """What a stage will write: a list of callables run inside the stage's transaction."""
+
+    def __init__(self):
+        self.writes = []
+        self.detail: dict = {}
+
+    def add(self, fn):
+        self.writes.append(fn)
+
+    def insert_all(self, table: str, rows: list[dict]):
+        self.writes.append(lambda db: db[table].insert_all(rows))
+
+
+def round_(x: float) -> float:
+    return round(x, 3)
