@@ -12,6 +12,7 @@ import tempfile
 from pathlib import Path
 
 from transformers import TrainerCallback
+from transformers.trainer_callback import ProgressCallback
 
 from selfreward.models import load_model, load_tokenizer, merge_adapter, use_4bit
 
@@ -33,6 +34,19 @@ class LogRows(TrainerCallback):
             self.rows.append(row)
 
 
+class QuietProgress(ProgressCallback):
+    """The progress bar without a dict printed under it at every step (run.db has them)."""
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        pass
+
+
+def _quiet(trainer):
+    trainer.remove_callback(ProgressCallback)
+    trainer.add_callback(QuietProgress())
+    return trainer
+
+
 def lora_config(cfg):
     from peft import LoraConfig
 
@@ -44,12 +58,15 @@ def _common_args(cfg, out: str, lr: float, lr_end: float, batch: int, epochs: fl
     import torch
 
     micro = min(cfg.micro_batch_size, batch)
+    cuda = torch.cuda.is_available()
     return dict(
         output_dir=out, num_train_epochs=epochs, learning_rate=lr,
         lr_scheduler_type="cosine_with_min_lr", lr_scheduler_kwargs={"min_lr": lr_end},
         per_device_train_batch_size=micro, gradient_accumulation_steps=max(1, batch // micro),
         max_length=cfg.max_length, logging_steps=1, save_strategy="no", report_to=[], seed=cfg.seed,
-        bf16=torch.cuda.is_available(), disable_tqdm=False, dataloader_num_workers=0,
+        bf16=cuda, disable_tqdm=False, dataloader_num_workers=0, dataloader_pin_memory=cuda,
+        # Recomputing activations saves GPU memory for big models; a 135M model on CPU only pays the time.
+        activation_checkpointing=cuda,
         # A handful of steps: warmup would eat them all.
         warmup_steps=0,
     )
@@ -97,7 +114,7 @@ def sft(base_path: str, ift: list[dict], eft: list[tuple[str, str]], cfg, out: P
         trainer = SFTTrainer(model=_load_for_training(base_path, cfg), args=args,
                              train_dataset=Dataset.from_list(rows), processing_class=load_tokenizer(base_path),
                              peft_config=lora_config(cfg), callbacks=[logs])
-        trainer.train()
+        _quiet(trainer).train()
         adapter = _finish(trainer, base_path, out)
     return logs.rows, adapter
 
@@ -119,7 +136,7 @@ def dpo(base_path: str, pairs: list[dict], cfg, out: Path, round: int):
         trainer = DPOTrainer(model=_load_for_training(base_path, cfg), ref_model=None, args=args,
                              train_dataset=Dataset.from_list(rows), processing_class=load_tokenizer(base_path),
                              peft_config=lora_config(cfg), callbacks=[logs])
-        trainer.train()
+        _quiet(trainer).train()
         adapter = _finish(trainer, base_path, out)
     return logs.rows, adapter
 

@@ -1,0 +1,86 @@
+"""Shared fixtures: a tiny Llama with a tokenizer built in-process (no hub), seed
+data written to temp files, and a scripted judge."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+WORDS = ("the a of to and in is it you that for on with as are this be at or by from what how why when "
+         "explain write describe list give summarize compare water energy plant city music code list data "
+         "small large fast slow good bad answer question score points response user").split()
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path_factory, monkeypatch):
+    # GGUF conversions in tests go to a temp cache, never the user's.
+    if "SELFREWARD_CACHE" not in os.environ:
+        monkeypatch.setenv("SELFREWARD_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
+
+
+def build_tiny_model(path: Path, seed: int = 0) -> Path:
+    """A 2-layer Llama (hidden 32) and a byte-level BPE tokenizer trained in-process."""
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    corpus = [" ".join(WORDS[i:] + WORDS[:i]) for i in range(len(WORDS))] + ["Score: 0 1 2 3 4 5\n1. 2. 3."]
+    tok.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=400, special_tokens=specials,
+                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                   bos_token=None)
+    fast.chat_template = CHAT_TEMPLATE
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=len(fast), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
+                         eos_token_id=fast.eos_token_id, pad_token_id=fast.pad_token_id, bos_token_id=None,
+                         tie_word_embeddings=True)
+    model = LlamaForCausalLM(config)
+    model.generation_config.eos_token_id = fast.eos_token_id
+    model.generation_config.pad_token_id = fast.pad_token_id
+    model.save_pretrained(path)
+    fast.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    return build_tiny_model(tmp_path_factory.mktemp("tiny") / "model")
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture
+def seed_files(tmp_path) -> dict[str, Path]:
+    """Small IFT/EFT files in the real schema, written by the test."""
+    ift = [{"instruction": f"Explain how a {w} works in three short sentences", "response": f"A {w} works well."}
+           for w in ("pump", "lever", "kettle", "bicycle", "compass", "sundial")]
+    eft = [{"instruction": f"Name one use of {w}", "response": f"{w} is used for things.",
+            "justification": "The response is relevant but vague, earning one point.", "score": s}
+           for s, w in enumerate(("salt", "sand", "steam", "copper", "glass", "rubber"))]
+    return {"ift": write_jsonl(tmp_path / "ift.jsonl", ift), "eft": write_jsonl(tmp_path / "eft.jsonl", eft)}
+
+
+@pytest.fixture
+def judge_script(tmp_path) -> Path:
+    """Raw judge outputs cycled in order: scores that vary, plus failures that must stay NULL."""
+    outputs = ["Relevant and complete. Score: 4", "Partly relevant. Score: 1", "I cannot decide.",
+               "Mostly there.\nScore: 3", "Score: 7", "Good answer. Score: 5"]
+    path = tmp_path / "judge.json"
+    path.write_text(json.dumps(outputs))
+    return path

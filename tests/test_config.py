@@ -1,0 +1,45 @@
+import pytest
+
+from selfreward.config import PRESETS, Config, load_toml, resolve, to_toml
+from selfreward.errors import SelfRewardError
+
+
+def test_precedence_defaults_preset_toml_cli(tmp_path):
+    toml = tmp_path / "c.toml"
+    toml.write_text('preset = "demo"\nn_candidates = 6\njudge_samples = 5\n')
+    cfg = resolve(load_toml(toml), {"judge_samples": 2})
+    assert cfg.dpo_beta == Config.dpo_beta == 0.1                      # default (the paper's)
+    assert cfg.prompts_per_round == PRESETS["demo"]["prompts_per_round"]  # preset
+    assert cfg.n_candidates == 6                                        # TOML over preset/default
+    assert cfg.judge_samples == 2                                       # CLI over TOML
+
+
+def test_paper_defaults():
+    cfg = resolve({}, {"preset": "paper"})
+    assert (cfg.n_candidates, cfg.judge_samples, cfg.temperature, cfg.top_p) == (4, 3, 0.7, 0.9)
+    assert (cfg.dpo_learning_rate, cfg.dpo_learning_rate_end, cfg.dpo_batch_size) == (1e-6, 1e-7, 16)
+    assert (cfg.sft_learning_rate, cfg.sft_learning_rate_end) == (5.5e-6, 1.1e-6)
+
+
+def test_bad_config_values_are_one_clear_error(tmp_path):
+    toml = tmp_path / "c.toml"
+    toml.write_text("no_such_key = 1\n")
+    with pytest.raises(SelfRewardError, match="unknown config key 'no_such_key'"):
+        load_toml(toml)
+    toml.write_text('n_candidates = "four"\n')
+    with pytest.raises(SelfRewardError, match="wants a int"):
+        load_toml(toml)
+    toml.write_text("n_candidates = [\n")
+    with pytest.raises(SelfRewardError, match="not valid TOML"):
+        load_toml(toml)
+    with pytest.raises(SelfRewardError, match="at least 2"):
+        resolve({}, {"n_candidates": 1, "preset": "demo"})
+    with pytest.raises(SelfRewardError, match="unknown preset"):
+        resolve({}, {"preset": "huge"})
+
+
+def test_dump_round_trips(tmp_path):
+    cfg = resolve({}, {"preset": "demo", "model": 'a "quoted" path'})
+    path = tmp_path / "config.toml"
+    path.write_text(to_toml(cfg))
+    assert resolve(load_toml(path)) == cfg
