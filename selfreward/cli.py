@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
@@ -87,13 +88,19 @@ def _number(key: str, raw: str):
 @click.option("--preset", type=click.Choice(["auto", "demo", "tiny", "paper"]), help="Size preset.")
 @click.option("--config", "config_file", type=click.Path(), help="TOML file of config keys.")
 @click.option("--engine", type=click.Choice(["transformers", "vllm"]), help="Generation engine.")
-@click.option("--judge", type=click.Choice(["self", "scripted"]), help="Judge backend.")
+@click.option("--judge", type=click.Choice(["self", "api", "pairrm", "reward-model", "scripted"]),
+              help="Judge backend.")
+@click.option("--judge-mode", type=click.Choice(["additive", "pairwise", "reference"]),
+              help="LLM judge mode (self, api).")
+@click.option("--judge-model", help="Model for --judge pairrm / reward-model (hub id or folder).")
+@click.option("--judge-api-base", help="OpenAI-compatible base URL for --judge api; key from $OPENAI_API_KEY.")
+@click.option("--judge-api-model", help="Model name for --judge api.")
 @click.option("--judge-script", type=click.Path(), help="JSON list of raw outputs for --judge scripted.")
 @click.option("--seed", type=int, help="Random seed.")
 @click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="Any config key (repeatable).")
 @click.option("--help-config", is_flag=True, help="List every config key with its default and exit.")
-def iterate(name, runs_dir, rounds, model, ift, eft, eft_eval, preset, config_file, engine, judge, judge_script,
-            seed, sets, help_config):
+def iterate(name, runs_dir, rounds, model, ift, eft, eft_eval, preset, config_file, engine, judge, judge_mode,
+            judge_model, judge_api_base, judge_api_model, judge_script, seed, sets, help_config):
     """Run the loop until the run has M_<rounds>; resume it if it stopped.
 
     Round 1 trains M1 = SFT(M0) on the seed IFT+EFT data. Each later round t
@@ -109,6 +116,7 @@ def iterate(name, runs_dir, rounds, model, ift, eft, eft_eval, preset, config_fi
         selfreward iterate --rounds 3
         selfreward iterate --name mine --model ./my-model --ift ift.jsonl --eft eft.jsonl
         selfreward iterate --name t --preset tiny --set n_candidates=2 --set judge_samples=1
+        selfreward iterate --name ext --judge api --judge-api-base http://127.0.0.1:8000/v1 --judge-api-model qwen
     """
     if help_config:
         click.echo(help_text())
@@ -118,7 +126,8 @@ def iterate(name, runs_dir, rounds, model, ift, eft, eft_eval, preset, config_fi
     from selfreward.store import Run
 
     flags = {"model": model, "ift": ift, "eft": eft, "eft_eval": eft_eval, "preset": preset, "engine": engine,
-             "judge": judge, "judge_script": judge_script, "seed": seed}
+             "judge": judge, "judge_mode": judge_mode, "judge_model": judge_model, "judge_api_base": judge_api_base,
+             "judge_api_model": judge_api_model, "judge_script": judge_script, "seed": seed}
     cli_values = {k: coerce(k, v) for k, v in flags.items() if v is not None}
     cli_values.update(_parse_sets(sets))
     for key in ("ift", "eft", "eft_eval", "judge_script"):
@@ -162,23 +171,35 @@ def _check_inputs(cfg) -> None:
     """Fail before the run folder exists: bad data or model never leave a half-made run."""
     from selfreward.data import read_eft, read_ift
     from selfreward.engines import ENGINES
-    from selfreward.judges import JUDGES, ScriptedJudge
     from selfreward.models import resolve_source
     from selfreward.prompts import load_template
 
     if cfg.engine not in ENGINES:
         raise SelfRewardError(f"unknown engine '{cfg.engine}'; choose one of: {', '.join(ENGINES)}")
-    if cfg.judge not in JUDGES:
-        raise SelfRewardError(f"unknown judge '{cfg.judge}'; choose one of: {', '.join(JUDGES)}")
     read_ift(cfg.ift)
     read_eft(cfg.eft)
     if cfg.eft_eval:
         read_eft(cfg.eft_eval)
-    template = load_template(cfg.judge_template)
+    load_template("additive_judge")
     load_template("self_instruct")
-    if cfg.judge == "scripted":
-        ScriptedJudge.from_file(cfg.judge_script, template)
+    check_judge(cfg)
     resolve_source(cfg.model)
+
+
+def check_judge(cfg) -> None:
+    """Judge settings that can be checked without loading a model."""
+    from selfreward.judges import JUDGES, MODES, build_judge
+    from selfreward.prompts import load_template
+
+    if cfg.judge not in JUDGES:
+        raise SelfRewardError(f"unknown judge '{cfg.judge}'; choose one of: {', '.join(JUDGES)}")
+    if cfg.judge_mode not in MODES:
+        raise SelfRewardError(f"unknown judge mode '{cfg.judge_mode}'; choose one of: {', '.join(MODES)}")
+    load_template(MODES[cfg.judge_mode])
+    if cfg.judge in ("api", "scripted"):
+        build_judge(cfg, None, "check")  # builds the client or reads the script; sends nothing
+    if cfg.judge_model and cfg.judge_model.startswith((".", "/", "~")) and not Path(cfg.judge_model).exists():
+        raise SelfRewardError(f"judge model not found: {cfg.judge_model}")
 
 
 @cli.command()
@@ -232,6 +253,122 @@ def show(run, prompt_id, runs_dir):
     from selfreward.store import Run
 
     click.echo(show_prompt(Run.open(_run_path(run, runs_dir)), prompt_id), nl=False)
+
+
+def judge_options(f):
+    """The judge flags shared by the eval commands (they override the run's judge for this command only)."""
+    options = [
+        click.option("--judge", type=click.Choice(["self", "api", "pairrm", "reward-model", "scripted"]),
+                     help="Judge backend (default: the run's)."),
+        click.option("--judge-mode", type=click.Choice(["additive", "pairwise", "reference"])),
+        click.option("--judge-model", help="Model for pairrm / reward-model."),
+        click.option("--judge-api-base", help="OpenAI-compatible base URL; key from $OPENAI_API_KEY."),
+        click.option("--judge-api-model", help="Model name at the API."),
+        click.option("--judge-script", type=click.Path(), help="JSON list of raw outputs (scripted judge)."),
+        click.option("--runs-dir", default="runs", show_default=True, type=click.Path(file_okay=False)),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
+def _judge_overrides(kw: dict) -> dict:
+    overrides = {k: coerce(k, v) for k, v in kw.items() if k.startswith("judge") and v is not None}
+    if overrides.get("judge_script"):
+        overrides["judge_script"] = str(Path(overrides["judge_script"]).resolve())
+    return overrides
+
+
+@cli.group(name="eval", cls=Group)
+def eval_group():
+    """Measure judges and models; results are stored in run.db (eval_metrics, head2head).
+
+    \b
+    Example:
+        selfreward eval judge demo
+        selfreward eval head2head demo --a M1 --b M3
+    """
+
+
+@eval_group.command(name="judge")
+@click.argument("run")
+@click.option("--models", help="Comma-separated models of the run to evaluate as self judges (default: all).")
+@click.option("--data", "dataset", type=click.Path(), help="Ranked or flat EFT JSONL (default: the run's eft_eval).")
+@click.option("--limit", type=int, default=0, help="Use only the first N prompts.")
+@click.option("--samples", type=int, default=1, show_default=True, help="Judge samples per response.")
+@click.option("--verbosity/--no-verbosity", default=True, show_default=True,
+              help="Also run the verbosity probe (padded answers must not score higher).")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+@judge_options
+def eval_judge_cmd(run, models, dataset, limit, samples, verbosity, as_json, runs_dir, **judge_kw):
+    """Judge quality against human rankings (the paper's Table 4): pairwise
+    accuracy (judge ties shown apart), 5-best %, exact-match %, Spearman and
+    Kendall tau per prompt, plus parse rate, position inconsistency (pairwise
+    mode), the verbosity probe and judgments per second.
+
+    \b
+    Example:
+        selfreward eval judge demo                        # every M_t of the run as a self judge
+        selfreward eval judge demo --models M0,M1 --limit 20
+        selfreward eval judge demo --judge-mode pairwise --models M1
+        selfreward eval judge demo --judge api --judge-api-base http://127.0.0.1:8000/v1 --judge-api-model qwen
+        selfreward eval judge demo --judge pairrm --judge-model ./PairRM-hf --data oasst/eft_eval.jsonl
+    """
+    from selfreward.evals import eval_judge
+    from selfreward.store import Run
+
+    r = Run.open(_run_path(run, runs_dir))
+    overrides = _judge_overrides(judge_kw)
+    check_judge(dataclasses.replace(r.config(), **overrides))
+    names = models.split(",") if models else [m["name"] for m in r.rows("select name from models order by round")]
+    for name in names:
+        r.model(name)  # fails clearly on a model the run does not have
+    _quiet_libraries()
+    rows = eval_judge(r, overrides, names, dataset or r.config().eft_eval, limit, samples, verbosity)
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    from selfreward.report import EVAL_COLUMNS, table
+
+    click.echo(table(rows, EVAL_COLUMNS))
+
+
+@eval_group.command(name="head2head")
+@click.argument("run")
+@click.option("--a", "model_a", required=True, help="Model of the run, e.g. M1.")
+@click.option("--b", "model_b", required=True, help="Model of the run, e.g. M3.")
+@click.option("--prompts", type=click.Path(), help="IFT-format JSONL of prompts (default: held-out IFT seed split).")
+@click.option("--limit", type=int, default=16, show_default=True, help="Number of prompts (0 = all).")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+@judge_options
+def head2head_cmd(run, model_a, model_b, prompts, limit, as_json, runs_dir, **judge_kw):
+    """M_a vs M_b on held-out prompts: both answer each prompt, the judge
+    compares the answers in both orders (LLM judges switch to pairwise mode),
+    and the result is win / tie / loss from A's side with each side's mean
+    answer length.
+
+    \b
+    Example:
+        selfreward eval head2head demo --a M1 --b M3
+        selfreward eval head2head demo --a M0 --b M3 --judge pairrm --judge-model ./PairRM-hf
+    """
+    from selfreward.config import SEED_DIR
+    from selfreward.evals import head2head
+    from selfreward.store import Run
+
+    r = Run.open(_run_path(run, runs_dir))
+    overrides = _judge_overrides(judge_kw)
+    check_judge(dataclasses.replace(r.config(), **overrides))
+    for name in (model_a, model_b):
+        r.model(name)
+    _quiet_libraries()
+    result = head2head(r, overrides, model_a, model_b, prompts or str(SEED_DIR / "ift_heldout.jsonl"), limit)
+    if as_json:
+        click.echo(json.dumps(result, indent=2))
+        return
+    from selfreward.report import H2H_COLUMNS, table
+
+    click.echo(table([result], H2H_COLUMNS))
 
 
 def main():

@@ -35,8 +35,16 @@ class Config:
     seed: int = _f(0, "Random seed for sampling and training; stages derive their own seeds from it.")
     # --- engines ---
     engine: str = _f("transformers", "Generation engine: 'transformers' (batched, CPU or GPU) or 'vllm' (CUDA, own process).")
-    judge: str = _f("self", "Judge backend: 'self' (the policy with the additive prompt) or 'scripted' (tests).")
+    judge: str = _f("self", "Judge backend: 'self' (the policy M_t), 'api' (OpenAI-compatible endpoint), 'pairrm', 'reward-model', or 'scripted' (tests).")
+    judge_mode: str = _f("additive", "For LLM judges (self, api): 'additive' (5-point single answer), 'pairwise' (A vs B, both orders), or 'reference' (graded against a reference answer).")
+    judge_model: str = _f("", "For judge='pairrm' or 'reward-model': a hub id or local folder (pairrm defaults to llm-blender/PairRM-hf).")
     judge_script: str = _f("", "For judge='scripted': a JSON file holding a list of raw judge outputs, used in order and cycled.")
+    judge_api_base: str = _f("", "For judge='api': base URL of an OpenAI-compatible server, e.g. http://127.0.0.1:8000/v1.")
+    judge_api_model: str = _f("", "For judge='api': the model name to ask for.")
+    judge_api_key_env: str = _f("OPENAI_API_KEY", "For judge='api': the NAME of the environment variable holding the key (the key itself is never stored).")
+    judge_api_concurrency: int = _f(8, "For judge='api': requests in flight at once.")
+    judge_api_timeout: float = _f(60.0, "For judge='api': seconds before one request times out (then it is retried).")
+    judge_api_max_retries: int = _f(5, "For judge='api': retries on 429, 5xx and timeouts, with exponential backoff.")
     gen_batch_size: int = _f(16, "Sequences generated per forward batch (transformers engine).")
     load_in_4bit: str = _f("auto", "Load the base in 4-bit for training (QLoRA): 'auto' (on CUDA), 'yes', 'no'.")
     # --- self-instruction creation ---
@@ -60,7 +68,6 @@ class Config:
     judge_temperature: float = _f(0.7, "Sampling temperature for the judge.")
     judge_top_p: float = _f(0.9, "Top-p for the judge.")
     judge_max_new_tokens: int = _f(256, "Token limit for one judgment.")
-    judge_template: str = _f("additive_judge", "Judge prompt template in prompts/ (without .txt).")
     # --- pairs ---
     length_rho: float = _f(0.0, "Meta-Rewarding length control rho: 0 is the plain max/min rule; larger prefers short chosen and long rejected.")
     # --- SFT (round 1) ---
@@ -207,6 +214,8 @@ def validate(c: Config) -> None:
             raise SelfRewardError(f"config key '{key}' must be >= 0")
     if c.load_in_4bit not in ("auto", "yes", "no"):
         raise SelfRewardError("load_in_4bit must be 'auto', 'yes' or 'no'")
+    if c.judge_api_concurrency <= 0 or c.judge_api_timeout <= 0 or c.judge_api_max_retries < 0:
+        raise SelfRewardError("judge_api_concurrency and judge_api_timeout must be positive, judge_api_max_retries >= 0")
     if c.judge == "scripted" and not c.judge_script:
         raise SelfRewardError("judge 'scripted' needs judge_script: a JSON file with a list of raw judge outputs")
 

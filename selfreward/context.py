@@ -6,8 +6,7 @@ import zlib
 
 from selfreward.config import Config
 from selfreward.engines import Engine, Sampling, make_engine
-from selfreward.errors import SelfRewardError
-from selfreward.judges import Judge, ScriptedJudge, SelfJudge
+from selfreward.judges import Judge, build_judge
 from selfreward.prompts import Template, load_template
 from selfreward.store import Run
 
@@ -16,7 +15,7 @@ class Context:
     def __init__(self, run: Run, cfg: Config):
         self.run, self.cfg = run, cfg
         self._engine: Engine | None = None
-        self._scripted: ScriptedJudge | None = None
+        self._judges: dict[str, Judge] = {}
 
     def seed(self, round: int, stage: str) -> int:
         """A stable seed per (run seed, round, stage): a resumed stage samples the same way."""
@@ -33,22 +32,43 @@ class Context:
         return self._engine
 
     def judge(self, model: str) -> Judge:
-        cfg = self.cfg
-        template = self.template(cfg.judge_template)
+        """The configured judge; for the self judge, `model` (M_t) is the one judging."""
+        if self.cfg.judge != "self":
+            model = "-"  # one instance serves every round (a scripted judge keeps its place)
+        if model not in self._judges:
+            self._judges[model] = build_judge(self.cfg, lambda: self.engine(model), model)
+        return self._judges[model]
+
+    def judge_provenance(self, model: str, seed: int) -> dict:
+        """What an auditor needs to reproduce a judgment: the weights' hash, sampling and seed, version."""
+        import json
+        from pathlib import Path
+
+        from selfreward import __version__
+        from selfreward.models import weights_sha
+
+        cfg, sha = self.cfg, None
         if cfg.judge == "self":
-            sampling = Sampling(cfg.judge_temperature, cfg.judge_top_p, cfg.judge_max_new_tokens, 0)
-            return SelfJudge(self.engine(model), template, sampling, label=model)
-        if cfg.judge == "scripted":
-            if self._scripted is None:
-                self._scripted = ScriptedJudge.from_file(cfg.judge_script, template)
-            return self._scripted
-        raise SelfRewardError(f"unknown judge '{cfg.judge}'; choose 'self' or 'scripted'")
+            sha = self.run.model(model)["sha256"]
+        elif cfg.judge in ("pairrm", "reward-model") and Path(cfg.judge_model).is_dir():
+            sha = weights_sha(Path(cfg.judge_model))
+        elif cfg.judge == "scripted":
+            import hashlib
+
+            sha = hashlib.sha256(Path(cfg.judge_script).read_bytes()).hexdigest()[:16]
+        sampling = None
+        if cfg.judge in ("self", "api", "scripted"):
+            sampling = json.dumps({"temperature": cfg.judge_temperature, "top_p": cfg.judge_top_p,
+                                   "max_new_tokens": cfg.judge_max_new_tokens, "seed": seed,
+                                   "mode": cfg.judge_mode})
+        return {"judge_model_sha": sha, "sampling": sampling, "version": __version__}
 
     def release(self) -> None:
         """Free the loaded engine (before training, which needs the memory)."""
         if self._engine is not None:
             self._engine.close()
             self._engine = None
+            self._judges = {k: v for k, v in self._judges.items() if k == "-"}
             import gc
 
             gc.collect()

@@ -3,8 +3,10 @@ M_t from M_{t-1}: self-instruct -> candidates -> judge -> pairs -> DPO."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from selfreward.context import Context
-from selfreward.models import resolve_source
+from selfreward.models import resolve_source, weights_sha
 from selfreward.stages import candidates, evaluate, judging, pairs, self_instruct, train
 from selfreward.store import now
 
@@ -37,10 +39,11 @@ def register_m0(ctx: Context) -> None:
     if ctx.run.db.execute("select 1 from models where name = 'M0'").fetchone():
         return
     path = resolve_source(ctx.cfg.model)
+    sha = weights_sha(Path(path)) if Path(path).is_dir() else None  # a hub id is hashed by nobody here
     with ctx.run.db.atomic():
         ctx.run.db["models"].insert({"name": "M0", "round": 0, "kind": "base", "parent": None, "path": path,
                                      "adapter_path": None, "note": f"source: {ctx.cfg.model}",
-                                     "created_at": now()})
+                                     "created_at": now(), "sha256": sha})
 
 
 def round_finished(ctx: Context, t: int) -> bool:

@@ -61,7 +61,22 @@ def parse_additive(text: str) -> Parsed:
     return Parsed(float(score), rationale)
 
 
-PARSERS = {"additive": parse_additive}
+_VERDICT = re.compile(r"""(?P<quote>["'`“‘]?)\**verdict\**\s*:\s*\**\s*\[*(?P<value>a|b|tie)\b""", re.IGNORECASE)
+PAIRWISE_SCORES = {"a": 1.0, "b": 0.0, "tie": 0.5}
+
+
+def parse_pairwise(text: str) -> Parsed:
+    """Read the judge's own last `Verdict: A|B|tie` as 1.0 (A better), 0.0 (B better) or 0.5."""
+    if not text or not text.strip():
+        return Parsed(None, "", "empty output")
+    matches = [m for m in _VERDICT.finditer(text) if not m.group("quote")]
+    if not matches:
+        return Parsed(None, text.strip(), "no 'Verdict: A|B|tie' in output")
+    m = matches[-1]
+    return Parsed(PAIRWISE_SCORES[m.group("value").lower()], text[: m.start()].strip())
+
+
+PARSERS = {"additive": parse_additive, "pairwise": parse_pairwise}
 
 
 # --- templates ---

@@ -57,14 +57,26 @@ COLUMNS = [("round", "round"), ("model", "model"), ("prompts", "prompts"), ("can
            ("wall_s", "wall")]
 
 
+EVAL_COLUMNS = [("model", "model"), ("judge", "judge"), ("n_prompts", "prompts"), ("parse_rate", "parse%"),
+                ("pairwise_accuracy", "pair acc"), ("pairwise_ties", "ties"), ("five_best", "5-best"),
+                ("exact_match", "exact"), ("spearman", "spearman"), ("kendall_tau", "kendall"),
+                ("position_inconsistency", "pos-incons"), ("verbosity_padded_wins", "padded wins"),
+                ("judgments_per_s", "judg/s")]
+H2H_COLUMNS = [("a", "A"), ("b", "B"), ("judge", "judge"), ("n", "prompts"), ("wins", "A wins"), ("ties", "ties"),
+               ("losses", "A losses"), ("inconsistent", "inconsistent"), ("unscored", "unscored"),
+               ("win_rate", "A win rate"), ("a_mean_tokens", "A len"), ("b_mean_tokens", "B len")]
+PERCENT = {"parse_rate", "eft_parse_rate", "reward_acc", "pairwise_accuracy", "pairwise_ties", "five_best",
+           "exact_match", "position_inconsistency", "verbosity_padded_wins", "win_rate"}
+
+
 def fmt(key: str, value) -> str:
-    if value is None:
+    if value is None or (isinstance(value, float) and value != value):
         return "-"
-    if key in ("parse_rate", "eft_parse_rate", "reward_acc"):
+    if key in PERCENT:
         return f"{100 * value:.0f}%"
     if key == "wall_s":
         return f"{value / 60:.1f}m" if value >= 60 else f"{value:.0f}s"
-    if key in ("chosen_len", "rejected_len"):
+    if key in ("chosen_len", "rejected_len", "a_mean_tokens", "b_mean_tokens"):
         return f"{value:.0f}"
     if isinstance(value, float):
         return f"{value:.3f}" if key in ("loss", "reward_margin") else f"{value:.2f}"
@@ -80,7 +92,7 @@ def table(rows: list[dict], columns: list[tuple[str, str]]) -> str:
 
 
 def stage_summary(run: Run) -> list[dict]:
-    return run.rows("select round, stage, wall_s, peak_rss_mb, detail from stages order by round, started_at")
+    return run.rows("select round, stage, wall_s, peak_rss_mb, detail from stages order by round, rowid")
 
 
 def show_prompt(run: Run, prompt_id: int | None) -> str:

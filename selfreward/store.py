@@ -79,6 +79,54 @@ def m001_initial(db: sqlite_utils.Database):
     db["candidates"].create_index(["prompt_id"])
 
 
+@migrations()
+def m002_judge_backends(db: sqlite_utils.Database):
+    # API judges report token usage; pairwise judges and PairRM compare responses in both orders.
+    db["judgments"].add_column("prompt_tokens", int)
+    db["judgments"].add_column("completion_tokens", int)
+    db["comparisons"].create(
+        {"id": int, "round": int, "prompt_id": int, "sample": int, "a_id": int, "b_id": int, "outcome": str,
+         "judge": str, "ab_score": float, "ba_score": float, "ab_raw": str, "ba_raw": str, "ab_reason": str,
+         "ba_reason": str, "template_sha": str, "created_at": str},
+        pk="id", foreign_keys=[("prompt_id", "prompts", "id")],
+    )
+    db["comparisons"].create_index(["round"])
+
+
+@migrations()
+def m003_evals(db: sqlite_utils.Database):
+    db["eval_metrics"].create(
+        {"eval_id": str, "kind": str, "judge": str, "model": str, "dataset": str, "name": str, "value": float,
+         "created_at": str},
+    )
+    db["eval_metrics"].create_index(["eval_id"])
+    db["head2head"].create(
+        {"id": int, "eval_id": str, "prompt": str, "a_model": str, "b_model": str, "a_text": str, "b_text": str,
+         "a_tokens": int, "b_tokens": int, "outcome": str, "judge": str},
+        pk="id",
+    )
+
+
+APPEND_ONLY = ("candidates", "judgments", "pairs", "comparisons")
+
+
+@migrations()
+def m004_provenance_and_audit(db: sqlite_utils.Database):
+    # Provenance: which weights, prompt and sampling produced each judgment.
+    for column, kind in (("judge_model_sha", str), ("sampling", str), ("version", str)):
+        db["judgments"].add_column(column, kind)
+    db["models"].add_column("sha256", str)
+    # Once a stage commits, its records are evidence: refuse edits at the database level.
+    for table in APPEND_ONLY:
+        for action in ("UPDATE", "DELETE"):
+            db.execute(f"""
+                CREATE TRIGGER {table}_no_{action.lower()} BEFORE {action} ON {table}
+                BEGIN SELECT RAISE(ABORT, '{table} are append-only: {action} refused'); END""")
+    # Full-text search over rationales and responses (kept in sync by triggers).
+    db["judgments"].enable_fts(["rationale", "raw"], create_triggers=True)
+    db["candidates"].enable_fts(["text"], create_triggers=True)
+
+
 def now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 

@@ -1,40 +1,166 @@
-"""Stage: judge quality of a model on the held-out EFT split (tables `eft_eval`, `metrics`).
+"""Judge quality against human rankings (the paper's Table 4), and the per-round
+check of each new model as a judge on the held-out EFT split.
 
-Each example is judged once; we record whether the output parsed, and how the
-parsed scores compare with the gold ones (exact match, mean absolute error, and
-pairwise order agreement among responses to the same instruction).
+An evaluation set is a list of EvalGroups: one instruction, its responses, and
+a human preference for each (higher = better). It comes from a flat EFT file
+(responses grouped by instruction, gold score as the preference) or from a
+ranked file written by `data import-oasst` (rank 0 = best).
 """
 
 from __future__ import annotations
 
+import json
+import math
+from dataclasses import dataclass
 from itertools import combinations
+from pathlib import Path
 
 from selfreward.data import read_eft
+from selfreward.errors import SelfRewardError
+from selfreward.judges import Group
+
+# Neutral sentences that add length and no information: the verbosity probe pads with them.
+FILLER = ("\n\nTo expand on this a little further, it is worth keeping in mind that questions like this one "
+          "come up often, and the points above are the ones that matter most. In summary, the answer above "
+          "covers the question, and the details given are the essential ones to remember.")
 
 
-def eft_metrics(rows: list[dict], examples: list[dict]) -> dict[str, float]:
-    n = len(rows)
-    parsed = [r for r in rows if r["score"] is not None]
-    out = {"eft_n": n, "eft_parse_rate": len(parsed) / n if n else 0.0}
-    if parsed:
-        out["eft_exact_match"] = sum(r["score"] == r["gold_score"] for r in parsed) / len(parsed)
-        out["eft_mae"] = sum(abs(r["score"] - r["gold_score"]) for r in parsed) / len(parsed)
-    # Pairwise agreement: pairs of responses to one instruction with different gold scores.
-    agree = total = 0
+@dataclass(frozen=True)
+class EvalGroup:
+    instruction: str
+    responses: list[str]
+    preference: list[float]           # higher = humans liked it more
+    gold_scores: list[int] | None = None  # 0..5 where the set has them (flat EFT)
+
+
+def load_eval_set(path: str | Path) -> list[EvalGroup]:
+    """Ranked JSONL ({"instruction", "responses": [{"text", "rank"}]}) or flat EFT JSONL."""
+    path = Path(path)
+    if not path.is_file():
+        raise SelfRewardError(f"evaluation set not found: {path}")
+    first = next((line for line in path.open(encoding="utf-8") if line.strip()), None)
+    if first is None:
+        raise SelfRewardError(f"{path}: no rows")
+    try:
+        ranked = "responses" in json.loads(first)
+    except json.JSONDecodeError as e:
+        raise SelfRewardError(f"{path}:1: malformed JSON ({e.msg})") from None
+    return _read_ranked(path) if ranked else groups_from_eft(read_eft(path))
+
+
+def groups_from_eft(rows: list[dict]) -> list[EvalGroup]:
     by_instruction: dict[str, list[dict]] = {}
-    for r in parsed:
-        by_instruction.setdefault(examples[r["example"]]["instruction"], []).append(r)
-    for group in by_instruction.values():
-        for a, b in combinations(group, 2):
-            if a["gold_score"] != b["gold_score"]:
-                total += 1
-                agree += (a["score"] - b["score"]) * (a["gold_score"] - b["gold_score"]) > 0
-    if total:
-        out["eft_pairwise_accuracy"] = agree / total
+    for r in rows:
+        by_instruction.setdefault(r["instruction"], []).append(r)
+    return [EvalGroup(i, [r["response"] for r in rs], [float(r["score"]) for r in rs], [r["score"] for r in rs])
+            for i, rs in by_instruction.items()]
+
+
+def _read_ranked(path: Path) -> list[EvalGroup]:
+    groups = []
+    for lineno, line in enumerate(path.open(encoding="utf-8"), 1):
+        if not line.strip():
+            continue
+        where = f"{path}:{lineno}"
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise SelfRewardError(f"{where}: malformed JSON ({e.msg})") from None
+        responses = row.get("responses")
+        if not isinstance(row.get("instruction"), str) or not row["instruction"].strip():
+            raise SelfRewardError(f"{where}: missing field 'instruction'")
+        if not isinstance(responses, list) or len(responses) < 2:
+            raise SelfRewardError(f"{where}: 'responses' must list at least 2 ranked responses")
+        for r in responses:
+            if not isinstance(r, dict) or not isinstance(r.get("text"), str) or not isinstance(r.get("rank"), int):
+                raise SelfRewardError(f"{where}: each response needs 'text' (string) and 'rank' (integer)")
+        groups.append(EvalGroup(row["instruction"], [r["text"] for r in responses],
+                                [-float(r["rank"]) for r in responses]))
+    return groups
+
+
+def judge_scores(judge, groups: list[EvalGroup], seed: int, samples: int = 1):
+    """Mean parsed score per response (None if no sample parsed), plus the raw results."""
+    results = judge.judge_groups([Group(g.instruction, g.responses) for g in groups], samples, seed)
+    scores = []
+    for result in results:
+        per = []
+        for verdicts in result.verdicts:
+            parsed = [v.parsed.score for v in verdicts if v.parsed.score is not None]
+            per.append(sum(parsed) / len(parsed) if parsed else None)
+        scores.append(per)
+    return scores, results
+
+
+def quality_metrics(groups: list[EvalGroup], scores: list[list[float | None]], results=None) -> dict[str, float]:
+    """Parse rate, pairwise accuracy (judge ties apart), 5-best, exact match, Spearman, Kendall."""
+    from scipy.stats import kendalltau, rankdata, spearmanr
+
+    n = sum(len(s) for s in scores)
+    parsed = sum(x is not None for s in scores for x in s)
+    out = {"n_prompts": len(groups), "n_responses": n, "parse_rate": parsed / n if n else math.nan}
+    agree = ties = total = 0
+    best5 = best_n = exact = rank_n = 0
+    spearman, kendall = [], []
+    for g, s in zip(groups, scores):
+        for i, j in combinations(range(len(s)), 2):
+            if g.preference[i] == g.preference[j]:
+                continue
+            total += 1
+            if s[i] is None or s[j] is None:
+                continue  # an unscored response orders nothing; counted in neither agree nor ties
+            if s[i] == s[j]:
+                ties += 1
+            elif (s[i] - s[j]) * (g.preference[i] - g.preference[j]) > 0:
+                agree += 1
+        top = max(range(len(s)), key=lambda i: g.preference[i])
+        if list(g.preference).count(g.preference[top]) == 1:
+            best_n += 1
+            best5 += s[top] == 5
+        if all(x is not None for x in s):
+            rank_n += 1
+            exact += list(rankdata(s)) == list(rankdata(g.preference))
+            if len(set(g.preference)) > 1:
+                # A judge that scores every response alike says nothing about order: 0, not a skipped prompt.
+                rho = spearmanr(s, g.preference).statistic if len(set(s)) > 1 else 0.0
+                tau = kendalltau(s, g.preference).statistic if len(set(s)) > 1 else 0.0
+                spearman.append(rho)
+                kendall.append(tau)
+    out["pairwise_accuracy"] = agree / total if total else math.nan
+    out["pairwise_ties"] = ties / total if total else math.nan
+    out["five_best"] = best5 / best_n if best_n else math.nan
+    out["exact_match"] = exact / rank_n if rank_n else math.nan
+    out["spearman"] = sum(spearman) / len(spearman) if spearman else math.nan
+    out["kendall_tau"] = sum(kendall) / len(kendall) if kendall else math.nan
+    gold = [(x, gs) for g, s in zip(groups, scores) if g.gold_scores for x, gs in zip(s, g.gold_scores)]
+    scored = [(x, gs) for x, gs in gold if x is not None]
+    if scored:
+        out["gold_exact"] = sum(x == gs for x, gs in scored) / len(scored)
+        out["gold_mae"] = sum(abs(x - gs) for x, gs in scored) / len(scored)
+    comparisons = [c for r in results or [] for c in r.comparisons if c.outcome != "unparsed"]
+    if comparisons:
+        out["position_inconsistency"] = sum(c.outcome == "inconsistent" for c in comparisons) / len(comparisons)
     return out
 
 
+def verbosity_probe(judge, groups: list[EvalGroup], seed: int, limit: int = 8) -> dict[str, float]:
+    """The same answer padded with filler must not score higher: returns how often it did."""
+    picks = [(g.instruction, g.responses[max(range(len(g.responses)), key=lambda i: g.preference[i])])
+             for g in groups[:limit]]
+    probe = [EvalGroup(i, [r, r + FILLER], [1.0, 0.0]) for i, r in picks]
+    scores, _ = judge_scores(judge, probe, seed)
+    both = [(a, b) for a, b in scores if a is not None and b is not None]
+    if not both:
+        return {"verbosity_n": 0}
+    return {"verbosity_n": len(both),
+            "verbosity_padded_wins": sum(b > a for a, b in both) / len(both),
+            "verbosity_score_delta": sum(b - a for a, b in both) / len(both)}
+
+
+# --- the per-round stage ---
+
 def run(ctx, t: int, model: str) -> None:
+    """Judge the held-out EFT split with `model` as the judge (for the self judge)."""
     stage = f"eval_{model}"
     cfg = ctx.cfg
     if not cfg.eft_eval or ctx.run.stage_done(t, stage):
@@ -42,14 +168,19 @@ def run(ctx, t: int, model: str) -> None:
     examples = read_eft(cfg.eft_eval)
     if cfg.eval_eft_size:
         examples = examples[: cfg.eval_eft_size]
+    groups = groups_from_eft(examples)
     with ctx.run.stage(t, stage) as commit:
-        judge = ctx.judge(model)
-        verdicts = judge.judge([(e["instruction"], e["response"]) for e in examples], 1, ctx.seed(t, stage))
-        rows = [{"round": t, "model": model, "example": i, "gold_score": e["score"], "score": v.parsed.score,
-                 "reason": v.parsed.reason, "raw": v.raw}
-                for i, (e, (v,)) in enumerate(zip(examples, verdicts))]
-        metrics = eft_metrics(rows, examples)
+        scores, results = judge_scores(ctx.judge(model), groups, ctx.seed(t, stage))
+        rows, k = [], 0
+        for g, s, result in zip(groups, scores, results):
+            for text_score, gold, verdicts in zip(s, g.gold_scores, result.verdicts):
+                v = verdicts[0]
+                rows.append({"round": t, "model": model, "example": k, "gold_score": gold, "score": text_score,
+                             "reason": v.parsed.reason, "raw": v.raw})
+                k += 1
+        metrics = {f"eft_{name}": value for name, value in quality_metrics(groups, scores, results).items()
+                   if not (isinstance(value, float) and math.isnan(value))}
         commit.insert_all("eft_eval", rows)
-        commit.insert_all("metrics", [{"round": t, "model": model, "name": k, "value": v}
-                                      for k, v in metrics.items()])
+        commit.insert_all("metrics", [{"round": t, "model": model, "name": name, "value": value}
+                                      for name, value in metrics.items()])
         commit.detail = metrics

@@ -1,8 +1,10 @@
 """Stage: K judgments per candidate (table `judgments`): score or NULL + reason,
-with the rationale and the raw output always kept."""
+with the rationale and the raw output always kept; pairwise judges also leave
+their both-order comparisons (table `comparisons`)."""
 
 from __future__ import annotations
 
+from selfreward.judges import Group
 from selfreward.store import now
 
 
@@ -11,18 +13,48 @@ def run(ctx, t: int) -> None:
         return
     cfg = ctx.cfg
     cands = ctx.run.rows(
-        "select c.id, c.text, p.text as instruction from candidates c join prompts p on p.id = c.prompt_id "
-        "where c.round = ? order by c.id", [t])
+        "select c.id, c.prompt_id, c.text, p.text as instruction from candidates c "
+        "join prompts p on p.id = c.prompt_id where c.round = ? order by c.prompt_id, c.idx", [t])
+    by_prompt: dict[int, list[dict]] = {}
+    for c in cands:
+        by_prompt.setdefault(c["prompt_id"], []).append(c)
     with ctx.run.stage(t, "judge") as commit:
         judge = ctx.judge(f"M{t - 1}")
-        verdicts = judge.judge([(c["instruction"], c["text"]) for c in cands], cfg.judge_samples,
-                               ctx.seed(t, "judge"))
-        stamp = now()
-        rows = [{"round": t, "candidate_id": c["id"], "sample": k, "judge": judge.name,
-                 "score": v.parsed.score, "reason": v.parsed.reason, "rationale": v.parsed.rationale,
-                 "raw": v.raw, "n_tokens": v.n_tokens, "template_sha": judge.template.sha256,
-                 "created_at": stamp}
-                for c, per in zip(cands, verdicts) for k, v in enumerate(per)]
+        groups = [Group(cs[0]["instruction"], [c["text"] for c in cs]) for cs in by_prompt.values()]
+        seed = ctx.seed(t, "judge")
+        results = judge.judge_groups(groups, cfg.judge_samples, seed)
+        stamp, provenance = now(), ctx.judge_provenance(f"M{t - 1}", seed)
+        rows, comparisons = [], []
+        for cs, result in zip(by_prompt.values(), results):
+            for c, verdicts in zip(cs, result.verdicts):
+                rows += [judgment_row(t, c["id"], k, judge, v, stamp, provenance) for k, v in enumerate(verdicts)]
+            comparisons += [comparison_row(t, cs, judge, x, stamp) for x in result.comparisons]
         commit.insert_all("judgments", rows)
-        parsed = sum(r["score"] is not None for r in rows)
-        commit.detail = {"judgments": len(rows), "parsed": parsed}
+        commit.insert_all("comparisons", comparisons)
+        commit.detail = judging_detail(rows, comparisons)
+
+
+def judgment_row(t: int, candidate_id: int, sample: int, judge, v, stamp: str, provenance: dict) -> dict:
+    usage = v.usage or {}
+    return {"round": t, "candidate_id": candidate_id, "sample": sample, "judge": judge.name,
+            "score": v.parsed.score, "reason": v.parsed.reason, "rationale": v.parsed.rationale, "raw": v.raw,
+            "n_tokens": v.n_tokens, "prompt_tokens": usage.get("prompt_tokens"),
+            "completion_tokens": usage.get("completion_tokens"), "template_sha": judge.template_sha,
+            "created_at": stamp, **provenance}
+
+
+def comparison_row(t: int, cands: list[dict], judge, x, stamp: str) -> dict:
+    return {"round": t, "prompt_id": cands[x.a]["prompt_id"], "sample": x.sample, "a_id": cands[x.a]["id"],
+            "b_id": cands[x.b]["id"], "outcome": x.outcome, "judge": judge.name, "ab_score": x.ab.parsed.score,
+            "ba_score": x.ba.parsed.score, "ab_raw": x.ab.raw, "ba_raw": x.ba.raw, "ab_reason": x.ab.parsed.reason,
+            "ba_reason": x.ba.parsed.reason, "template_sha": judge.template_sha, "created_at": stamp}
+
+
+def judging_detail(rows: list[dict], comparisons: list[dict]) -> dict:
+    detail = {"judgments": len(rows), "parsed": sum(r["score"] is not None for r in rows)}
+    both = [c for c in comparisons if c["outcome"] != "unparsed"]
+    if comparisons:
+        detail["comparisons"] = len(comparisons)
+        detail["position_inconsistency"] = (sum(c["outcome"] == "inconsistent" for c in both) / len(both)
+                                            if both else None)
+    return detail

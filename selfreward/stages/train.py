@@ -157,7 +157,7 @@ def run_sft(ctx, t: int) -> None:
         ift = ift[: cfg.sft_max_ift]
     if cfg.sft_max_eft:
         eft = eft[: cfg.sft_max_eft]
-    template = ctx.template(cfg.judge_template)
+    template = ctx.template("additive_judge")  # EFT teaches the additive judge
     eft_pairs = [(template.render(instruction=r["instruction"], response=r["response"]), eft_target(r)) for r in eft]
     ctx.release()
     base = ctx.run.model("M0")["path"]
@@ -197,7 +197,9 @@ def run_dpo(ctx, t: int) -> None:
 
 
 def _model_row(name, t, kind, parent, path: Path, adapter, note) -> dict:
+    from selfreward.models import weights_sha
     from selfreward.store import now
 
     return {"name": name, "round": t, "kind": kind, "parent": parent, "path": str(path),
-            "adapter_path": str(adapter) if adapter else None, "note": note, "created_at": now()}
+            "adapter_path": str(adapter) if adapter else None, "note": note, "created_at": now(),
+            "sha256": weights_sha(path)}

@@ -1,0 +1,143 @@
+"""Auditing: recompute what the judge decided (`verify`) and find the judgments
+worth reading (`rationales`)."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import re
+from pathlib import Path
+
+from selfreward.config import PROMPTS_DIR
+from selfreward.prompts import load_template
+from selfreward.stages.pairs import build_pairs
+from selfreward.store import Run
+
+
+def _templates_by_sha() -> dict:
+    out = {}
+    for path in sorted(Path(PROMPTS_DIR).glob("*.txt")):
+        t = load_template(str(path))
+        if t.parser != "instruction":
+            out[t.sha256] = t
+    return out
+
+
+def verify(run: Run) -> list[str]:
+    """Every mismatch between the stored pairs and what the stored judgments imply."""
+    problems = []
+    # 1. Each stored score must be what its stored raw text parses to, under the template that made it.
+    templates = _templates_by_sha()
+    for j in run.rows("select id, score, raw, template_sha from judgments where raw is not null "
+                      "and judge not like 'human:%'"):
+        t = templates.get(j["template_sha"])
+        if t is None:
+            continue
+        parsed = t.parse(j["raw"]).score
+        if parsed != j["score"]:
+            problems.append(f"judgment {j['id']}: stored score {j['score']} but its raw text parses to {parsed}")
+    # 2. Each round's pairs must follow from the stored scores by the stored pairing rule.
+    for (t,) in run.db.execute("select distinct round from pairs order by round").fetchall():
+        stored = run.rows("select * from pairs where round = ? order by prompt_id", [t])
+        rules = {p["rule"] for p in stored}
+        if len(rules) != 1 or not (m := re.fullmatch(r"max-min rho=([0-9.]+)", rules.pop())):
+            problems.append(f"round {t}: unknown pairing rule {sorted(p['rule'] for p in stored)[:1]}")
+            continue
+        cands = run.rows("select id, prompt_id, text from candidates where round = ?", [t])
+        judgments = run.rows("select candidate_id, score from judgments where round = ? "
+                             "and judge not like 'human:%'", [t])
+        expected = {p["prompt_id"]: p for p in build_pairs(cands, judgments, float(m.group(1)))}
+        for p in stored:
+            e = expected.pop(p["prompt_id"], None)
+            if e is None:
+                problems.append(f"pair {p['id']} (round {t}): prompt {p['prompt_id']} has no judged candidates")
+                continue
+            for key in ("status", "chosen_id", "rejected_id", "chosen_score", "rejected_score"):
+                if not _same(p[key], e[key]):
+                    problems.append(f"pair {p['id']} (round {t}, prompt {p['prompt_id']}): stored {key}="
+                                    f"{p[key]!r}, recomputed {e[key]!r}")
+        for prompt_id in expected:
+            problems.append(f"round {t}: prompt {prompt_id} was judged but has no pair row")
+    return problems
+
+
+def _same(a, b) -> bool:
+    if isinstance(a, float) or isinstance(b, float):
+        return a is not None and b is not None and abs(a - b) < 1e-9
+    return a == b
+
+
+RATIONALE_COLUMNS = ["judgment_id", "round", "prompt_id", "candidate_id", "sample", "judge", "score", "spread",
+                     "margin", "reason", "rationale", "response"]
+
+
+def rationales(run: Run, round: int | None = None, min_score: float | None = None, max_score: float | None = None,
+               min_spread: float | None = None, failures: bool = False, min_margin: float | None = None,
+               search: str | None = None, limit: int = 0) -> list[dict]:
+    """Judgments with their candidate's response, filtered as an auditor asks."""
+    where, params = [], []
+    if round is not None:
+        where.append("j.round = ?")
+        params.append(round)
+    if min_score is not None:
+        where.append("j.score >= ?")
+        params.append(min_score)
+    if max_score is not None:
+        where.append("j.score <= ?")
+        params.append(max_score)
+    if min_spread is not None:
+        where.append("s.spread >= ?")
+        params.append(min_spread)
+    if failures:
+        where.append("j.score is null")
+    if min_margin is not None:
+        where.append("pm.margin >= ?")
+        params.append(min_margin)
+    if search:
+        where.append("(j.id in (select rowid from judgments_fts where judgments_fts match ?) "
+                     "or c.id in (select rowid from candidates_fts where candidates_fts match ?))")
+        params += [search, search]
+    sql = f"""
+        select j.id as judgment_id, j.round, c.prompt_id, j.candidate_id, j.sample, j.judge, j.score,
+               s.spread, pm.margin, j.reason, j.rationale, c.text as response
+        from judgments j
+        join candidates c on c.id = j.candidate_id
+        join (select candidate_id, max(score) - min(score) as spread from judgments
+              group by candidate_id) s on s.candidate_id = j.candidate_id
+        left join (select chosen_id as cid, chosen_score - rejected_score as margin from pairs where status = 'kept'
+                   union all
+                   select rejected_id, chosen_score - rejected_score from pairs where status = 'kept') pm
+               on pm.cid = j.candidate_id
+        {"where " + " and ".join(where) if where else ""}
+        order by j.round, c.prompt_id, j.candidate_id, j.sample
+        {"limit " + str(int(limit)) if limit else ""}"""
+    import sqlite3
+
+    try:
+        return run.rows(sql, params)
+    except sqlite3.OperationalError as e:
+        from selfreward.errors import SelfRewardError
+
+        raise SelfRewardError(f"bad --search query {search!r}: {e} (SQLite FTS5 syntax)") from None
+
+
+def render(rows: list[dict], fmt: str, width: int = 60) -> str:
+    if fmt == "jsonl":
+        return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+    if fmt == "csv":
+        buf = io.StringIO()
+        writer = csv.DictWriter(buf, fieldnames=RATIONALE_COLUMNS)
+        writer.writeheader()
+        writer.writerows(rows)
+        return buf.getvalue()
+    from selfreward.report import table
+
+    def cut(text):
+        text = " ".join((text or "").split())
+        return text if len(text) <= width else text[: width - 1] + "…"
+
+    shown = [{**r, "rationale": cut(r["rationale"] or r["reason"]), "response": cut(r["response"])} for r in rows]
+    cols = [(c, c) for c in ("judgment_id", "round", "prompt_id", "candidate_id", "sample", "score", "spread",
+                             "margin", "rationale", "response")]
+    return table(shown, cols) + "\n"

@@ -1,0 +1,103 @@
+"""`selfreward eval`: judge quality against human rankings, and model-vs-model
+head-to-head. Results go into run.db (`eval_metrics`, `head2head`) and are
+printed as tables."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+import uuid
+
+from selfreward.context import Context
+from selfreward.data import read_ift
+from selfreward.engines import Sampling
+from selfreward.judges import Group
+from selfreward.stages.evaluate import judge_scores, load_eval_set, quality_metrics, verbosity_probe
+from selfreward.store import Run, now
+
+
+def _store(run: Run, kind: str, judge: str, model: str, dataset: str, metrics: dict) -> str:
+    eval_id = uuid.uuid4().hex[:12]
+    stamp = now()
+    rows = [{"eval_id": eval_id, "kind": kind, "judge": judge, "model": model, "dataset": dataset, "name": k,
+             "value": v, "created_at": stamp}
+            for k, v in metrics.items() if not (isinstance(v, float) and math.isnan(v))]
+    with run.db.atomic():
+        run.db["eval_metrics"].insert_all(rows)
+    return eval_id
+
+
+def eval_judge(run: Run, overrides: dict, models: list[str], dataset: str, limit: int, samples: int,
+               verbosity: bool) -> list[dict]:
+    """Table-4 metrics of the configured judge on a ranked set; for the self judge, once per model."""
+    cfg = dataclasses.replace(run.config(), **overrides)
+    groups = load_eval_set(dataset)[: limit or None]
+    ctx = Context(run, cfg)
+    out = []
+    for model in models if cfg.judge == "self" else ["-"]:
+        judge = ctx.judge(model)
+        t0 = time.perf_counter()
+        scores, results = judge_scores(judge, groups, seed=cfg.seed, samples=samples)
+        elapsed = time.perf_counter() - t0
+        metrics = quality_metrics(groups, scores, results)
+        metrics["judgments_per_s"] = metrics["n_responses"] * samples / elapsed if elapsed else math.nan
+        if verbosity:
+            metrics.update(verbosity_probe(judge, groups, seed=cfg.seed))
+        eval_id = _store(run, "judge", judge.name, model, str(dataset), metrics)
+        out.append({"eval_id": eval_id, "judge": judge.name, "model": model, **metrics})
+    ctx.release()
+    return out
+
+
+def head2head(run: Run, overrides: dict, a: str, b: str, prompts_path: str, limit: int) -> dict:
+    """M_a vs M_b on held-out prompts, each pair judged in both orders."""
+    cfg = dataclasses.replace(run.config(), **overrides)
+    if cfg.judge in ("self", "api"):
+        # A head-to-head asks "which is better", so LLM judges compare the two answers directly.
+        cfg = dataclasses.replace(cfg, judge_mode="pairwise")
+    prompts = [r["instruction"] for r in read_ift(prompts_path)][: limit or None]
+    ctx = Context(run, cfg)
+    sampling = Sampling(cfg.temperature, cfg.top_p, cfg.max_new_tokens, cfg.seed)
+    answers = {}
+    for model in (a, b):
+        outs = ctx.engine(model).generate([[{"role": "user", "content": p}] for p in prompts], 1, sampling,
+                                          desc=f"answers {model}")
+        answers[model] = [o[0] for o in outs]
+    # The self judge is the newer model of the two, as the loop would use it.
+    judge = ctx.judge(max(a, b, key=lambda m: int(m[1:])))
+    results = judge.judge_groups([Group(p, [x.text, y.text]) for p, x, y in zip(prompts, answers[a], answers[b])],
+                                 1, cfg.seed)
+    rows, tally = [], {"win": 0, "tie": 0, "loss": 0, "inconsistent": 0, "unscored": 0}
+    eval_id = uuid.uuid4().hex[:12]
+    for p, x, y, result in zip(prompts, answers[a], answers[b], results):
+        outcome = _outcome(result)
+        tally[outcome] += 1
+        rows.append({"eval_id": eval_id, "prompt": p, "a_model": a, "b_model": b, "a_text": x.text, "b_text": y.text,
+                     "a_tokens": x.n_tokens, "b_tokens": y.n_tokens, "outcome": outcome, "judge": judge.name})
+    ctx.release()
+    n = len(prompts)
+    summary = {"n": n, "wins": tally["win"], "ties": tally["tie"] + tally["inconsistent"], "losses": tally["loss"],
+               "inconsistent": tally["inconsistent"], "unscored": tally["unscored"],
+               "win_rate": (tally["win"] + (tally["tie"] + tally["inconsistent"]) / 2) / n if n else math.nan,
+               "a_mean_tokens": sum(r["a_tokens"] for r in rows) / n if n else math.nan,
+               "b_mean_tokens": sum(r["b_tokens"] for r in rows) / n if n else math.nan}
+    with run.db.atomic():
+        run.db["head2head"].insert_all(rows)
+        stamp = now()
+        run.db["eval_metrics"].insert_all(
+            {"eval_id": eval_id, "kind": "head2head", "judge": judge.name, "model": f"{a} vs {b}",
+             "dataset": str(prompts_path), "name": k, "value": v, "created_at": stamp}
+            for k, v in summary.items() if not (isinstance(v, float) and math.isnan(v)))
+    return {"eval_id": eval_id, "judge": judge.name, "a": a, "b": b, **summary}
+
+
+def _outcome(result) -> str:
+    """From A's side: win, tie, loss; 'inconsistent' when the two orders disagree."""
+    if result.comparisons:
+        outcome = result.comparisons[0].outcome
+        return {"a": "win", "b": "loss", "tie": "tie", "inconsistent": "inconsistent"}.get(outcome, "unscored")
+    sa, sb = (v[0].parsed.score if v else None for v in result.verdicts)
+    if sa is None or sb is None:
+        return "unscored"
+    return "win" if sa > sb else "loss" if sa < sb else "tie"

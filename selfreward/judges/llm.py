@@ -1,0 +1,120 @@
+"""LLM-as-a-judge in three modes, over any text backend (the policy itself, or an API).
+
+- additive: single-answer grading with the paper's additive 5-point prompt.
+- reference: the same scale, graded against a reference answer (math, reasoning).
+- pairwise: A vs B with a tie option, asked in both orders; a verdict counts only
+  when both orders agree (Zheng et al. 2023: position bias). A response's score
+  in a sample is 5 x (wins + ties/2) / its position-consistent comparisons.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from itertools import combinations
+from typing import Protocol
+
+from selfreward.engines import Engine, Sampling
+from selfreward.errors import SelfRewardError
+from selfreward.judges.base import Comparison, Group, GroupResult, Verdict
+from selfreward.prompts import Parsed, Template, load_template
+
+MODES = {"additive": "additive_judge", "reference": "reference_judge", "pairwise": "pairwise_judge"}
+
+
+@dataclass(frozen=True)
+class Output:
+    text: str
+    n_tokens: int | None = None
+    usage: dict | None = None
+
+
+class TextBackend(Protocol):
+    name: str
+
+    def complete(self, prompts: list[str], n: int, seed: int) -> list[list[Output]]: ...
+
+
+class EngineBackend:
+    """The policy model judges: each prompt is one user turn, sampled n times."""
+
+    def __init__(self, engine: Engine, sampling: Sampling, label: str):
+        self.engine, self.sampling, self.name = engine, sampling, f"self:{label}"
+
+    def complete(self, prompts, n, seed):
+        s = Sampling(self.sampling.temperature, self.sampling.top_p, self.sampling.max_new_tokens, seed)
+        outs = self.engine.generate([[{"role": "user", "content": p}] for p in prompts], n, s, desc="judge")
+        return [[Output(c.text, c.n_tokens) for c in per] for per in outs]
+
+
+class LLMJudge:
+    def __init__(self, backend: TextBackend, mode: str = "additive", template: Template | None = None):
+        if mode not in MODES:
+            raise SelfRewardError(f"unknown judge mode '{mode}'; choose one of: {', '.join(MODES)}")
+        self.backend, self.mode = backend, mode
+        self.template = template or load_template(MODES[mode])
+        self.template_sha = self.template.sha256
+        self.name = backend.name if mode == "additive" else f"{backend.name}/{mode}"
+
+    def judge_groups(self, groups: list[Group], samples: int, seed: int) -> list[GroupResult]:
+        if self.mode == "pairwise":
+            return self._pairwise(groups, samples, seed)
+        if self.mode == "reference" and any(not g.reference for g in groups):
+            raise SelfRewardError("judge mode 'reference' needs a reference answer for every prompt")
+        prompts = [self._render(g, r) for g in groups for r in g.responses]
+        flat = iter(self.backend.complete(prompts, samples, seed))
+        return [GroupResult([[self._verdict(o) for o in next(flat)] for _ in g.responses]) for g in groups]
+
+    def _render(self, g: Group, response: str) -> str:
+        if self.mode == "reference":
+            return self.template.render(instruction=g.instruction, reference=g.reference, response=response)
+        return self.template.render(instruction=g.instruction, response=response)
+
+    def _verdict(self, o: Output) -> Verdict:
+        return Verdict(o.text, self.template.parse(o.text), o.n_tokens, o.usage)
+
+    def _pairwise(self, groups, samples, seed):
+        # Every unordered pair, asked as (a, b) and as (b, a).
+        jobs = [(gi, a, b) for gi, g in enumerate(groups) for a, b in combinations(range(len(g.responses)), 2)]
+        prompts = []
+        for gi, a, b in jobs:
+            g = groups[gi]
+            for first, second in ((a, b), (b, a)):
+                prompts.append(self.template.render(instruction=g.instruction, response_a=g.responses[first],
+                                                    response_b=g.responses[second]))
+        outs = self.backend.complete(prompts, samples, seed)
+        results = [GroupResult([[] for _ in g.responses]) for g in groups]
+        tallies = {}  # (group, response, sample) -> [wins, ties, consistent, inconsistent]
+        for n, (gi, a, b) in enumerate(jobs):
+            for k in range(samples):
+                ab, ba = self._verdict(outs[2 * n][k]), self._verdict(outs[2 * n + 1][k])
+                outcome = pair_outcome(ab.parsed.score, ba.parsed.score)
+                results[gi].comparisons.append(Comparison(a, b, k, outcome, ab, ba))
+                for me, winner in ((a, "a"), (b, "b")):
+                    t = tallies.setdefault((gi, me, k), [0, 0, 0, 0])
+                    if outcome in ("a", "b", "tie"):
+                        t[2] += 1
+                        t[0] += outcome == winner
+                        t[1] += outcome == "tie"
+                    elif outcome == "inconsistent":
+                        t[3] += 1
+        for gi, g in enumerate(groups):
+            for i in range(len(g.responses)):
+                for k in range(samples):
+                    wins, ties, consistent, inconsistent = tallies.get((gi, i, k), [0, 0, 0, 0])
+                    summary = f"won {wins}, tied {ties} of {consistent} position-consistent comparisons" \
+                              f" ({inconsistent} inconsistent)"
+                    if consistent:
+                        parsed = Parsed(5 * (wins + ties / 2) / consistent, summary)
+                    else:
+                        parsed = Parsed(None, summary, "no position-consistent comparison")
+                    results[gi].verdicts[i].append(Verdict(None, parsed))
+        return results
+
+
+def pair_outcome(ab: float | None, ba: float | None) -> str:
+    """Combine 'A is better' scores (1 A, 0 B, 0.5 tie) from both orders into a winner."""
+    if ab is None or ba is None:
+        return "unparsed"
+    first = {1.0: "a", 0.0: "b", 0.5: "tie"}[ab]
+    second = {1.0: "b", 0.0: "a", 0.5: "tie"}[ba]  # in the second order, b was shown as A
+    return first if first == second else "inconsistent"

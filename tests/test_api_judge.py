@@ -1,0 +1,170 @@
+"""The API judge against a real HTTP server on 127.0.0.1, through the real openai client.
+
+The server speaks /v1/chat/completions, answers from a script, and injects
+failures (429, 500, slow replies, 400). Every test is bounded in requests and time.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+from selfreward.engines import Sampling
+from selfreward.errors import SelfRewardError
+from selfreward.judges import Group
+from selfreward.judges.api import ApiBackend
+from selfreward.judges.llm import LLMJudge
+
+
+class ScriptedServer:
+    """Pops one scripted step per request: {"content": str} | {"status": int} | {"delay": s, "content": str}."""
+
+    def __init__(self, script: list[dict]):
+        self.script, self.requests, self.lock = list(script), [], threading.Lock()
+        self.in_flight = self.max_in_flight = 0
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                with server.lock:
+                    server.requests.append({"path": self.path, "body": body,
+                                            "auth": self.headers.get("Authorization")})
+                    step = server.script.pop(0) if server.script else {"status": 500}
+                    server.in_flight += 1
+                    server.max_in_flight = max(server.max_in_flight, server.in_flight)
+                time.sleep(step.get("delay", 0))
+                with server.lock:
+                    server.in_flight -= 1
+                if "status" in step:
+                    payload = json.dumps({"error": {"message": f"scripted {step['status']}"}}).encode()
+                    self.send_response(step["status"])
+                    if step["status"] == 429:
+                        self.send_header("Retry-After", "0")
+                else:
+                    payload = json.dumps({
+                        "id": "x", "object": "chat.completion", "created": 0, "model": body["model"],
+                        "choices": [{"index": 0, "finish_reason": "stop",
+                                     "message": {"role": "assistant", "content": step["content"]}}],
+                        "usage": {"prompt_tokens": 100, "completion_tokens": 7, "total_tokens": 107},
+                    }).encode()
+                    self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(payload)))
+                self.end_headers()
+                try:
+                    self.wfile.write(payload)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass  # the client timed out and hung up
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def make_judge(url, mode="additive", **kw):
+    kw = {"concurrency": 2, "timeout": 2.0, "max_retries": 3, "backoff": 0.01, **kw}
+    return LLMJudge(ApiBackend(url, "judge-model", Sampling(0.7, 0.9, 64, 0), **kw), mode)
+
+
+def judge_one(judge, instruction, response, samples=1):
+    (result,) = judge.judge_groups([Group(instruction, [response])], samples, seed=0)
+    return result.verdicts[0]
+
+
+def test_scores_with_the_additive_prompt_and_records_usage(monkeypatch):
+    monkeypatch.setenv("SR_TEST_KEY", "sk-secret-123")
+    with ScriptedServer([{"content": "Good. Score: 4"}, {"content": "No score here"}]) as srv:
+        judge = make_judge(srv.url, api_key_env="SR_TEST_KEY", concurrency=1)
+        row = judge_one(judge, "What is 2+2?", "4", samples=2)
+    assert [v.parsed.score for v in row] == [4.0, None]
+    assert row[1].parsed.reason and row[1].raw == "No score here"
+    assert row[0].usage == {"prompt_tokens": 100, "completion_tokens": 7}
+    req = srv.requests[0]
+    assert req["path"] == "/v1/chat/completions" and req["body"]["model"] == "judge-model"
+    assert "<response>4</response>" in req["body"]["messages"][0]["content"]
+    assert req["auth"] == "Bearer sk-secret-123"  # the key travels only in the header
+
+
+def test_retries_429_and_5xx_then_succeeds():
+    with ScriptedServer([{"status": 429}, {"status": 503}, {"content": "Score: 3"}]) as srv:
+        judge = make_judge(srv.url, concurrency=1)
+        row = judge_one(judge, "q", "a")
+    assert row[0].parsed.score == 3.0
+    assert len(srv.requests) == 3
+
+
+def test_retries_a_timeout():
+    with ScriptedServer([{"delay": 3, "content": "Score: 1"}, {"content": "Score: 2"}]) as srv:
+        judge = make_judge(srv.url, concurrency=1, timeout=0.5)
+        row = judge_one(judge, "q", "a")
+    assert row[0].parsed.score == 2.0
+
+
+def test_gives_up_after_bounded_retries():
+    with ScriptedServer([{"status": 500}] * 10) as srv:
+        judge = make_judge(srv.url, concurrency=1, max_retries=2)
+        with pytest.raises(SelfRewardError, match="kept failing"):
+            judge_one(judge, "q", "a")
+    assert len(srv.requests) == 3
+
+
+def test_client_errors_are_not_retried():
+    with ScriptedServer([{"status": 400}, {"content": "Score: 5"}]) as srv:
+        judge = make_judge(srv.url, concurrency=1)
+        with pytest.raises(SelfRewardError, match="HTTP 400"):
+            judge_one(judge, "q", "a")
+    assert len(srv.requests) == 1
+
+
+def test_unreachable_server_is_one_clear_error():
+    import socket
+
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    judge = make_judge(f"http://127.0.0.1:{port}/v1")
+    with pytest.raises(SelfRewardError, match="unreachable"):
+        judge_one(judge, "q", "a")
+
+
+def test_concurrency_is_bounded():
+    with ScriptedServer([{"delay": 0.2, "content": f"Score: {i % 6}"} for i in range(8)]) as srv:
+        judge = make_judge(srv.url, concurrency=3)
+        results = judge.judge_groups([Group(f"q{i}", ["a"]) for i in range(4)], 2, seed=0)
+    assert len(srv.requests) == 8
+    assert srv.max_in_flight <= 3
+    assert all(v.parsed.score is not None for r in results for v in r.verdicts[0])
+
+
+def test_pairwise_mode_asks_both_orders_and_flags_inconsistency():
+    # Pair (0, 1): A then B both say response 0 wins -> consistent. The script is consumed in order
+    # with concurrency 1: (0 first), (1 first).
+    with ScriptedServer([{"content": "First is better. Verdict: A"}, {"content": "Verdict: B"}]) as srv:
+        judge = make_judge(srv.url, mode="pairwise", concurrency=1)
+        (result,) = judge.judge_groups([Group("q", ["good", "bad"])], 1, seed=0)
+    (c,) = result.comparisons
+    assert c.outcome == "a"
+    assert [v[0].parsed.score for v in result.verdicts] == [5.0, 0.0]
+    assert "<response_a>bad</response_a>" in srv.requests[1]["body"]["messages"][0]["content"]
+
+    with ScriptedServer([{"content": "Verdict: A"}, {"content": "Verdict: A"}]) as srv:
+        judge = make_judge(srv.url, mode="pairwise", concurrency=1)
+        (result,) = judge.judge_groups([Group("q", ["x", "y"])], 1, seed=0)
+    assert result.comparisons[0].outcome == "inconsistent"  # position bias: each order picked the first
+    assert all(v[0].parsed.score is None for v in result.verdicts)
