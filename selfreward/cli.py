@@ -238,9 +238,11 @@ def status(run, runs_dir, by_stage, as_json):
 @cli.command()
 @click.argument("run")
 @click.argument("prompt_id", required=False, type=int)
+@click.option("--pair", "pair_id", type=int, help="Show one pair: chosen vs rejected with every judge sample.")
 @click.option("--runs-dir", default="runs", show_default=True, type=click.Path(file_okay=False))
-def show(run, prompt_id, runs_dir):
-    """One prompt with its candidates and every judge sample's score and rationale.
+def show(run, prompt_id, pair_id, runs_dir):
+    """One prompt with its candidates and every judge sample's score and
+    rationale, or (with --pair) one preference pair.
 
     Without PROMPT_ID, shows the first prompt that produced a kept pair.
 
@@ -248,11 +250,13 @@ def show(run, prompt_id, runs_dir):
     Example:
         selfreward show demo
         selfreward show demo 12
+        selfreward show demo --pair 3
     """
-    from selfreward.report import show_prompt
+    from selfreward.report import show_pair, show_prompt
     from selfreward.store import Run
 
-    click.echo(show_prompt(Run.open(_run_path(run, runs_dir)), prompt_id), nl=False)
+    r = Run.open(_run_path(run, runs_dir))
+    click.echo(show_pair(r, pair_id) if pair_id is not None else show_prompt(r, prompt_id), nl=False)
 
 
 def judge_options(f):
@@ -369,6 +373,254 @@ def head2head_cmd(run, model_a, model_b, prompts, limit, as_json, runs_dir, **ju
     from selfreward.report import H2H_COLUMNS, table
 
     click.echo(table([result], H2H_COLUMNS))
+
+
+# --- data ---
+
+@cli.group(cls=Group)
+def data():
+    """Bring data in: OpenAssistant exports, EFT targets built by a judge.
+
+    \b
+    Example:
+        selfreward data import-oasst oasst1.parquet --out data/oasst
+        selfreward data make-eft data/oasst/eft_eval.jsonl --out data/oasst/eft_train.jsonl --model runs/demo/models/M1
+    """
+
+
+@data.command(name="import-oasst")
+@click.argument("path", type=click.Path())
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Folder for ift.jsonl and eft_eval.jsonl.")
+@click.option("--lang", default="en", show_default=True, help="Comma-separated languages to keep ('all' keeps every one).")
+@click.option("--keep-deleted", is_flag=True, help="Keep messages marked deleted.")
+@click.option("--keep-unreviewed", is_flag=True, help="Keep messages that failed review.")
+def import_oasst_cmd(path, out_dir, lang, keep_deleted, keep_unreviewed):
+    """Read an OpenAssistant export (tree JSONL, or flat messages as JSONL or
+    Parquet, as on the hub) and write IFT (first-turn prompt + its rank-0
+    reply) and a ranked EFT evaluation set (prompts with >= 2 ranked replies).
+
+    \b
+    Example:
+        selfreward data import-oasst 2023-04-12_oasst_ready.trees.jsonl.gz --out data/oasst
+        selfreward data import-oasst oasst1-train.parquet --out data/oasst --lang en,de
+    """
+    from selfreward.oasst import import_oasst
+
+    langs = None if lang == "all" else tuple(x.strip() for x in lang.split(",") if x.strip())
+    counts = import_oasst(path, out_dir, lang=langs, drop_deleted=not keep_deleted,
+                          require_review=not keep_unreviewed)
+    dropped = ", ".join(f"{k} {v}" for k, v in counts["dropped"].items() if v) or "none"
+    click.echo(f"read {counts['prompts_read']} prompts, kept {counts['prompts_kept']} (dropped: {dropped})")
+    click.echo(f"wrote {counts['ift_rows']} IFT rows to {Path(out_dir) / 'ift.jsonl'}")
+    click.echo(f"wrote {counts['eft_rows']} ranked EFT rows to {Path(out_dir) / 'eft_eval.jsonl'}")
+
+
+@data.command(name="make-eft")
+@click.argument("ranked", type=click.Path())
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="EFT JSONL to write.")
+@click.option("--model", default="embedded", show_default=True,
+              help="For the self judge: the model that writes the judgments (the paper used the SFT baseline).")
+@click.option("--samples", default=1, show_default=True, type=click.IntRange(1), help="Judge samples per reply.")
+@click.option("--max-share", default=0.4, show_default=True, type=float,
+              help="Downsample so no score holds more than this share of the rows.")
+@click.option("--limit", type=int, default=0, help="Use only the first N prompts.")
+@judge_options
+def make_eft_cmd(ranked, out, model, samples, max_share, limit, runs_dir, **judge_kw):
+    """Build EFT training targets as the paper did: a judge writes a
+    justification and score for every ranked reply, a prompt's rows are kept
+    only where the judge's order agrees with the human order, and the dominant
+    score is downsampled.
+
+    \b
+    Example:
+        selfreward data make-eft data/oasst/eft_eval.jsonl --out eft_train.jsonl --model runs/demo/models/M1
+        selfreward data make-eft ranked.jsonl --out eft.jsonl --judge api --judge-api-base http://127.0.0.1:8000/v1 --judge-api-model qwen
+    """
+    import json as _json
+
+    from selfreward.config import resolve
+    from selfreward.engines import make_engine
+    from selfreward.judges import build_judge
+    from selfreward.models import resolve_source
+    from selfreward.oasst import make_eft, write_eft
+
+    cfg = resolve({}, _judge_overrides(judge_kw))
+    check_judge(cfg)
+    path = Path(ranked)
+    if not path.is_file():
+        raise SelfRewardError(f"ranked EFT file not found: {ranked}")
+    groups = []
+    for lineno, line in enumerate(path.open(encoding="utf-8"), 1):
+        if line.strip():
+            try:
+                groups.append(_json.loads(line))
+            except _json.JSONDecodeError as e:
+                raise SelfRewardError(f"{path}:{lineno}: malformed JSON ({e.msg})") from None
+            if not isinstance(groups[-1].get("responses"), list) or "instruction" not in groups[-1]:
+                raise SelfRewardError(f"{path}:{lineno}: expected {{'instruction', 'responses': [{{'text', 'rank'}}]}}")
+    groups = groups[: limit or None]
+    _quiet_libraries()
+    engine = (lambda: make_engine(cfg.engine, resolve_source(model), cfg.gen_batch_size))
+    judge = build_judge(cfg, engine, model)
+    rows, stats = make_eft(groups, judge, samples=samples, seed=cfg.seed, max_share=max_share)
+    if not rows:
+        raise SelfRewardError(f"no prompt's judge order agreed with the human order "
+                              f"({stats['disagreeing']} disagreed, {stats['unscored']} unscored); nothing written")
+    write_eft(out, rows)
+    click.echo(f"judged {stats['prompts_judged']} prompts: {stats['agreeing']} agree with humans, "
+               f"{stats['disagreeing']} disagree, {stats['unscored']} unscored")
+    click.echo(f"wrote {len(rows)} EFT rows to {out} (scores {stats['scores_after']})")
+
+
+# --- auditing ---
+
+@cli.command()
+@click.argument("run")
+@click.option("--runs-dir", default="runs", show_default=True, type=click.Path(file_okay=False))
+def verify(run, runs_dir):
+    """Recompute every pair from the stored scores and the stored pairing rule,
+    and re-read every stored score from its stored raw judge output. Lists each
+    mismatch and exits 1 if there is any.
+
+    \b
+    Example:
+        selfreward verify demo
+    """
+    from selfreward.audit import verify as verify_run
+    from selfreward.store import Run
+
+    r = Run.open(_run_path(run, runs_dir))
+    problems = verify_run(r)
+    n_pairs, n_judgments = r.db["pairs"].count, r.db["judgments"].count
+    for p in problems:
+        click.echo(p)
+    if problems:
+        raise click.ClickException(f"{len(problems)} mismatch(es) in {r.path}")
+    click.echo(f"ok: {n_pairs} pairs and {n_judgments} judgments match their stored inputs")
+
+
+@cli.command(name="rationales")
+@click.argument("run")
+@click.option("--round", "round_", type=int, help="Only this round.")
+@click.option("--min-score", type=float, help="Judge score at least this.")
+@click.option("--max-score", type=float, help="Judge score at most this.")
+@click.option("--spread", type=float, help="Candidates whose K judge samples differ by at least this (max - min).")
+@click.option("--failures", is_flag=True, help="Only judgments that did not parse (score NULL).")
+@click.option("--margin", type=float, help="Only candidates of kept pairs whose score margin is at least this.")
+@click.option("--search", help="Full-text search in rationales and responses (SQLite FTS5 syntax).")
+@click.option("--limit", type=int, default=0, help="At most N rows.")
+@click.option("--format", "fmt", type=click.Choice(["table", "jsonl", "csv"]), default="table", show_default=True)
+@click.option("--runs-dir", default="runs", show_default=True, type=click.Path(file_okay=False))
+def rationales_cmd(run, round_, min_score, max_score, spread, failures, margin, search, limit, fmt, runs_dir):
+    """List judge rationales with the responses they judged, filtered.
+
+    \b
+    Example:
+        selfreward rationales demo --round 2 --spread 2
+        selfreward rationales demo --failures --format jsonl
+        selfreward rationales demo --search "incorrect OR wrong" --format csv > wrong.csv
+        selfreward rationales demo --min-score 5 --margin 3
+    """
+    from selfreward.audit import rationales, render
+    from selfreward.store import Run
+
+    rows = rationales(Run.open(_run_path(run, runs_dir)), round=round_, min_score=min_score, max_score=max_score,
+                      min_spread=spread, failures=failures, min_margin=margin, search=search, limit=limit)
+    click.echo(render(rows, fmt), nl=False)
+
+
+@cli.command()
+@click.argument("run")
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=8001, show_default=True, type=int)
+@click.option("--runs-dir", default="runs", show_default=True, type=click.Path(file_okay=False))
+def browse(run, host, port, runs_dir):
+    """Open the run in Datasette (install with: pip install -e '.[browse]'),
+    with descriptions of every table and column and canned queries: pairs with
+    both sides' rationales, low-agreement judgments, parse failures, and the
+    score distribution by round.
+
+    \b
+    Example:
+        selfreward browse demo
+        selfreward browse demo --port 8765
+    """
+    from selfreward.browse import serve
+    from selfreward.store import Run
+
+    serve(Run.open(_run_path(run, runs_dir)), host, port)
+
+
+@cli.command()
+@click.argument("run")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), help="Folder (default: runs/<name>/report).")
+@click.option("--runs-dir", default="runs", show_default=True, type=click.Path(file_okay=False))
+def report(run, out_dir, runs_dir):
+    """Write a self-contained HTML report with PNG charts per round: score
+    histogram, mean score and parse rate; pairs kept and dropped; chosen and
+    rejected length (length drift is the known reward-hacking signal); DPO
+    loss, margin and accuracy; judge-quality metrics.
+
+    \b
+    Example:
+        selfreward report demo
+        selfreward report demo --out /tmp/demo-report
+    """
+    from selfreward.htmlreport import build_report
+    from selfreward.store import Run
+
+    r = Run.open(_run_path(run, runs_dir))
+    click.echo(f"wrote {build_report(r, Path(out_dir) if out_dir else r.path / 'report')}")
+
+
+@cli.command()
+@click.argument("run")
+@click.option("--round", "round_", type=int, required=True, help="The round whose pairs to export.")
+@click.option("--out", required=True, type=click.Path(), help="File (jsonl, parquet) or folder (datasets, label-studio).")
+@click.option("--format", "fmt", type=click.Choice(["jsonl", "parquet", "datasets", "label-studio"]), default="jsonl",
+              show_default=True)
+@click.option("--runs-dir", default="runs", show_default=True, type=click.Path(file_okay=False))
+def export(run, round_, out, fmt, runs_dir):
+    """Export a round's kept pairs as TRL preference data (prompt / chosen /
+    rejected, conversational, with judge scores and judgment ids), or its
+    candidates as Label Studio ranking tasks with a labeling config.
+
+    \b
+    Example:
+        selfreward export demo --round 2 --out pairs.jsonl
+        selfreward export demo --round 2 --format parquet --out pairs.parquet
+        selfreward export demo --round 2 --format datasets --out pairs_ds
+        selfreward export demo --round 2 --format label-studio --out ls_round2
+    """
+    from selfreward.export import export_label_studio, export_pairs
+    from selfreward.store import Run
+
+    r = Run.open(_run_path(run, runs_dir))
+    if fmt == "label-studio":
+        n = export_label_studio(r, round_, out)
+        click.echo(f"wrote {n} Label Studio tasks and labeling_config.xml to {out}")
+    else:
+        n = export_pairs(r, round_, out, fmt)
+        click.echo(f"wrote {n} pairs to {out}")
+
+
+@cli.command(name="import-labels")
+@click.argument("run")
+@click.argument("export_file", type=click.Path())
+@click.option("--runs-dir", default="runs", show_default=True, type=click.Path(file_okay=False))
+def import_labels_cmd(run, export_file, runs_dir):
+    """Read a Label Studio JSON export of ranking tasks back into run.db as
+    `human` judgments (best = 5 down to worst = 0).
+
+    \b
+    Example:
+        selfreward import-labels demo ls_export.json
+    """
+    from selfreward.export import import_labels
+    from selfreward.store import Run
+
+    counts = import_labels(Run.open(_run_path(run, runs_dir)), export_file)
+    click.echo(", ".join(f"{k} {v}" for k, v in counts.items()))
 
 
 def main():

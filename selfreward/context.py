@@ -68,7 +68,8 @@ class Context:
         if self._engine is not None:
             self._engine.close()
             self._engine = None
-            self._judges = {k: v for k, v in self._judges.items() if k == "-"}
+            # Reward models are dropped too (training needs the memory); a scripted judge keeps its place.
+            self._judges = {k: v for k, v in self._judges.items() if self.cfg.judge == "scripted"}
             import gc
 
             gc.collect()

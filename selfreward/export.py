@@ -15,6 +15,7 @@ import re
 import shutil
 from pathlib import Path
 
+from selfreward import __version__
 from selfreward.errors import SelfRewardError
 from selfreward.store import Run, now
 
@@ -174,7 +175,8 @@ def import_labels(run: Run, export_path: str | Path, round: int | None = None) -
                              "sample": next_sample[c["id"]], "judge": judge,
                              "score": HUMAN_MAX * (size - 1 - pos) / (size - 1), "reason": None,
                              "rationale": f"{prefix}ranked {pos + 1} of {size}",
-                             "raw": json.dumps(result, ensure_ascii=False), "created_at": stamp})
+                             "raw": json.dumps(result, ensure_ascii=False), "created_at": stamp,
+                             "version": __version__})
                 next_sample[c["id"]] += 1
             counts["annotations"] += 1
     with run.db.atomic():

@@ -221,23 +221,25 @@ def _judge_quality(run: Run, out: Path) -> str:
                                                               "created_at")})[r["name"]] = r["value"]
     fig, (left, right) = _figure(2, width=5.5, height=3.8)
     models = sorted(per_model, key=lambda m: (per_model[m]["round"], m))
+    plotted = False
     for name in QUALITY:
         values = [per_model[m].get(name) for m in models]
         if any(v is not None for v in values):
             left.plot(models, [float("nan") if v is None else v for v in values], "o-", label=name)
-    if per_model:
+            plotted = True
+    if plotted:
         left.set_title("held-out EFT, per model (eft_*)", fontsize=10)
         left.legend(fontsize=7)
         left.set_xlabel("model (as judge)")
     else:
         _empty(left)
-    if per_eval:
+    names = [n for n in QUALITY if any(n in e for e in per_eval.values())]
+    if names:
         labels = [f"{e['model']}\n{e['judge']}" for e in per_eval.values()]
-        names = [n for n in QUALITY if any(n in e for e in per_eval.values())]
         width = 0.8 / max(len(names), 1)
         for i, name in enumerate(names):
-            left_edge = [k + (i - (len(names) - 1) / 2) * width for k in range(len(labels))]
-            right.bar(left_edge, [e.get(name, float("nan")) for e in per_eval.values()], width, label=name)
+            xs = [k + (i - (len(names) - 1) / 2) * width for k in range(len(labels))]
+            right.bar(xs, [e.get(name, float("nan")) for e in per_eval.values()], width, label=name)
         right.set_xticks(range(len(labels)), labels, fontsize=7)
         right.set_title("selfreward eval judge", fontsize=10)
         right.legend(fontsize=7)

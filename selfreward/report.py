@@ -17,7 +17,8 @@ def round_summary(run: Run) -> list[dict]:
     out = []
     for r in run.rows("select * from rounds order by round"):
         t = r["round"]
-        judged = run.rows("select count(*) n, count(score) parsed, avg(score) mean from judgments where round=?", [t])[0]
+        judged = run.rows("select count(*) n, count(score) parsed, avg(score) mean from judgments "
+                          "where round=? and judge not like 'human:%'", [t])[0]
         pairs = {row["status"]: row["n"] for row in
                  run.rows("select status, count(*) n from pairs where round=? group by status", [t])}
         kind = "sft" if t == 1 else "dpo"
@@ -128,6 +129,30 @@ def show_prompt(run: Run, prompt_id: int | None) -> str:
             lines.append(_indent(j["rationale"] or j["raw"] or "(empty)", 8))
         lines.append("")
     return "\n".join(lines).rstrip() + "\n"
+
+
+def show_pair(run: Run, pair_id: int) -> str:
+    """One pair for an auditor: the prompt, chosen and rejected, and every judge sample of each side."""
+    rows = run.rows("select * from pairs where id=?", [pair_id])
+    if not rows:
+        raise SelfRewardError(f"no pair with id {pair_id} in this run")
+    pair = rows[0]
+    prompt = run.rows("select * from prompts where id=?", [pair["prompt_id"]])[0]
+    lines = [f"pair {pair_id} (round {pair['round']}): {pair['status']}, rule {pair['rule']}",
+             f"prompt {prompt['id']} ({prompt['source']})", _indent(prompt["text"]), ""]
+    if pair["status"] != "kept":
+        lines.append(f"no chosen/rejected: {pair['n_scored']} candidates scored, {pair['n_unscored']} unscored")
+        return "\n".join(lines) + "\n"
+    lines.append(f"margin {pair['chosen_score'] - pair['rejected_score']:.2f}")
+    for side in ("chosen", "rejected"):
+        c = run.rows("select * from candidates where id=?", [pair[f"{side}_id"]])[0]
+        lines += ["", f"{side.upper()}: candidate {c['id']} ({c['n_tokens']} tokens), mean score "
+                      f"{pair[f'{side}_score']:.2f}", _indent(c["text"])]
+        for j in run.rows("select * from judgments where candidate_id=? order by sample", [c["id"]]):
+            verdict = f"score {j['score']:g}" if j["score"] is not None else f"NO SCORE ({j['reason']})"
+            lines.append(f"    judge sample {j['sample']} [{j['judge']}]: {verdict}")
+            lines.append(_indent(j["rationale"] or j["raw"] or "(empty)", 8))
+    return "\n".join(lines) + "\n"
 
 
 def _indent(text: str, n: int = 4) -> str:

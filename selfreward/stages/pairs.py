@@ -68,7 +68,9 @@ def run(ctx, t: int) -> None:
     if ctx.run.stage_done(t, "pairs"):
         return
     cands = ctx.run.rows("select id, prompt_id, text from candidates where round = ?", [t])
-    judgments = ctx.run.rows("select candidate_id, score from judgments where round = ?", [t])
+    # Human labels imported later (import-labels) are audit data, not the judge whose pairs these are.
+    judgments = ctx.run.rows("select candidate_id, score from judgments where round = ? "
+                             "and judge not like 'human:%'", [t])
     with ctx.run.stage(t, "pairs") as commit:
         rows = [{"round": t, **r} for r in build_pairs(cands, judgments, ctx.cfg.length_rho)]
         commit.insert_all("pairs", rows)

@@ -1,0 +1,129 @@
+"""`selfreward browse`: the run in Datasette, with every table and column
+described and canned queries for the questions auditors ask."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from selfreward.errors import SelfRewardError
+from selfreward.store import Run
+
+TABLES = {
+    "config": ("The run's resolved configuration (secrets are never stored).",
+               {"key": "Config key", "value": "JSON value"}),
+    "rounds": ("One row per round t: M_{t-1} -> M_t.",
+               {"model_in": "Model the round starts from", "model_out": "Model the round makes",
+                "wall_s": "Sum of the round's stage times, seconds"}),
+    "stages": ("A row per finished stage; written in the same transaction as the stage's outputs.",
+               {"peak_rss_mb": "Peak resident memory of the process during the stage, MiB",
+                "detail": "JSON counts (kept, dropped by filter, parse counts, ...)"}),
+    "models": ("Every model M_t: base, SFT or DPO LoRA (merged), or a copy when a round had no pairs.",
+               {"path": "Merged full-precision weights", "adapter_path": "The LoRA adapter",
+                "sha256": "Hash of the weight files (provenance of self-judgments)"}),
+    "prompts": ("Prompts each round's model wrote by self-instruction.", {"source": "How it was made, by which model"}),
+    "candidates": ("Sampled responses, N per prompt. Append-only.",
+                   {"idx": "Sample index within the prompt", "n_tokens": "Response length in tokens",
+                    "finish_reason": "stop (end of sequence) or length (hit the token limit)"}),
+    "judgments": ("Every judge sample, K per candidate. Append-only: triggers refuse UPDATE and DELETE.",
+                  {"score": "Parsed score; NULL when the output could not be read (never 0 in its place)",
+                   "reason": "Why score is NULL", "rationale": "The judge's justification (text before the score)",
+                   "raw": "The judge's whole output", "template_sha": "Hash of the prompt template",
+                   "judge_model_sha": "Hash of the judge's weights", "sampling": "Judge sampling parameters and seed",
+                   "version": "selfreward version that wrote the row"}),
+    "pairs": ("One row per prompt: the preference pair, or why the prompt was dropped. Append-only.",
+              {"status": "kept, tie (best and worst scored alike) or unscored (< 2 candidates with a score)",
+               "rule": "Pairing rule used (verify recomputes pairs with it)"}),
+    "comparisons": ("Pairwise judgments asked in both orders (pairwise mode, PairRM). Append-only.",
+                    {"outcome": "a, b, tie, inconsistent (orders disagree) or unparsed"}),
+    "training_steps": ("Logged SFT and DPO steps.",
+                       {"rewards_margin": "DPO: chosen minus rejected implicit reward",
+                        "rewards_accuracy": "DPO: share of pairs with chosen reward > rejected"}),
+    "eft_eval": ("Held-out EFT examples judged by each new model (parse-rate check).", {}),
+    "metrics": ("Per-model judge metrics on held-out EFT.", {}),
+    "eval_metrics": ("Results of `selfreward eval judge` and `eval head2head`.", {}),
+    "head2head": ("Answers of two models to held-out prompts and the judge's verdict.", {}),
+}
+
+QUERIES = {
+    "pairs_with_rationales": {
+        "title": "Pairs with both sides' rationales",
+        "description": "Each kept pair: the prompt, the chosen and rejected responses, and every judge sample "
+                       "of each side with its score and rationale.",
+        "sql": """
+select x.id as pair, x.round, p.text as prompt,
+       c.text as chosen, x.chosen_score,
+       (select group_concat('[' || coalesce(j.score, 'NULL') || '] ' || coalesce(j.rationale, j.reason), char(10))
+          from judgments j where j.candidate_id = x.chosen_id) as chosen_rationales,
+       r.text as rejected, x.rejected_score,
+       (select group_concat('[' || coalesce(j.score, 'NULL') || '] ' || coalesce(j.rationale, j.reason), char(10))
+          from judgments j where j.candidate_id = x.rejected_id) as rejected_rationales
+from pairs x join prompts p on p.id = x.prompt_id
+join candidates c on c.id = x.chosen_id join candidates r on r.id = x.rejected_id
+where x.status = 'kept' order by x.round, x.id""",
+    },
+    "low_agreement": {
+        "title": "Low-agreement judgments",
+        "description": "Candidates whose K judge samples disagree by at least :min_spread points.",
+        "sql": """
+select c.id as candidate, c.round, p.text as prompt, c.text as response,
+       group_concat(coalesce(j.score, 'NULL'), ', ') as scores, max(j.score) - min(j.score) as spread,
+       group_concat('[' || coalesce(j.score, 'NULL') || '] ' || coalesce(j.rationale, j.reason), char(10)) as rationales
+from judgments j join candidates c on c.id = j.candidate_id join prompts p on p.id = c.prompt_id
+group by c.id having spread >= cast(:min_spread as real) order by spread desc""",
+    },
+    "parse_failures": {
+        "title": "Parse failures",
+        "description": "Judge outputs that yielded no score, with the reason and the raw text.",
+        "sql": """
+select j.id as judgment, j.round, j.candidate_id, j.judge, j.reason, j.raw
+from judgments j where j.score is null order by j.round, j.id""",
+    },
+    "score_distribution": {
+        "title": "Score distribution by round",
+        "description": "How many judge samples gave each score, per round (NULL = unparsed).",
+        "sql": """
+select round, score, count(*) as n from judgments group by round, score order by round, score""",
+    },
+}
+
+
+def metadata(db_name: str = "run") -> dict:
+    return {
+        "title": "selfreward run",
+        "description": "Every prompt, candidate, judgment (with rationale) and pair of a Self-Rewarding run.",
+        "databases": {db_name: {
+            "tables": {name: {"description": desc, "columns": cols} for name, (desc, cols) in TABLES.items()},
+            "queries": QUERIES,
+        }},
+    }
+
+
+def command(run: Run, host: str, port: int, metadata_path: Path) -> list[str]:
+    """`datasette serve` on run.db, read-only, with long rationales shown whole."""
+    db = str(run.path / "run.db")
+    return [sys.executable, "-m", "datasette", "serve", "-i", db, "--host", host, "--port", str(port),
+            "-m", str(metadata_path), "--setting", "truncate_cells_html", "0"]
+
+
+def write_metadata(directory: Path) -> Path:
+    path = Path(directory) / "metadata.json"
+    path.write_text(json.dumps(metadata(), indent=2))
+    return path
+
+
+def serve(run: Run, host: str, port: int) -> None:
+    import importlib.util
+
+    if importlib.util.find_spec("datasette") is None:
+        raise SelfRewardError("browse needs Datasette: pip install -e '.[browse]'")
+    with tempfile.TemporaryDirectory(prefix="selfreward-browse-") as tmp:
+        cmd = command(run, host, port, write_metadata(Path(tmp)))
+        print(f"serving {run.path / 'run.db'} at http://{host}:{port}/run (Ctrl-C stops)")
+        try:
+            subprocess.run(cmd, check=False)
+        except KeyboardInterrupt:
+            pass
