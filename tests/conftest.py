@@ -84,3 +84,20 @@ def judge_script(tmp_path) -> Path:
     path = tmp_path / "judge.json"
     path.write_text(json.dumps(outputs))
     return path
+
+
+@pytest.fixture
+def judged_run(tmp_path, tiny_model, seed_files, judge_script):
+    """A real two-round run (tiny model, scripted judge) made through the CLI."""
+    from click.testing import CliRunner
+
+    from selfreward.cli import cli
+    from selfreward.store import Run
+
+    args = ["iterate", "--runs-dir", str(tmp_path / "runs"), "--name", "b", "--model", str(tiny_model),
+            "--ift", str(seed_files["ift"]), "--eft", str(seed_files["eft"]), "--eft-eval", str(seed_files["eft"]),
+            "--preset", "tiny", "--judge", "scripted", "--judge-script", str(judge_script), "--rounds", "2",
+            "--set", "prompts_per_round=3", "--set", "n_candidates=3"]
+    result = CliRunner().invoke(cli, args, catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    return Run.open(tmp_path / "runs" / "b")

@@ -7,24 +7,10 @@ import time
 import urllib.request
 
 import pytest
-from click.testing import CliRunner
 
 from selfreward.browse import QUERIES, command, write_metadata
-from selfreward.cli import cli
-from selfreward.store import Run
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-
-
-@pytest.fixture
-def judged_run(tmp_path, tiny_model, seed_files, judge_script):
-    args = ["iterate", "--runs-dir", str(tmp_path / "runs"), "--name", "b", "--model", str(tiny_model),
-            "--ift", str(seed_files["ift"]), "--eft", str(seed_files["eft"]), "--eft-eval", "", "--preset", "tiny",
-            "--judge", "scripted", "--judge-script", str(judge_script), "--rounds", "2",
-            "--set", "prompts_per_round=3", "--set", "n_candidates=3"]
-    result = CliRunner().invoke(cli, args, catch_exceptions=False)
-    assert result.exit_code == 0, result.output
-    return Run.open(tmp_path / "runs" / "b")
 
 
 def free_port() -> int:

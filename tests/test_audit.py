@@ -1,0 +1,115 @@
+"""Auditing: append-only records, verify, and every rationales filter through the CLI."""
+
+import csv
+import io
+import json
+import sqlite3
+
+import pytest
+from click.testing import CliRunner
+
+from selfreward.cli import cli
+
+
+def invoke(*args):
+    return CliRunner().invoke(cli, [str(a) for a in args])
+
+
+@pytest.mark.parametrize("table", ["judgments", "candidates", "pairs"])
+def test_triggers_refuse_edits(judged_run, table):
+    with pytest.raises(sqlite3.IntegrityError, match="append-only: UPDATE refused"):
+        judged_run.db.execute(f"update {table} set round = 99")
+    with pytest.raises(sqlite3.IntegrityError, match="append-only: DELETE refused"):
+        judged_run.db.execute(f"delete from {table}")
+
+
+def test_every_judgment_carries_provenance(judged_run):
+    rows = judged_run.rows("select * from judgments where judge = 'scripted'")
+    assert rows
+    for j in rows:
+        assert j["template_sha"] and j["judge_model_sha"] and j["version"] and j["created_at"]
+        sampling = json.loads(j["sampling"])
+        assert {"temperature", "top_p", "seed", "mode"} <= sampling.keys()
+    models = {m["name"]: m["sha256"] for m in judged_run.rows("select name, sha256 from models")}
+    assert all(models.values()) and models["M0"] != models["M1"]
+
+
+def test_verify_passes_then_catches_tampering(judged_run):
+    ok = invoke("verify", judged_run.path)
+    assert ok.exit_code == 0, ok.output
+    assert "ok:" in ok.output
+    kept = judged_run.rows("select * from pairs where status = 'kept' limit 1")
+    assert kept, "the scripted judge should yield at least one kept pair"
+    pair = kept[0]
+    # Tamper through raw SQL: drop the trigger first, as someone editing the file by hand would.
+    db = sqlite3.connect(judged_run.path / "run.db")
+    db.execute("drop trigger pairs_no_update")
+    db.execute("update pairs set chosen_id = rejected_id, rejected_id = chosen_id where id = ?", [pair["id"]])
+    db.commit()
+    db.close()
+    bad = invoke("verify", judged_run.path)
+    assert bad.exit_code == 1
+    assert f"pair {pair['id']}" in bad.output and "recomputed" in bad.output
+
+
+def test_verify_catches_a_score_that_its_raw_text_does_not_say(judged_run):
+    db = sqlite3.connect(judged_run.path / "run.db")
+    db.execute("drop trigger judgments_no_update")
+    jid = db.execute("select id from judgments where score = 4 limit 1").fetchone()[0]
+    db.execute("update judgments set score = 5 where id = ?", [jid])
+    db.commit()
+    db.close()
+    bad = invoke("verify", judged_run.path)
+    assert bad.exit_code == 1
+    assert f"judgment {jid}: stored score 5.0 but its raw text parses to 4.0" in bad.output
+
+
+def rows_of(result):
+    assert result.exit_code == 0, result.output
+    return [json.loads(line) for line in result.output.splitlines() if line.strip()]
+
+
+def test_rationales_filters(judged_run):
+    path = judged_run.path
+    every = rows_of(invoke("rationales", path, "--format", "jsonl"))
+    assert len(every) == judged_run.db["judgments"].count
+    assert {r["round"] for r in rows_of(invoke("rationales", path, "--round", 2, "--format", "jsonl"))} == {2}
+
+    high = rows_of(invoke("rationales", path, "--min-score", 4, "--format", "jsonl"))
+    assert high and all(r["score"] >= 4 for r in high)
+    low = rows_of(invoke("rationales", path, "--max-score", 1, "--format", "jsonl"))
+    assert low and all(r["score"] <= 1 for r in low)
+
+    failures = rows_of(invoke("rationales", path, "--failures", "--format", "jsonl"))
+    assert failures and all(r["score"] is None and r["reason"] for r in failures)
+
+    spread = rows_of(invoke("rationales", path, "--spread", 2, "--format", "jsonl"))
+    for r in spread:
+        scores = [j["score"] for j in judged_run.rows("select score from judgments where candidate_id = ? "
+                                                      "and score is not null", [r["candidate_id"]])]
+        assert max(scores) - min(scores) >= 2
+
+    margin = rows_of(invoke("rationales", path, "--margin", 1, "--format", "jsonl"))
+    kept_ids = {i for p in judged_run.rows("select chosen_id, rejected_id from pairs where status = 'kept' "
+                                           "and chosen_score - rejected_score >= 1") for i in p.values()}
+    assert {r["candidate_id"] for r in margin} == kept_ids
+
+    found = rows_of(invoke("rationales", path, "--search", "relevant", "--format", "jsonl"))
+    assert found and all("relevant" in (r["rationale"] or "").lower() or "relevant" in r["response"].lower()
+                         for r in found)
+
+    table = invoke("rationales", path, "--round", 2, "--limit", 3)
+    assert table.exit_code == 0 and "judgment_id" in table.output and len(table.output.splitlines()) == 5
+    as_csv = list(csv.DictReader(io.StringIO(invoke("rationales", path, "--failures", "--format", "csv").output)))
+    assert len(as_csv) == len(failures)
+
+    bad = invoke("rationales", path, "--search", '"unbalanced')
+    assert bad.exit_code != 0 and "bad --search query" in bad.output
+
+
+def test_show_pair(judged_run):
+    pair = judged_run.rows("select * from pairs where status = 'kept' limit 1")[0]
+    result = invoke("show", judged_run.path, "--pair", pair["id"])
+    assert result.exit_code == 0, result.output
+    assert "CHOSEN: candidate" in result.output and "REJECTED: candidate" in result.output
+    assert result.output.count("judge sample") == 2 * 2  # two sides, two samples each (tiny preset)
