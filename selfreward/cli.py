@@ -436,8 +436,6 @@ def make_eft_cmd(ranked, out, model, samples, max_share, limit, runs_dir, **judg
         selfreward data make-eft data/oasst/eft_eval.jsonl --out eft_train.jsonl --model runs/demo/models/M1
         selfreward data make-eft ranked.jsonl --out eft.jsonl --judge api --judge-api-base http://127.0.0.1:8000/v1 --judge-api-model qwen
     """
-    import json as _json
-
     from selfreward.config import resolve
     from selfreward.engines import make_engine
     from selfreward.judges import build_judge
@@ -446,18 +444,13 @@ def make_eft_cmd(ranked, out, model, samples, max_share, limit, runs_dir, **judg
 
     cfg = resolve({}, _judge_overrides(judge_kw))
     check_judge(cfg)
-    path = Path(ranked)
-    if not path.is_file():
-        raise SelfRewardError(f"ranked EFT file not found: {ranked}")
+    from selfreward.data import iter_jsonl
+
     groups = []
-    for lineno, line in enumerate(path.open(encoding="utf-8"), 1):
-        if line.strip():
-            try:
-                groups.append(_json.loads(line))
-            except _json.JSONDecodeError as e:
-                raise SelfRewardError(f"{path}:{lineno}: malformed JSON ({e.msg})") from None
-            if not isinstance(groups[-1].get("responses"), list) or "instruction" not in groups[-1]:
-                raise SelfRewardError(f"{path}:{lineno}: expected {{'instruction', 'responses': [{{'text', 'rank'}}]}}")
+    for where, row in iter_jsonl(ranked, "ranked EFT file"):
+        if not isinstance(row.get("responses"), list) or "instruction" not in row:
+            raise SelfRewardError(f"{where}: expected {{'instruction', 'responses': [{{'text', 'rank'}}]}}")
+        groups.append(row)
     groups = groups[: limit or None]
     _quiet_libraries()
     engine = (lambda: make_engine(cfg.engine, resolve_source(model), cfg.gen_batch_size))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import zlib
 
 from selfreward.config import Config
-from selfreward.engines import Engine, Sampling, make_engine
+from selfreward.engines import Engine, make_engine
 from selfreward.judges import Judge, build_judge
 from selfreward.prompts import Template, load_template
 from selfreward.store import Run

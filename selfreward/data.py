@@ -6,8 +6,10 @@ EFT rows: {"instruction": str, "response": str, "justification": str, "score": i
 
 from __future__ import annotations
 
+import gzip
 import json
 from pathlib import Path
+from typing import Iterator
 
 from selfreward.errors import SelfRewardError
 
@@ -15,36 +17,52 @@ IFT_FIELDS = {"instruction": str, "response": str}
 EFT_FIELDS = {"instruction": str, "response": str, "justification": str, "score": int}
 
 
+def iter_jsonl(path: str | Path, what: str = "data file") -> Iterator[tuple[str, dict]]:
+    """(file:line, object) for each non-blank line of a JSONL (or .jsonl.gz) file.
+
+    Every problem raises SelfRewardError naming the file, and the line where there is one.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise SelfRewardError(f"{what} not found: {path}")
+    opener = gzip.open if path.suffix == ".gz" else open
+    try:
+        with opener(path, "rt", encoding="utf-8") as fh:
+            for lineno, line in enumerate(fh, 1):
+                if not line.strip():
+                    continue
+                where = f"{path}:{lineno}"
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise SelfRewardError(f"{where}: malformed JSON ({e.msg})") from None
+                if not isinstance(row, dict):
+                    raise SelfRewardError(f"{where}: expected a JSON object, got {type(row).__name__}")
+                yield where, row
+    except (OSError, UnicodeDecodeError, EOFError) as e:
+        # A truncated .gz or a binary file passed as JSONL: say which file, not a traceback.
+        kind = "gzipped JSONL" if opener is gzip.open else "JSONL"
+        raise SelfRewardError(f"{path}: cannot read as {kind} ({e})") from None
+
+
 def read_jsonl(path: str | Path, fields: dict[str, type]) -> list[dict]:
     """Rows of a JSONL file; any bad line raises with the file and line number."""
     path = Path(path)
-    if not path.is_file():
-        raise SelfRewardError(f"data file not found: {path}")
     rows = []
-    with path.open(encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise SelfRewardError(f"{where}: malformed JSON ({e.msg})") from None
-            if not isinstance(row, dict):
-                raise SelfRewardError(f"{where}: expected a JSON object, got {type(row).__name__}")
-            for name, kind in fields.items():
-                if name not in row:
-                    raise SelfRewardError(f"{where}: missing field '{name}'")
-                value = row[name]
-                if kind is int and (isinstance(value, bool) or not isinstance(value, int)):
-                    raise SelfRewardError(f"{where}: field '{name}' must be an integer, got {value!r}")
-                if kind is str and not isinstance(value, str):
-                    raise SelfRewardError(f"{where}: field '{name}' must be a string")
-                if kind is str and not value.strip():
-                    raise SelfRewardError(f"{where}: field '{name}' is empty")
-            if "score" in fields and not 0 <= row["score"] <= 5:
-                raise SelfRewardError(f"{where}: score {row['score']} is outside 0..5")
-            rows.append({name: row[name] for name in fields})
+    for where, row in iter_jsonl(path):
+        for name, kind in fields.items():
+            if name not in row:
+                raise SelfRewardError(f"{where}: missing field '{name}'")
+            value = row[name]
+            if kind is int and (isinstance(value, bool) or not isinstance(value, int)):
+                raise SelfRewardError(f"{where}: field '{name}' must be an integer, got {value!r}")
+            if kind is str and not isinstance(value, str):
+                raise SelfRewardError(f"{where}: field '{name}' must be a string")
+            if kind is str and not value.strip():
+                raise SelfRewardError(f"{where}: field '{name}' is empty")
+        if "score" in fields and not 0 <= row["score"] <= 5:
+            raise SelfRewardError(f"{where}: score {row['score']} is outside 0..5")
+        rows.append({name: row[name] for name in fields})
     if not rows:
         raise SelfRewardError(f"{path}: no rows")
     return rows

@@ -18,7 +18,6 @@ both are normalized to the same first-turn records:
 
 from __future__ import annotations
 
-import gzip
 import json
 import math
 import os
@@ -29,7 +28,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Iterable, Iterator
 
-from selfreward.data import EFT_FIELDS, IFT_FIELDS
+from selfreward.data import EFT_FIELDS, IFT_FIELDS, iter_jsonl
 from selfreward.errors import SelfRewardError
 from selfreward.judges.base import Group
 
@@ -69,24 +68,7 @@ def _chain(first, rest):
 
 
 def _jsonl_objects(path: Path) -> Iterator[tuple[str, dict]]:
-    opener = gzip.open if path.suffix == ".gz" else open
-    try:
-        with opener(path, "rt", encoding="utf-8") as fh:
-            for lineno, line in enumerate(fh, 1):
-                if not line.strip():
-                    continue
-                where = f"{path}:{lineno}"
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise SelfRewardError(f"{where}: malformed JSON ({e.msg})") from None
-                if not isinstance(row, dict):
-                    raise SelfRewardError(f"{where}: expected a JSON object, got {type(row).__name__}")
-                yield where, row
-    except (OSError, UnicodeDecodeError, EOFError) as e:
-        # A truncated .gz or a binary file passed as JSONL: say which file, not a traceback.
-        kind = "gzipped JSONL" if opener is gzip.open else "JSONL"
-        raise SelfRewardError(f"{path}: cannot read as {kind} ({e})") from None
+    return iter_jsonl(path, "OpenAssistant file")
 
 
 def _parquet_rows(path: Path) -> Iterator[tuple[str, dict]]:

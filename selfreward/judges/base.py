@@ -67,3 +67,30 @@ class PointwiseJudge:
         items = [(g, i) for g in groups for i in range(len(g.responses))]
         flat = iter(self.score_many(items, samples, seed))
         return [GroupResult([next(flat) for _ in g.responses]) for g in groups]
+
+
+class LocalModelJudge:
+    """Base for judges backed by a local scoring model (PairRM, reward models).
+
+    The model loads at the first judging, so building the judge (and checking a
+    config) costs nothing; `close()` frees it before training needs the memory.
+    """
+
+    kind: str
+    template_sha: str | None = None
+
+    def __init__(self, source: str, batch_size: int = 8):
+        self.source, self.batch_size = source, batch_size
+        self.name = f"{self.kind}:{source}"
+        self._loaded = None
+
+    def _load(self, source: str):
+        raise NotImplementedError
+
+    def load(self):
+        if self._loaded is None:
+            self._loaded = self._load(self.source)
+        return self._loaded
+
+    def close(self) -> None:
+        self._loaded = None

@@ -16,7 +16,7 @@ from itertools import combinations
 from pathlib import Path
 
 from selfreward.errors import SelfRewardError
-from selfreward.judges.base import Comparison, Group, GroupResult, Verdict
+from selfreward.judges.base import Comparison, Group, GroupResult, LocalModelJudge, Verdict
 from selfreward.models import device, resolve_source
 from selfreward.prompts import Parsed
 
@@ -184,21 +184,11 @@ def outcome(ab: float, ba: float) -> str:
     return "a" if ab > ba else "b"
 
 
-class PairRMJudge:
-    template_sha = None
+class PairRMJudge(LocalModelJudge):
+    kind = "pairrm"
 
-    def __init__(self, source: str, batch_size: int = 8):
-        self.source, self.batch_size = source, batch_size
-        self.name = f"pairrm:{source}"
-        self._loaded = None  # loaded at the first judging, so that building the judge costs nothing
-
-    def load(self):
-        if self._loaded is None:
-            self._loaded = load_pairrm(self.source)
-        return self._loaded
-
-    def close(self) -> None:
-        self._loaded = None
+    def _load(self, source: str):
+        return load_pairrm(source)
 
     def judge_groups(self, groups: list[Group], samples: int, seed: int) -> list[GroupResult]:
         """One verdict per response (PairRM is deterministic, so `samples` and `seed` change nothing)."""

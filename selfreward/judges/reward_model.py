@@ -9,7 +9,7 @@ response) as two segments (cross-encoders). The score is the single logit of a
 from __future__ import annotations
 
 from selfreward.errors import SelfRewardError
-from selfreward.judges.base import Group, PointwiseJudge, Verdict
+from selfreward.judges.base import Group, LocalModelJudge, PointwiseJudge, Verdict
 from selfreward.models import device, resolve_source
 from selfreward.prompts import Parsed
 
@@ -67,21 +67,11 @@ def encode(tokenizer, instruction: str, response: str) -> dict:
     return tokenizer(instruction, response, truncation=True, max_length=limit)
 
 
-class RewardModelJudge(PointwiseJudge):
-    template_sha = None
+class RewardModelJudge(LocalModelJudge, PointwiseJudge):
+    kind = "reward-model"
 
-    def __init__(self, source: str, batch_size: int = 8):
-        self.source, self.batch_size = source, batch_size
-        self.name = f"reward-model:{source}"
-        self._loaded = None  # loaded at the first judging, so that building the judge costs nothing
-
-    def load(self):
-        if self._loaded is None:
-            self._loaded = load_reward_model(self.source)
-        return self._loaded
-
-    def close(self) -> None:
-        self._loaded = None
+    def _load(self, source: str):
+        return load_reward_model(source)
 
     def score_many(self, items: list[tuple[Group, int]], samples: int, seed: int) -> list[list[Verdict]]:
         """One verdict per item (the model is deterministic, so `samples` and `seed` change nothing)."""

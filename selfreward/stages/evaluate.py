@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from itertools import combinations
 from pathlib import Path
 
-from selfreward.data import read_eft
+from selfreward.data import iter_jsonl, read_eft
 from selfreward.errors import SelfRewardError
 from selfreward.judges import Group
 
@@ -58,14 +58,7 @@ def groups_from_eft(rows: list[dict]) -> list[EvalGroup]:
 
 def _read_ranked(path: Path) -> list[EvalGroup]:
     groups = []
-    for lineno, line in enumerate(path.open(encoding="utf-8"), 1):
-        if not line.strip():
-            continue
-        where = f"{path}:{lineno}"
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise SelfRewardError(f"{where}: malformed JSON ({e.msg})") from None
+    for where, row in iter_jsonl(path, "evaluation set"):
         responses = row.get("responses")
         if not isinstance(row.get("instruction"), str) or not row["instruction"].strip():
             raise SelfRewardError(f"{where}: missing field 'instruction'")
