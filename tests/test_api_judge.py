@@ -168,3 +168,14 @@ def test_pairwise_mode_asks_both_orders_and_flags_inconsistency():
         (result,) = judge.judge_groups([Group("q", ["x", "y"])], 1, seed=0)
     assert result.comparisons[0].outcome == "inconsistent"  # position bias: each order picked the first
     assert all(v[0].parsed.score is None for v in result.verdicts)
+
+
+def test_reference_mode_shows_the_reference_and_requires_one():
+    with ScriptedServer([{"content": "Agrees with the reference. Score: 5"}]) as srv:
+        judge = make_judge(srv.url, mode="reference", concurrency=1)
+        (result,) = judge.judge_groups([Group("What is 7*8?", ["56"], reference="7*8 = 56")], 1, seed=0)
+    assert result.verdicts[0][0].parsed.score == 5.0
+    prompt = srv.requests[0]["body"]["messages"][0]["content"]
+    assert "<reference>7*8 = 56</reference>" in prompt and "<response>56</response>" in prompt
+    with pytest.raises(SelfRewardError, match="needs a reference answer"):
+        judge.judge_groups([Group("q", ["a"])], 1, seed=0)

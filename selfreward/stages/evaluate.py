@@ -31,10 +31,11 @@ class EvalGroup:
     responses: list[str]
     preference: list[float]           # higher = humans liked it more
     gold_scores: list[int] | None = None  # 0..5 where the set has them (flat EFT)
+    reference: str | None = None          # a correct answer, for reference-guided grading
 
 
 def load_eval_set(path: str | Path) -> list[EvalGroup]:
-    """Ranked JSONL ({"instruction", "responses": [{"text", "rank"}]}) or flat EFT JSONL."""
+    """Ranked JSONL ({"instruction", "responses": [{"text", "rank"}], "reference"?}) or flat EFT JSONL."""
     path = Path(path)
     if not path.is_file():
         raise SelfRewardError(f"evaluation set not found: {path}")
@@ -67,14 +68,17 @@ def _read_ranked(path: Path) -> list[EvalGroup]:
         for r in responses:
             if not isinstance(r, dict) or not isinstance(r.get("text"), str) or not isinstance(r.get("rank"), int):
                 raise SelfRewardError(f"{where}: each response needs 'text' (string) and 'rank' (integer)")
+        reference = row.get("reference")
+        if reference is not None and (not isinstance(reference, str) or not reference.strip()):
+            raise SelfRewardError(f"{where}: 'reference' must be a non-empty string")
         groups.append(EvalGroup(row["instruction"], [r["text"] for r in responses],
-                                [-float(r["rank"]) for r in responses]))
+                                [-float(r["rank"]) for r in responses], reference=reference))
     return groups
 
 
 def judge_scores(judge, groups: list[EvalGroup], seed: int, samples: int = 1):
     """Mean parsed score per response (None if no sample parsed), plus the raw results."""
-    results = judge.judge_groups([Group(g.instruction, g.responses) for g in groups], samples, seed)
+    results = judge.judge_groups([Group(g.instruction, g.responses, g.reference) for g in groups], samples, seed)
     scores = []
     for result in results:
         per = []
@@ -138,9 +142,8 @@ def quality_metrics(groups: list[EvalGroup], scores: list[list[float | None]], r
 
 def verbosity_probe(judge, groups: list[EvalGroup], seed: int, limit: int = 8) -> dict[str, float]:
     """The same answer padded with filler must not score higher: returns how often it did."""
-    picks = [(g.instruction, g.responses[max(range(len(g.responses)), key=lambda i: g.preference[i])])
-             for g in groups[:limit]]
-    probe = [EvalGroup(i, [r, r + FILLER], [1.0, 0.0]) for i, r in picks]
+    best = [(g, g.responses[max(range(len(g.responses)), key=lambda i: g.preference[i])]) for g in groups[:limit]]
+    probe = [EvalGroup(g.instruction, [r, r + FILLER], [1.0, 0.0], reference=g.reference) for g, r in best]
     scores, _ = judge_scores(judge, probe, seed)
     both = [(a, b) for a, b in scores if a is not None and b is not None]
     if not both:
