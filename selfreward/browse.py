@@ -55,10 +55,10 @@ QUERIES = {
                        "of each side with its score and rationale.",
         "sql": """
 select x.id as pair, x.round, p.text as prompt,
-       c.text as chosen, x.chosen_score,
+       c.text as chosen, round(x.chosen_score, 2) as chosen_score,
        (select group_concat('[' || coalesce(j.score, 'NULL') || '] ' || coalesce(j.rationale, j.reason), char(10))
           from judgments j where j.candidate_id = x.chosen_id) as chosen_rationales,
-       r.text as rejected, x.rejected_score,
+       r.text as rejected, round(x.rejected_score, 2) as rejected_score,
        (select group_concat('[' || coalesce(j.score, 'NULL') || '] ' || coalesce(j.rationale, j.reason), char(10))
           from judgments j where j.candidate_id = x.rejected_id) as rejected_rationales
 from pairs x join prompts p on p.id = x.prompt_id
