@@ -98,7 +98,7 @@ class ApiBackend:
 
 
 def _message(e) -> str:
-    body = getattr(e, "body", None)
+    body = e.body
     if isinstance(body, dict):
         return str(body.get("message") or body.get("error") or body)
     return str(e)
@@ -107,5 +107,5 @@ def _message(e) -> str:
 def _retry_after(e) -> float | None:
     try:
         return float(e.response.headers.get("retry-after"))
-    except (TypeError, ValueError, AttributeError):
+    except (TypeError, ValueError):
         return None

@@ -73,8 +73,9 @@ def _common_args(cfg, out: str, lr: float, lr_end: float, batch: int, epochs: fl
 
 
 def _load_for_training(base_path: str, cfg):
-    model = load_model(base_path, four_bit=use_4bit(cfg.load_in_4bit))
-    if getattr(model, "is_loaded_in_4bit", False):
+    four_bit = use_4bit(cfg.load_in_4bit)
+    model = load_model(base_path, four_bit=four_bit)
+    if four_bit:
         from peft import prepare_model_for_kbit_training
 
         model = prepare_model_for_kbit_training(model)
