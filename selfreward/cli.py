@@ -146,7 +146,7 @@ def iterate(name, runs_dir, rounds, model, ift, eft, eft_eval, preset, config_fi
         click.echo(f"created run {path} (preset {cfg.preset}, model {cfg.model})")
     _quiet_libraries()
     with run.locked():
-        done = run_loop(Context(run, cfg), rounds)
+        done = run_loop(Context(run, cfg, checkpoint=True), rounds)
     if not done:
         click.echo(f"nothing to do: {path} already has M{rounds} (rounds 1..{rounds} finished)")
     from selfreward.report import COLUMNS, round_summary, table
@@ -154,9 +154,19 @@ def iterate(name, runs_dir, rounds, model, ift, eft, eft_eval, preset, config_fi
     click.echo(table(round_summary(run), COLUMNS))
 
 
+# Where and how to reach the API judge may change between attempts (a server moved,
+# a rate limit tightened); what it is and how it samples may not.
+OPERATIONAL_KEYS = {"judge_api_base", "judge_api_key_env", "judge_api_concurrency", "judge_api_timeout",
+                    "judge_api_max_retries"}
+
+
 def _check_same_config(run, asked: dict) -> None:
     """Resuming must not silently change what the finished stages were made with."""
     stored = run.config_values()
+    for key in OPERATIONAL_KEYS & asked.keys():
+        value = asked.pop(key)
+        if stored.get(key) != value:
+            run.set_config(key, value)
     preset = asked.pop("preset", None)
     if preset not in (None, "auto", stored.get("preset")):
         raise SelfRewardError(f"run {run.path} uses preset {stored.get('preset')}, not {preset}; "

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import zlib
 
+from selfreward.checkpoint import Checkpoint, CheckpointedEngine
 from selfreward.config import Config
 from selfreward.engines import Engine, make_engine
 from selfreward.judges import Judge, build_judge
@@ -12,8 +13,10 @@ from selfreward.store import Run
 
 
 class Context:
-    def __init__(self, run: Run, cfg: Config):
+    def __init__(self, run: Run, cfg: Config, checkpoint: bool = False):
+        """checkpoint: keep each finished chunk of generations while a stage runs (the loop does)."""
         self.run, self.cfg = run, cfg
+        self.checkpoint = Checkpoint(run.db) if checkpoint else None
         self._engine: Engine | None = None
         self._judges: dict[str, Judge] = {}
 
@@ -28,7 +31,8 @@ class Context:
         path = self.run.model(model)["path"]
         if self._engine is None or self._engine.model_path != path:
             self.release()
-            self._engine = make_engine(self.cfg.engine, path, self.cfg.gen_batch_size)
+            engine = make_engine(self.cfg.engine, path, self.cfg.gen_batch_size)
+            self._engine = CheckpointedEngine(engine, self.checkpoint) if self.checkpoint else engine
         return self._engine
 
     def judge(self, model: str) -> Judge:
@@ -36,7 +40,7 @@ class Context:
         if self.cfg.judge != "self":
             model = "-"  # one instance serves every round (a scripted judge keeps its place)
         if model not in self._judges:
-            self._judges[model] = build_judge(self.cfg, lambda: self.engine(model), model)
+            self._judges[model] = build_judge(self.cfg, lambda: self.engine(model), model, self.checkpoint)
         return self._judges[model]
 
     def judge_provenance(self, model: str, seed: int) -> dict:

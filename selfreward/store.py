@@ -127,6 +127,13 @@ def m004_provenance_and_audit(db: sqlite_utils.Database):
     db["candidates"].enable_fts(["text"], create_triggers=True)
 
 
+@migrations()
+def m005_generation_checkpoint(db: sqlite_utils.Database):
+    # Scratch space for a running stage (see checkpoint.py); emptied when a stage commits.
+    db["generation_checkpoint"].create(
+        {"key": str, "text": str, "n_tokens": int, "finish_reason": str, "usage": str}, pk="key")
+
+
 def now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
@@ -244,6 +251,8 @@ class Run:
                 "wall_s": round_(time.perf_counter() - t0), "peak_rss_mb": round_(mem.peak / 2**20),
                 "detail": json.dumps(commit.detail),
             })
+            # The stage's outputs are in; its checkpointed generations are no longer needed.
+            self.db.execute("delete from generation_checkpoint")
 
     def model(self, name: str) -> dict:
         row = self.db.execute("select * from models where name=?", [name]).fetchone()

@@ -34,6 +34,10 @@ class Engine(Protocol):
 
     def generate(self, prompts: list[Prompt], n: int, sampling: Sampling, desc: str = "") -> list[list[Completion]]: ...
 
+    def chunk_prompts(self, n: int) -> int:
+        """How many prompts (n samples each) to generate between checkpoints."""
+        ...
+
     def close(self) -> None: ...
 
 

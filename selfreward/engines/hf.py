@@ -57,6 +57,9 @@ class TransformersEngine:
         bar.close()
         return out  # type: ignore[return-value]
 
+    def chunk_prompts(self, n: int) -> int:
+        return max(1, 4 * self.batch_size // n)  # four forward batches between checkpoints
+
     def _eos_ids(self) -> list[int]:
         ids = {self.tokenizer.eos_token_id}
         eos = self.model.generation_config.eos_token_id

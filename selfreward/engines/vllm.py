@@ -36,6 +36,10 @@ class VLLMEngine:
                 rows = json.load(fh)
         return [[Completion(**c) for c in per_prompt] for per_prompt in rows]
 
+    def chunk_prompts(self, n: int) -> int:
+        # Each call starts a worker that loads the model: checkpoint seldom.
+        return 4096
+
     def close(self) -> None:
         pass
 

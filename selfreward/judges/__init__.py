@@ -25,8 +25,9 @@ __all__ = ["JUDGES", "MODES", "Comparison", "Group", "GroupResult", "Judge", "Po
            "build_judge"]
 
 
-def build_judge(cfg, engine_for: Callable[[], Engine], label: str) -> Judge:
-    """The judge named by cfg.judge; `engine_for()` loads the policy only for the self judge."""
+def build_judge(cfg, engine_for: Callable[[], Engine], label: str, checkpoint=None) -> Judge:
+    """The judge named by cfg.judge; `engine_for()` loads the policy only for the self judge.
+    With a checkpoint, an API judge keeps each answered request (they cost money)."""
     sampling = Sampling(cfg.judge_temperature, cfg.judge_top_p, cfg.judge_max_new_tokens, 0)
     if cfg.judge == "self":
         return LLMJudge(EngineBackend(engine_for(), sampling, label), cfg.judge_mode)
@@ -34,7 +35,8 @@ def build_judge(cfg, engine_for: Callable[[], Engine], label: str) -> Judge:
         from selfreward.judges.api import ApiBackend
 
         backend = ApiBackend(cfg.judge_api_base, cfg.judge_api_model, sampling, cfg.judge_api_key_env,
-                             cfg.judge_api_concurrency, cfg.judge_api_timeout, cfg.judge_api_max_retries)
+                             cfg.judge_api_concurrency, cfg.judge_api_timeout, cfg.judge_api_max_retries,
+                             checkpoint=checkpoint)
         return LLMJudge(backend, cfg.judge_mode)
     if cfg.judge == "pairrm":
         from selfreward.judges.pairrm import PairRMJudge

@@ -25,7 +25,8 @@ class ApiBackend:
     """A TextBackend for LLMJudge: one chat completion per (prompt, sample)."""
 
     def __init__(self, base_url: str, model: str, sampling, api_key_env: str = "OPENAI_API_KEY",
-                 concurrency: int = 8, timeout: float = 60.0, max_retries: int = 5, backoff: float = 1.0):
+                 concurrency: int = 8, timeout: float = 60.0, max_retries: int = 5, backoff: float = 1.0,
+                 checkpoint=None):
         from openai import OpenAI  # lazy: only API users need the client at import time
 
         if not base_url:
@@ -38,6 +39,7 @@ class ApiBackend:
         self.client = OpenAI(base_url=base_url, api_key=key, timeout=timeout, max_retries=0)
         self.base_url, self.model, self.sampling = base_url, model, sampling
         self.concurrency, self.max_retries, self.backoff = concurrency, max_retries, backoff
+        self.checkpoint = checkpoint
         self.name = f"api:{model}"
 
     def request(self, prompt: str, seed: int) -> tuple[str, dict]:
@@ -76,7 +78,18 @@ class ApiBackend:
     def complete(self, prompts, n, seed):
         jobs = [(i, k) for i in range(len(prompts)) for k in range(n)]
         results: dict[tuple[int, int], Output] = {}
-        bar = tqdm(total=len(jobs), desc="judge (api)", unit="req", leave=False)
+        keys = {}
+        if self.checkpoint:
+            # Answers a killed stage already paid for are taken, not asked again.
+            params = (self.sampling.temperature, self.sampling.top_p, self.sampling.max_new_tokens, seed)
+            keys = {(i, k): self.checkpoint.key(f"api|{self.model}", prompts[i], k, params)
+                    for i, k in jobs}
+            done = self.checkpoint.get_many(list(keys.values()))
+            for job, key in keys.items():
+                if key in done:
+                    results[job] = Output(done[key]["text"], done[key]["n_tokens"], done[key]["usage"])
+        todo = [job for job in jobs if job not in results]
+        bar = tqdm(total=len(jobs), initial=len(jobs) - len(todo), desc="judge (api)", unit="req", leave=False)
 
         def work(job):
             i, k = job
@@ -84,11 +97,14 @@ class ApiBackend:
             return job, Output(text, usage.get("completion_tokens"), usage)
 
         pool = ThreadPoolExecutor(max_workers=self.concurrency)
-        futures = [pool.submit(work, job) for job in jobs]
+        futures = [pool.submit(work, job) for job in todo]
         try:
             for future in as_completed(futures):
                 job, output = future.result()
                 results[job] = output
+                if self.checkpoint:
+                    self.checkpoint.put_many([{"key": keys[job], "text": output.text, "n_tokens": output.n_tokens,
+                                               "finish_reason": "stop", "usage": output.usage}])
                 bar.update(1)
         finally:
             # On a failure, queued requests are dropped rather than sent.
