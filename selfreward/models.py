@@ -48,7 +48,15 @@ def resolve_source(spec: str) -> str:
         return str(path.resolve())
     if path.exists() or spec.startswith((".", "/", "~")) or spec.count("/") > 1:
         raise SelfRewardError(f"model not found: {spec} (not a model folder, .gguf file, or hub id)")
-    return spec  # a hub id; loading reports whether the hub could provide it
+    # A hub id: ask for its config now, so an unknown or unreachable model fails before a run exists.
+    from transformers import AutoConfig
+
+    try:
+        AutoConfig.from_pretrained(spec)
+    except (OSError, ValueError) as e:
+        raise SelfRewardError(f"model '{spec}' is not a local folder or .gguf file, and the hub could not provide "
+                              f"it: {str(e).splitlines()[0]}") from None
+    return spec
 
 
 def gguf_to_folder(gguf: Path, name: str | None = None) -> Path:

@@ -43,6 +43,13 @@ def test_unknown_model_path(invoke, tmp_path):
     assert_clean_failure(invoke(model=str(tmp_path / "no-model")), tmp_path, "model not found")
 
 
+def test_unknown_hub_model(invoke, tmp_path, monkeypatch):
+    import huggingface_hub
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # no hub here; fail at once
+    assert_clean_failure(invoke(model="someone/no-such-model"), tmp_path, "the hub could not provide it")
+
+
 def test_missing_gguf(invoke, tmp_path):
     assert_clean_failure(invoke(model=str(tmp_path / "m.gguf")), tmp_path, "GGUF file not found")
 
