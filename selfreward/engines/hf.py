@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from tqdm.auto import tqdm
 
@@ -58,7 +60,10 @@ class TransformersEngine:
         return out  # type: ignore[return-value]
 
     def chunk_prompts(self, n: int) -> int:
-        return max(1, 4 * self.batch_size // n)  # four forward batches between checkpoints
+        # About four forward batches between checkpoints, in whole batches: a chunk that left
+        # one sequence over would generate it alone, at batch size 1.
+        unit = self.batch_size // math.gcd(self.batch_size, n)  # fewest prompts that fill whole batches
+        return unit * max(1, 4 * self.batch_size // (unit * n))
 
     def _eos_ids(self) -> list[int]:
         ids = {self.tokenizer.eos_token_id}
