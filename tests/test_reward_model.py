@@ -103,5 +103,5 @@ def test_missing_model_is_a_clear_error(tmp_path, monkeypatch):
         load_reward_model(str(tmp_path / "nope"))
     # Offline: an unreachable hub then fails at once instead of after retries.
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-    with pytest.raises(SelfRewardError, match="'selfreward-tests/no-such-rm' is not a local folder or .gguf file, and the hub could not provide it"):
+    with pytest.raises(SelfRewardError, match="'selfreward-tests/no-such-rm' is not a local folder or .gguf file, and the hub could not"):
         load_reward_model("selfreward-tests/no-such-rm")
