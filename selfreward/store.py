@@ -259,7 +259,21 @@ class Run:
         if row is None:
             raise SelfRewardError(f"model {name} is not in run {self.path}")
         cols = [d[0] for d in self.db.execute("select * from models limit 0").description]
-        return dict(zip(cols, row))
+        model = dict(zip(cols, row))
+        # Weights inside the run folder are stored relative to it, so a run can be moved or
+        # opened from any working directory.
+        for key in ("path", "adapter_path"):
+            if model[key] and (self.path / model[key]).exists() and not Path(model[key]).is_absolute():
+                model[key] = str((self.path / model[key]).resolve())
+        return model
+
+    def relative(self, path) -> str:
+        """How a path is stored: relative to the run folder when it lies inside it."""
+        path = Path(path).resolve()
+        try:
+            return str(path.relative_to(self.path.resolve()))
+        except ValueError:
+            return str(path)
 
     def rows(self, sql: str, params=()) -> list[dict]:
         cur = self.db.execute(sql, params)

@@ -31,6 +31,12 @@ def test_iterate_two_rounds_fills_the_store(two_rounds):
     assert [r["round"] for r in db["rounds"].rows if r["finished_at"]] == [1, 2]
     assert {m["name"]: m["kind"] for m in db["models"].rows}["M1"] == "sft-lora"
     assert (path / "models" / "M1" / "adapter" / "adapter_config.json").is_file()
+    # Stored relative to the run folder, so the run can be moved or used from any directory.
+    stored = {m["name"]: m["path"] for m in db["models"].rows}
+    assert stored["M1"] == "models/M1" and stored["M2"].startswith("models/")
+    from selfreward.store import Run
+
+    assert Run.open(path).model("M1")["path"] == str((path / "models" / "M1").resolve())
 
     prompts = list(db["prompts"].rows_where("round = 2"))
     assert prompts and all(p["source"] == "self_instruct:M1" for p in prompts)

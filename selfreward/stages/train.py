@@ -166,7 +166,7 @@ def run_sft(ctx, t: int) -> None:
         out = ctx.run.path / "models" / "M1"
         logs, adapter = sft(base, ift, eft_pairs, cfg, out, round=t)
         commit.insert_all("training_steps", logs)
-        commit.insert_all("models", [_model_row("M1", t, "sft-lora", "M0", out, adapter,
+        commit.insert_all("models", [_model_row(ctx.run, "M1", t, "sft-lora", "M0", out, adapter,
                                                 f"SFT on {len(ift)} IFT + {len(eft)} EFT")])
         commit.detail = {"ift": len(ift), "eft": len(eft), "steps": len(logs)}
 
@@ -185,22 +185,23 @@ def run_dpo(ctx, t: int) -> None:
     with ctx.run.stage(t, "dpo") as commit:
         if not pairs:
             # Nothing to learn from: M_t is M_{t-1}, said plainly in the models table.
-            commit.insert_all("models", [_model_row(name, t, "copy", parent["name"], Path(parent["path"]), None,
-                                                    "no preference pairs this round: M_t = M_{t-1}")])
+            row = _model_row(ctx.run, name, t, "copy", parent["name"], Path(parent["path"]), None,
+                             "no preference pairs this round: M_t = M_{t-1}")
+            commit.insert_all("models", [row])
             commit.detail = {"pairs": 0}
             return
         out = ctx.run.path / "models" / name
         logs, adapter = dpo(parent["path"], pairs, ctx.cfg, out, round=t)
         commit.insert_all("training_steps", logs)
-        commit.insert_all("models", [_model_row(name, t, "dpo-lora", parent["name"], out, adapter,
+        commit.insert_all("models", [_model_row(ctx.run, name, t, "dpo-lora", parent["name"], out, adapter,
                                                 f"DPO on {len(pairs)} pairs")])
         commit.detail = {"pairs": len(pairs), "steps": len(logs)}
 
 
-def _model_row(name, t, kind, parent, path: Path, adapter, note) -> dict:
+def _model_row(run, name, t, kind, parent, path: Path, adapter, note) -> dict:
     from selfreward.models import weights_sha
     from selfreward.store import now
 
-    return {"name": name, "round": t, "kind": kind, "parent": parent, "path": str(path),
-            "adapter_path": str(adapter) if adapter else None, "note": note, "created_at": now(),
+    return {"name": name, "round": t, "kind": kind, "parent": parent, "path": run.relative(path),
+            "adapter_path": run.relative(adapter) if adapter else None, "note": note, "created_at": now(),
             "sha256": weights_sha(path)}
