@@ -122,3 +122,14 @@ def test_resume_refuses_a_changed_config(two_rounds, tmp_path, tiny_model, seed_
     result = iterate(tmp_path, tiny_model, seed_files, judge_script, "--rounds", "3", "--seed", "5")
     assert result.exit_code != 0
     assert "was made with seed=0, not 5" in result.output
+
+
+def test_two_runs_in_different_folders_produce_the_same_rows(tmp_path, tiny_model, seed_files, judge_script):
+    # Seeds come from the run seed, the stage and the prompt text, never from where the run lives.
+    a = iterate(tmp_path / "a", tiny_model, seed_files, judge_script, "--rounds", "2")
+    b = iterate(tmp_path / "b", tiny_model, seed_files, judge_script, "--rounds", "2")
+    assert a.exit_code == 0 and b.exit_code == 0
+    dbs = [sqlite_utils.Database(tmp_path / x / "runs" / "t" / "run.db") for x in ("a", "b")]
+    for sql in ("select text from prompts order by id", "select text from candidates order by id",
+                "select raw, score from judgments order by id", "select status, chosen_id, rejected_id from pairs"):
+        assert dbs[0].execute(sql).fetchall() == dbs[1].execute(sql).fetchall(), sql
