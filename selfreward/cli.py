@@ -163,10 +163,7 @@ OPERATIONAL_KEYS = {"judge_api_base", "judge_api_key_env", "judge_api_concurrenc
 def _check_same_config(run, asked: dict) -> None:
     """Resuming must not silently change what the finished stages were made with."""
     stored = run.config_values()
-    for key in OPERATIONAL_KEYS & asked.keys():
-        value = asked.pop(key)
-        if stored.get(key) != value:
-            run.set_config(key, value)
+    operational = {k: asked.pop(k) for k in OPERATIONAL_KEYS & asked.keys()}
     preset = asked.pop("preset", None)
     if preset not in (None, "auto", stored.get("preset")):
         raise SelfRewardError(f"run {run.path} uses preset {stored.get('preset')}, not {preset}; "
@@ -175,6 +172,10 @@ def _check_same_config(run, asked: dict) -> None:
         if stored.get(key) != value:
             raise SelfRewardError(f"run {run.path} was made with {key}={stored.get(key)!r}, not {value!r}; "
                                   f"drop the flag to resume, or use a new --name")
+    # Only once the rest is known to match, so a refused resume changes nothing.
+    for key, value in operational.items():
+        if stored.get(key) != value:
+            run.set_config(key, value)
 
 
 def _check_inputs(cfg) -> None:

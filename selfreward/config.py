@@ -72,7 +72,7 @@ class Config:
     length_rho: float = _f(0.0, "Meta-Rewarding length control rho: 0 is the plain max/min rule; larger prefers short chosen and long rejected.")
     # --- SFT (round 1) ---
     sft_epochs: float = _f(1.0, "SFT epochs over IFT+EFT for M1.")
-    sft_learning_rate: float = _f(5.5e-6, "SFT peak learning rate (decays linearly to sft_learning_rate_end).")
+    sft_learning_rate: float = _f(5.5e-6, "SFT peak learning rate (cosine decay to sft_learning_rate_end).")
     sft_learning_rate_end: float = _f(1.1e-6, "SFT final learning rate.")
     sft_batch_size: int = _f(16, "SFT batch size (per step, reached by gradient accumulation).")
     sft_max_ift: int = _f(0, "Use at most this many IFT examples for SFT (0 = all).")
@@ -82,7 +82,7 @@ class Config:
     # --- DPO (rounds t >= 2) ---
     dpo_beta: float = _f(0.1, "DPO beta.")
     dpo_loss_type: str = _f("sigmoid", "TRL DPO loss_type: sigmoid, ipo, robust, hinge, ...")
-    dpo_learning_rate: float = _f(1e-6, "DPO peak learning rate (decays linearly to dpo_learning_rate_end).")
+    dpo_learning_rate: float = _f(1e-6, "DPO peak learning rate (cosine decay to dpo_learning_rate_end).")
     dpo_learning_rate_end: float = _f(1e-7, "DPO final learning rate.")
     dpo_batch_size: int = _f(16, "DPO batch size in pairs (per step, reached by gradient accumulation).")
     dpo_epochs: float = _f(1.0, "DPO epochs over the round's pairs.")

@@ -68,12 +68,13 @@ class Context:
         return {"judge_model_sha": sha, "sampling": sampling, "version": __version__}
 
     def release(self) -> None:
-        """Free the loaded engine (before training, which needs the memory)."""
+        """Free the loaded engine and model-backed judges (before training, which needs the memory)."""
+        # A scripted judge holds no model and keeps its place in its script.
+        if self.cfg.judge != "scripted":
+            self._judges = {}
         if self._engine is not None:
             self._engine.close()
             self._engine = None
-            # Reward models are dropped too (training needs the memory); a scripted judge keeps its place.
-            self._judges = {k: v for k, v in self._judges.items() if self.cfg.judge == "scripted"}
             import gc
 
             gc.collect()

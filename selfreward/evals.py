@@ -13,18 +13,20 @@ from selfreward.context import Context
 from selfreward.data import read_ift
 from selfreward.engines import Sampling
 from selfreward.judges import Group
-from selfreward.stages.evaluate import judge_scores, load_eval_set, quality_metrics, verbosity_probe
+from selfreward.stages.evaluate import finite, judge_scores, load_eval_set, quality_metrics, verbosity_probe
 from selfreward.store import Run, now
 
 
-def _store(run: Run, kind: str, judge: str, model: str, dataset: str, metrics: dict) -> str:
-    eval_id = uuid.uuid4().hex[:12]
+def _store(run: Run, kind: str, judge: str, model: str, dataset: str, metrics: dict,
+           eval_id: str | None = None, head2head: list[dict] = ()) -> str:
+    """An evaluation's metrics (and head-to-head rows) in one transaction; returns its eval_id."""
+    eval_id = eval_id or uuid.uuid4().hex[:12]
     stamp = now()
-    rows = [{"eval_id": eval_id, "kind": kind, "judge": judge, "model": model, "dataset": dataset, "name": k,
-             "value": v, "created_at": stamp}
-            for k, v in metrics.items() if not (isinstance(v, float) and math.isnan(v))]
     with run.db.atomic():
-        run.db["eval_metrics"].insert_all(rows)
+        run.db["head2head"].insert_all(head2head)
+        run.db["eval_metrics"].insert_all(
+            {"eval_id": eval_id, "kind": kind, "judge": judge, "model": model, "dataset": dataset, "name": k,
+             "value": v, "created_at": stamp} for k, v in finite(metrics).items())
     return eval_id
 
 
@@ -82,13 +84,7 @@ def head2head(run: Run, overrides: dict, a: str, b: str, prompts_path: str, limi
                "win_rate": (tally["win"] + (tally["tie"] + tally["inconsistent"]) / 2) / n if n else math.nan,
                "a_mean_tokens": sum(r["a_tokens"] for r in rows) / n if n else math.nan,
                "b_mean_tokens": sum(r["b_tokens"] for r in rows) / n if n else math.nan}
-    with run.db.atomic():
-        run.db["head2head"].insert_all(rows)
-        stamp = now()
-        run.db["eval_metrics"].insert_all(
-            {"eval_id": eval_id, "kind": "head2head", "judge": judge.name, "model": f"{a} vs {b}",
-             "dataset": str(prompts_path), "name": k, "value": v, "created_at": stamp}
-            for k, v in summary.items() if not (isinstance(v, float) and math.isnan(v)))
+    _store(run, "head2head", judge.name, f"{a} vs {b}", str(prompts_path), summary, eval_id, rows)
     return {"eval_id": eval_id, "judge": judge.name, "a": a, "b": b, **summary}
 
 

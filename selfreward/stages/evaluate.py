@@ -140,6 +140,11 @@ def quality_metrics(groups: list[EvalGroup], scores: list[list[float | None]], r
     return out
 
 
+def finite(metrics: dict) -> dict:
+    """Metrics worth storing: NaN means 'not defined for this set' and is left out, not stored."""
+    return {k: v for k, v in metrics.items() if not (isinstance(v, float) and math.isnan(v))}
+
+
 def verbosity_probe(judge, groups: list[EvalGroup], seed: int, limit: int = 8) -> dict[str, float]:
     """The same answer padded with filler must not score higher: returns how often it did."""
     best = [(g, g.responses[max(range(len(g.responses)), key=lambda i: g.preference[i])]) for g in groups[:limit]]
@@ -174,8 +179,7 @@ def run(ctx, t: int, model: str) -> None:
                 rows.append({"round": t, "model": model, "example": k, "gold_score": gold, "score": text_score,
                              "reason": v.parsed.reason, "raw": v.raw})
                 k += 1
-        metrics = {f"eft_{name}": value for name, value in quality_metrics(groups, scores, results).items()
-                   if not (isinstance(value, float) and math.isnan(value))}
+        metrics = {f"eft_{name}": value for name, value in finite(quality_metrics(groups, scores, results)).items()}
         commit.insert_all("eft_eval", rows)
         commit.insert_all("metrics", [{"round": t, "model": model, "name": name, "value": value}
                                       for name, value in metrics.items()])

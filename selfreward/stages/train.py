@@ -7,6 +7,7 @@ comes back as rows for the `training_steps` table.
 
 from __future__ import annotations
 
+import gc
 import shutil
 import tempfile
 from pathlib import Path
@@ -82,11 +83,15 @@ def _load_for_training(base_path: str, cfg):
     return model
 
 
-def _finish(trainer, base_path: str, out: Path) -> Path:
-    """Save the adapter beside the merged weights: out/adapter and out/ (merged)."""
+def _train_and_merge(trainer, base_path: str, out: Path) -> Path:
+    """Train, keep the adapter, free the trainer, then merge into a freshly loaded base:
+    out/ (merged weights) and out/adapter. Callers pass the trainer without keeping a
+    name for it, so the training copy of the model is gone before the merge copy loads."""
+    _quiet(trainer).train()
     tmp = Path(tempfile.mkdtemp(prefix="selfreward-adapter-"))
     trainer.model.save_pretrained(tmp)
     del trainer
+    gc.collect()
     merge_adapter(base_path, tmp, out)
     adapter = out / "adapter"
     shutil.rmtree(adapter, ignore_errors=True)
@@ -112,11 +117,10 @@ def sft(base_path: str, ift: list[dict], eft: list[tuple[str, str]], cfg, out: P
         args = SFTConfig(**_common_args(cfg, tmp, cfg.sft_learning_rate, cfg.sft_learning_rate_end,
                                         cfg.sft_batch_size, cfg.sft_epochs),
                          completion_only_loss=True, dataset_num_proc=None)
-        trainer = SFTTrainer(model=_load_for_training(base_path, cfg), args=args,
-                             train_dataset=Dataset.from_list(rows), processing_class=load_tokenizer(base_path),
-                             peft_config=lora_config(cfg), callbacks=[logs])
-        _quiet(trainer).train()
-        adapter = _finish(trainer, base_path, out)
+        adapter = _train_and_merge(
+            SFTTrainer(model=_load_for_training(base_path, cfg), args=args, train_dataset=Dataset.from_list(rows),
+                       processing_class=load_tokenizer(base_path), peft_config=lora_config(cfg), callbacks=[logs]),
+            base_path, out)
     return logs.rows, adapter
 
 
@@ -134,14 +138,12 @@ def dpo(base_path: str, pairs: list[dict], cfg, out: Path, round: int):
         args = DPOConfig(**_common_args(cfg, tmp, cfg.dpo_learning_rate, cfg.dpo_learning_rate_end,
                                         cfg.dpo_batch_size, cfg.dpo_epochs),
                          beta=cfg.dpo_beta, loss_type=[cfg.dpo_loss_type], dataset_num_proc=None)
-        trainer = DPOTrainer(model=_load_for_training(base_path, cfg), ref_model=None, args=args,
-                             train_dataset=Dataset.from_list(rows), processing_class=load_tokenizer(base_path),
-                             peft_config=lora_config(cfg), callbacks=[logs])
-        _quiet(trainer).train()
-        adapter = _finish(trainer, base_path, out)
+        adapter = _train_and_merge(
+            DPOTrainer(model=_load_for_training(base_path, cfg), ref_model=None, args=args,
+                       train_dataset=Dataset.from_list(rows), processing_class=load_tokenizer(base_path),
+                       peft_config=lora_config(cfg), callbacks=[logs]),
+            base_path, out)
     return logs.rows, adapter
-
-
 
 
 # --- stages ---
