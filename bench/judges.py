@@ -31,12 +31,12 @@ sys.path.insert(0, str(ROOT))
 
 from selfreward.config import SEED_DIR  # noqa: E402
 from selfreward.data import read_eft  # noqa: E402
-from selfreward.engines import Sampling  # noqa: E402
-from selfreward.engines.hf import TransformersEngine  # noqa: E402
-from selfreward.judges import Group  # noqa: E402
-from selfreward.judges.api import ApiBackend  # noqa: E402
-from selfreward.judges.llm import EngineBackend, LLMJudge  # noqa: E402
-from selfreward.models import resolve_source  # noqa: E402
+from selfreward.backends.engines import Sampling  # noqa: E402
+from selfreward.backends.engines.hf import TransformersEngine  # noqa: E402
+from selfreward.backends.judges import Group  # noqa: E402
+from selfreward.backends.judges.api import ApiBackend  # noqa: E402
+from selfreward.backends.judges.llm import EngineBackend, LLMJudge  # noqa: E402
+from selfreward.backends.models import resolve_source  # noqa: E402
 
 
 def timed(judge, groups, samples=1) -> tuple[float, int]:
@@ -85,7 +85,7 @@ def pairrm_folder(base: str, out: Path) -> Path:
     from safetensors.torch import save_file
     from transformers import AutoTokenizer, DebertaV2Config
 
-    from selfreward.judges.pairrm import PREFIXES, build_module
+    from selfreward.backends.judges.pairrm import PREFIXES, build_module
 
     tok = AutoTokenizer.from_pretrained(base)
     tok.add_special_tokens({"additional_special_tokens": list(PREFIXES.values())})
@@ -136,8 +136,8 @@ def main():
         record(f"api, loopback stub 50 ms, concurrency {concurrency}", *timed(LLMJudge(backend), groups * 4))
     server.shutdown()
 
-    from selfreward.judges.pairrm import PairRMJudge
-    from selfreward.judges.reward_model import RewardModelJudge
+    from selfreward.backends.judges.pairrm import PairRMJudge
+    from selfreward.backends.judges.reward_model import RewardModelJudge
 
     with tempfile.TemporaryDirectory() as tmp:
         rm = reward_model_folder(path, Path(tmp) / "rm")

@@ -121,9 +121,9 @@ def iterate(name, runs_dir, rounds, model, ift, eft, eft_eval, preset, config_fi
     if help_config:
         click.echo(help_text())
         return
-    from selfreward.context import Context
-    from selfreward.loop import iterate as run_loop
-    from selfreward.store import Run
+    from selfreward.core.context import Context
+    from selfreward.core.loop import iterate as run_loop
+    from selfreward.core.store import Run
 
     flags = {"model": model, "ift": ift, "eft": eft, "eft_eval": eft_eval, "preset": preset, "engine": engine,
              "judge": judge, "judge_mode": judge_mode, "judge_model": judge_model, "judge_api_base": judge_api_base,
@@ -149,7 +149,7 @@ def iterate(name, runs_dir, rounds, model, ift, eft, eft_eval, preset, config_fi
         done = run_loop(Context(run, cfg, checkpoint=True), rounds)
     if not done:
         click.echo(f"nothing to do: {path} already has M{rounds} (rounds 1..{rounds} finished)")
-    from selfreward.report import COLUMNS, round_summary, table
+    from selfreward.inspection.report import COLUMNS, round_summary, table
 
     click.echo(table(round_summary(run), COLUMNS))
 
@@ -181,8 +181,8 @@ def _check_same_config(run, asked: dict) -> None:
 def _check_inputs(cfg) -> None:
     """Fail before the run folder exists: bad data or model never leave a half-made run."""
     from selfreward.data import read_eft, read_ift
-    from selfreward.engines import ENGINES
-    from selfreward.models import resolve_source
+    from selfreward.backends.engines import ENGINES
+    from selfreward.backends.models import resolve_source
     from selfreward.prompts import load_template
 
     if cfg.engine not in ENGINES:
@@ -199,7 +199,7 @@ def _check_inputs(cfg) -> None:
 
 def check_judge(cfg) -> None:
     """Judge settings that can be checked without loading a model."""
-    from selfreward.judges import JUDGES, MODES, build_judge
+    from selfreward.backends.judges import JUDGES, MODES, build_judge
     from selfreward.prompts import load_template
 
     if cfg.judge not in JUDGES:
@@ -229,8 +229,8 @@ def status(run, runs_dir, by_stage, as_json):
         selfreward status runs/demo --stages
         selfreward status demo --json | jq '.rounds[].pairs_kept'
     """
-    from selfreward.report import COLUMNS, round_summary, stage_summary, table
-    from selfreward.store import Run
+    from selfreward.inspection.report import COLUMNS, round_summary, stage_summary, table
+    from selfreward.core.store import Run
 
     r = Run.open(_run_path(run, runs_dir))
     rounds, stages = round_summary(r), stage_summary(r)
@@ -263,8 +263,8 @@ def show(run, prompt_id, pair_id, runs_dir):
         selfreward show demo 12
         selfreward show demo --pair 3
     """
-    from selfreward.report import show_pair, show_prompt
-    from selfreward.store import Run
+    from selfreward.inspection.report import show_pair, show_prompt
+    from selfreward.core.store import Run
 
     r = Run.open(_run_path(run, runs_dir))
     click.echo(show_pair(r, pair_id) if pair_id is not None else show_prompt(r, prompt_id), nl=False)
@@ -329,8 +329,8 @@ def eval_judge_cmd(run, models, dataset, limit, samples, verbosity, as_json, run
         selfreward eval judge demo --judge api --judge-api-base http://127.0.0.1:8000/v1 --judge-api-model qwen
         selfreward eval judge demo --judge pairrm --judge-model ./PairRM-hf --data oasst/eft_eval.jsonl
     """
-    from selfreward.evals import eval_judge
-    from selfreward.store import Run
+    from selfreward.inspection.evals import eval_judge
+    from selfreward.core.store import Run
 
     r = Run.open(_run_path(run, runs_dir))
     overrides = _judge_overrides(judge_kw)
@@ -343,7 +343,7 @@ def eval_judge_cmd(run, models, dataset, limit, samples, verbosity, as_json, run
     if as_json:
         click.echo(json.dumps(rows, indent=2))
         return
-    from selfreward.report import EVAL_COLUMNS, table
+    from selfreward.inspection.report import EVAL_COLUMNS, table
 
     click.echo(table(rows, EVAL_COLUMNS))
 
@@ -368,8 +368,8 @@ def head2head_cmd(run, model_a, model_b, prompts, limit, as_json, runs_dir, **ju
         selfreward eval head2head demo --a M0 --b M3 --judge pairrm --judge-model ./PairRM-hf
     """
     from selfreward.config import SEED_DIR
-    from selfreward.evals import head2head
-    from selfreward.store import Run
+    from selfreward.inspection.evals import head2head
+    from selfreward.core.store import Run
 
     r = Run.open(_run_path(run, runs_dir))
     overrides = _judge_overrides(judge_kw)
@@ -381,7 +381,7 @@ def head2head_cmd(run, model_a, model_b, prompts, limit, as_json, runs_dir, **ju
     if as_json:
         click.echo(json.dumps(result, indent=2))
         return
-    from selfreward.report import H2H_COLUMNS, table
+    from selfreward.inspection.report import H2H_COLUMNS, table
 
     click.echo(table([result], H2H_COLUMNS))
 
@@ -448,9 +448,9 @@ def make_eft_cmd(ranked, out, model, samples, max_share, limit, runs_dir, **judg
         selfreward data make-eft ranked.jsonl --out eft.jsonl --judge api --judge-api-base http://127.0.0.1:8000/v1 --judge-api-model qwen
     """
     from selfreward.config import resolve
-    from selfreward.engines import make_engine
-    from selfreward.judges import build_judge
-    from selfreward.models import resolve_source
+    from selfreward.backends.engines import make_engine
+    from selfreward.backends.judges import build_judge
+    from selfreward.backends.models import resolve_source
     from selfreward.oasst import make_eft, write_eft
 
     cfg = resolve({}, _judge_overrides(judge_kw))
@@ -490,8 +490,8 @@ def verify(run, runs_dir):
     Example:
         selfreward verify demo
     """
-    from selfreward.audit import verify as verify_run
-    from selfreward.store import Run
+    from selfreward.inspection.audit import verify as verify_run
+    from selfreward.core.store import Run
 
     r = Run.open(_run_path(run, runs_dir))
     problems = verify_run(r)
@@ -525,8 +525,8 @@ def rationales_cmd(run, round_, min_score, max_score, spread, failures, margin, 
         selfreward rationales demo --search "incorrect OR wrong" --format csv > wrong.csv
         selfreward rationales demo --min-score 5 --margin 3
     """
-    from selfreward.audit import rationales, render
-    from selfreward.store import Run
+    from selfreward.inspection.audit import rationales, render
+    from selfreward.core.store import Run
 
     rows = rationales(Run.open(_run_path(run, runs_dir)), round=round_, min_score=min_score, max_score=max_score,
                       min_spread=spread, failures=failures, min_margin=margin, search=search, limit=limit)
@@ -549,8 +549,8 @@ def browse(run, host, port, runs_dir):
         selfreward browse demo
         selfreward browse demo --port 8765
     """
-    from selfreward.browse import serve
-    from selfreward.store import Run
+    from selfreward.inspection.browse import serve
+    from selfreward.core.store import Run
 
     serve(Run.open(_run_path(run, runs_dir)), host, port)
 
@@ -570,8 +570,8 @@ def report(run, out_dir, runs_dir):
         selfreward report demo
         selfreward report demo --out /tmp/demo-report
     """
-    from selfreward.htmlreport import build_report
-    from selfreward.store import Run
+    from selfreward.inspection.htmlreport import build_report
+    from selfreward.core.store import Run
 
     r = Run.open(_run_path(run, runs_dir))
     click.echo(f"wrote {build_report(r, Path(out_dir) if out_dir else r.path / 'report')}")
@@ -596,8 +596,8 @@ def export(run, round_, out, fmt, runs_dir):
         selfreward export demo --round 2 --format datasets --out pairs_ds
         selfreward export demo --round 2 --format label-studio --out ls_round2
     """
-    from selfreward.export import export_label_studio, export_pairs
-    from selfreward.store import Run
+    from selfreward.inspection.export import export_label_studio, export_pairs
+    from selfreward.core.store import Run
 
     r = Run.open(_run_path(run, runs_dir))
     if fmt == "label-studio":
@@ -620,8 +620,8 @@ def import_labels_cmd(run, export_file, runs_dir):
     Example:
         selfreward import-labels demo ls_export.json
     """
-    from selfreward.export import import_labels
-    from selfreward.store import Run
+    from selfreward.inspection.export import import_labels
+    from selfreward.core.store import Run
 
     counts = import_labels(Run.open(_run_path(run, runs_dir)), export_file)
     click.echo(", ".join(f"{k} {v}" for k, v in counts.items()))

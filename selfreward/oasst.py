@@ -2,7 +2,7 @@
 
 IFT is each first-turn prompt with its human rank-0 reply. The ranked EFT eval
 set is each first-turn prompt with >= 2 ranked replies, in the format that
-`stages.evaluate.load_eval_set` reads. EFT training targets (justification +
+`inspection.metrics.load_eval_set` reads. EFT training targets (justification +
 score) come from `make_eft`: a judge scores the ranked replies and a prompt's
 rows are kept only where its order agrees with the humans', then the dominant
 score is downsampled (Yuan et al. 2024, section 3).
@@ -30,7 +30,7 @@ from typing import Iterable, Iterator
 
 from selfreward.data import EFT_FIELDS, IFT_FIELDS, iter_jsonl
 from selfreward.errors import SelfRewardError
-from selfreward.judges.base import Group
+from selfreward.backends.judges.base import Group
 
 FLAT_REQUIRED = ("message_id", "parent_id", "role", "text")
 FILTER_KEYS = ("prompt_deleted", "prompt_review", "prompt_lang", "prompt_empty",

@@ -92,7 +92,7 @@ def judged_run(tmp_path, tiny_model, seed_files, judge_script):
     from click.testing import CliRunner
 
     from selfreward.cli import cli
-    from selfreward.store import Run
+    from selfreward.core.store import Run
 
     args = ["iterate", "--runs-dir", str(tmp_path / "runs"), "--name", "b", "--model", str(tiny_model),
             "--ift", str(seed_files["ift"]), "--eft", str(seed_files["eft"]), "--eft-eval", str(seed_files["eft"]),

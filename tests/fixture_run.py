@@ -11,8 +11,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from selfreward.config import resolve
-from selfreward.stages.pairs import build_pairs
-from selfreward.store import Run
+from selfreward.core.stages.pairs import build_pairs
+from selfreward.core.store import Run
 
 STAMP = "2025-01-01T00:00:00+00:00"
 # Per prompt, per candidate: the judge samples' scores (None = did not parse).

@@ -13,11 +13,11 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from selfreward.engines import Sampling
+from selfreward.backends.engines import Sampling
 from selfreward.errors import SelfRewardError
-from selfreward.judges import Group
-from selfreward.judges.api import ApiBackend
-from selfreward.judges.llm import LLMJudge
+from selfreward.backends.judges import Group
+from selfreward.backends.judges.api import ApiBackend
+from selfreward.backends.judges.llm import LLMJudge
 
 
 class ScriptedServer:

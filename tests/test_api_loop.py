@@ -7,7 +7,7 @@ from click.testing import CliRunner
 from test_api_judge import ScriptedServer
 
 from selfreward.cli import cli
-from selfreward.store import Run
+from selfreward.core.store import Run
 
 SECRET = "sk-test-do-not-store-4242"
 

@@ -8,7 +8,7 @@ import urllib.request
 
 import pytest
 
-from selfreward.browse import QUERIES, command, write_metadata
+from selfreward.inspection.browse import QUERIES, command, write_metadata
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 

@@ -6,8 +6,8 @@ from click.testing import CliRunner
 from test_api_judge import ScriptedServer
 
 from selfreward.cli import cli
-from selfreward.engines.hf import TransformersEngine
-from selfreward.store import Run
+from selfreward.backends.engines.hf import TransformersEngine
+from selfreward.core.store import Run
 
 
 PROMPTS = ["Explain how tides work in two sentences", "List three uses of vinegar at home",
@@ -17,7 +17,7 @@ PROMPTS = ["Explain how tides work in two sentences", "List three uses of vinega
 @pytest.fixture(autouse=True)
 def fixed_prompts(monkeypatch):
     # Self-instruction is tested on its own; here the round's prompts are fixed so the chunk counts are known.
-    from selfreward.stages import self_instruct
+    from selfreward.core.stages import self_instruct
 
     monkeypatch.setattr(self_instruct, "self_instruct",
                         lambda engine, template, ift, generated, want, sampling, cfg: (PROMPTS, {"kept": 4}))

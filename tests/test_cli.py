@@ -34,7 +34,7 @@ def test_iterate_two_rounds_fills_the_store(two_rounds):
     # Stored relative to the run folder, so the run can be moved or used from any directory.
     stored = {m["name"]: m["path"] for m in db["models"].rows}
     assert stored["M1"] == "models/M1" and stored["M2"].startswith("models/")
-    from selfreward.store import Run
+    from selfreward.core.store import Run
 
     assert Run.open(path).model("M1")["path"] == str((path / "models" / "M1").resolve())
 
@@ -78,7 +78,7 @@ def test_rerun_says_nothing_to_do_and_adds_nothing(two_rounds, tmp_path, tiny_mo
 
 
 def test_resume_after_a_crash_repeats_nothing(tmp_path, tiny_model, seed_files, judge_script, monkeypatch):
-    from selfreward.stages import pairs
+    from selfreward.core.stages import pairs
 
     def crash(ctx, t):
         raise KeyboardInterrupt  # as if the user pressed Ctrl-C during pair building

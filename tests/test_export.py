@@ -5,7 +5,7 @@ from fixture_run import build_fixture_run, kept_pairs
 
 from selfreward import __version__
 from selfreward.errors import SelfRewardError
-from selfreward.export import LABELING_CONFIG, export_label_studio, export_pairs, import_labels
+from selfreward.inspection.export import LABELING_CONFIG, export_label_studio, export_pairs, import_labels
 
 TRL_COLUMNS = {"prompt", "chosen", "rejected", "chosen_score", "rejected_score", "pair_id", "prompt_id", "chosen_id",
                "rejected_id", "chosen_judgment_ids", "rejected_judgment_ids", "round"}

@@ -10,8 +10,8 @@ pytestmark = [pytest.mark.gpu,
 
 def test_vllm_engine_generates(tiny_model):
     pytest.importorskip("vllm", reason="the gpu extra is not installed: pip install -e '.[gpu]'")
-    from selfreward.engines import Sampling
-    from selfreward.engines.vllm import VLLMEngine
+    from selfreward.backends.engines import Sampling
+    from selfreward.backends.engines.vllm import VLLMEngine
 
     outs = VLLMEngine(str(tiny_model)).generate([[{"role": "user", "content": "hi"}], "1. a\n2."], 2,
                                                  Sampling(0.7, 0.9, 8, 0))
@@ -22,8 +22,8 @@ def test_vllm_engine_generates(tiny_model):
 def test_qlora_dpo_merges_into_16bit(tiny_model, tmp_path):
     pytest.importorskip("bitsandbytes", reason="the gpu extra is not installed: pip install -e '.[gpu]'")
     from selfreward.config import resolve
-    from selfreward.models import load_model
-    from selfreward.stages.train import dpo
+    from selfreward.backends.models import load_model
+    from selfreward.core.stages.train import dpo
 
     cfg = resolve({}, {"preset": "tiny", "load_in_4bit": "yes"})
     pairs = [{"prompt": "say hi", "chosen": "hi there", "rejected": "bad"}] * 2

@@ -4,8 +4,8 @@ import pytest
 from fixture_run import EVAL_DATASET, build_fixture_run
 
 from selfreward.config import resolve
-from selfreward.htmlreport import build_report
-from selfreward.store import Run
+from selfreward.inspection.htmlreport import build_report
+from selfreward.core.store import Run
 
 
 @pytest.fixture

@@ -10,11 +10,11 @@ import pytest
 
 from selfreward.data import read_eft, read_ift
 from selfreward.errors import SelfRewardError
-from selfreward.judges.scripted import ScriptedJudge
+from selfreward.backends.judges.scripted import ScriptedJudge
 from selfreward.oasst import (downsample, filter_records, import_oasst, justification, make_eft, read_oasst,
                               to_eft_eval, to_ift, write_eft)
 from selfreward.prompts import load_template
-from selfreward.stages.evaluate import load_eval_set
+from selfreward.inspection.metrics import load_eval_set
 
 
 def msg(mid, text, role, lang="en", rank=None, replies=(), deleted=False, review=True):

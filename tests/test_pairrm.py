@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from selfreward.errors import SelfRewardError
-from selfreward.judges import Group
-from selfreward.judges.pairrm import (PREFIXES, PairRMJudge, build_module, encode_pair, load_pairrm,
+from selfreward.backends.judges import Group
+from selfreward.backends.judges.pairrm import (PREFIXES, PairRMJudge, build_module, encode_pair, load_pairrm,
                                       margin_scores, outcome, pair_logits)
 
 WORDS = "the a water plant city music code data small large fast slow good bad answer question explain".split()

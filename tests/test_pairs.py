@@ -1,4 +1,4 @@
-from selfreward.stages.pairs import build_pairs
+from selfreward.core.stages.pairs import build_pairs
 
 
 def cands(prompt_id, texts, start=0):

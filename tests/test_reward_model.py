@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from selfreward.errors import SelfRewardError
-from selfreward.judges import Group
-from selfreward.judges.reward_model import RewardModelJudge, encode, load_reward_model
+from selfreward.backends.judges import Group
+from selfreward.backends.judges.reward_model import RewardModelJudge, encode, load_reward_model
 
 GROUPS = [Group("explain how a plant works", ["the plant uses water and energy", "bad", "a small list of data"]),
           Group("write code", ["the code is fast", "why"])]

@@ -1,4 +1,4 @@
-from selfreward.stages.self_instruct import _tokens, parse_instruction, reject_reason, rouge_l
+from selfreward.core.stages.self_instruct import _tokens, parse_instruction, reject_reason, rouge_l
 
 
 def test_rouge_l():

@@ -2,7 +2,7 @@ import pytest
 
 from selfreward.config import resolve
 from selfreward.errors import SelfRewardError
-from selfreward.store import Run
+from selfreward.core.store import Run
 
 
 @pytest.fixture

@@ -15,7 +15,7 @@ from pathlib import Path
 from transformers import TrainerCallback
 from transformers.trainer_callback import ProgressCallback
 
-from selfreward.models import load_model, load_tokenizer, merge_adapter, use_4bit
+from selfreward.backends.models import load_model, load_tokenizer, merge_adapter, use_4bit
 
 LOG_KEYS = {"loss": "loss", "learning_rate": "learning_rate", "grad_norm": "grad_norm",
             "rewards/margins": "rewards_margin", "rewards/accuracies": "rewards_accuracy",
@@ -201,8 +201,8 @@ def run_dpo(ctx, t: int) -> None:
 
 
 def _model_row(run, name, t, kind, parent, path: Path, adapter, note) -> dict:
-    from selfreward.models import weights_sha
-    from selfreward.store import now
+    from selfreward.backends.models import weights_sha
+    from selfreward.core.store import now
 
     return {"name": name, "round": t, "kind": kind, "parent": parent, "path": run.relative(path),
             "adapter_path": run.relative(adapter) if adapter else None, "note": note, "created_at": now(),

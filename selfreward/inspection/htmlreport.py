@@ -13,8 +13,8 @@ import os
 from collections import defaultdict
 from pathlib import Path
 
-from selfreward.report import COLUMNS, EVAL_COLUMNS, fmt, round_summary
-from selfreward.store import Run, now
+from selfreward.inspection.report import COLUMNS, EVAL_COLUMNS, fmt, round_summary
+from selfreward.core.store import Run, now
 
 NO_DATA = "no data yet"
 # Judge-quality metrics on a 0..1 scale, so they share one axis; counts and MAE go in the table only.

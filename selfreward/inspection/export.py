@@ -17,7 +17,7 @@ from pathlib import Path
 
 from selfreward import __version__
 from selfreward.errors import SelfRewardError
-from selfreward.store import Run, now
+from selfreward.core.store import Run, now
 
 FORMATS = ("jsonl", "parquet", "datasets")
 LABELING_CONFIG = """<View>

@@ -11,8 +11,8 @@ from pathlib import Path
 
 from selfreward.config import PROMPTS_DIR
 from selfreward.prompts import load_template
-from selfreward.stages.pairs import build_pairs
-from selfreward.store import Run
+from selfreward.core.stages.pairs import build_pairs
+from selfreward.core.store import Run
 
 
 def _templates_by_sha() -> dict:
@@ -131,7 +131,7 @@ def render(rows: list[dict], fmt: str, width: int = 60) -> str:
         writer.writeheader()
         writer.writerows(rows)
         return buf.getvalue()
-    from selfreward.report import table
+    from selfreward.inspection.report import table
 
     def cut(text):
         text = " ".join((text or "").split())

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import zlib
 
-from selfreward.checkpoint import Checkpoint, CheckpointedEngine
+from selfreward.core.checkpoint import Checkpoint, CheckpointedEngine
 from selfreward.config import Config
-from selfreward.engines import Engine, make_engine
-from selfreward.judges import Judge, build_judge
+from selfreward.backends.engines import Engine, make_engine
+from selfreward.backends.judges import Judge, build_judge
 from selfreward.prompts import Template, load_template
-from selfreward.store import Run
+from selfreward.core.store import Run
 
 
 class Context:
@@ -49,7 +49,7 @@ class Context:
         from pathlib import Path
 
         from selfreward import __version__
-        from selfreward.models import weights_sha
+        from selfreward.backends.models import weights_sha
 
         cfg, sha = self.cfg, None
         if cfg.judge == "self":

@@ -9,8 +9,8 @@ response) as two segments (cross-encoders). The score is the single logit of a
 from __future__ import annotations
 
 from selfreward.errors import SelfRewardError
-from selfreward.judges.base import Group, LocalModelJudge, PointwiseJudge, Verdict
-from selfreward.models import device, resolve_source
+from selfreward.backends.judges.base import Group, LocalModelJudge, PointwiseJudge, Verdict
+from selfreward.backends.models import device, resolve_source
 from selfreward.prompts import Parsed
 
 POSITIVE_NAMES = ("positive", "pos", "label_1")

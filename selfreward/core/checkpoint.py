@@ -13,7 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 
-from selfreward.engines import Completion, Engine, Prompt, Sampling
+from selfreward.backends.engines import Completion, Engine, Prompt, Sampling
 
 TABLE = "generation_checkpoint"
 

@@ -10,7 +10,7 @@ import tempfile
 from pathlib import Path
 
 from selfreward.errors import SelfRewardError
-from selfreward.store import Run
+from selfreward.core.store import Run
 
 TABLES = {
     "config": ("The run's resolved configuration (secrets are never stored).",

@@ -7,9 +7,9 @@ import random
 import re
 
 from selfreward.data import read_ift
-from selfreward.engines import Engine, Sampling
+from selfreward.backends.engines import Engine, Sampling
 from selfreward.prompts import Template
-from selfreward.store import now
+from selfreward.core.store import now
 
 # Tasks a text-only model cannot do, after Self-Instruct's keyword filter.
 BLACKLIST = ("image", "images", "graph", "graphs", "picture", "pictures", "file", "files", "map", "maps",

@@ -15,7 +15,7 @@ import sys
 import tempfile
 from dataclasses import asdict
 
-from selfreward.engines import Completion, Prompt, Sampling
+from selfreward.backends.engines import Completion, Prompt, Sampling
 from selfreward.errors import SelfRewardError
 
 
@@ -29,7 +29,7 @@ class VLLMEngine:
             with open(job, "w") as fh:
                 json.dump({"model": self.model_path, "prompts": prompts, "n": n, "sampling": asdict(sampling),
                            "desc": desc}, fh)
-            proc = subprocess.run([sys.executable, "-m", "selfreward.engines.vllm", job, result])
+            proc = subprocess.run([sys.executable, "-m", "selfreward.backends.engines.vllm", job, result])
             if proc.returncode != 0:
                 raise SelfRewardError(f"vllm worker failed (exit {proc.returncode}); see its output above")
             with open(result) as fh:

@@ -9,12 +9,12 @@ import math
 import time
 import uuid
 
-from selfreward.context import Context
+from selfreward.core.context import Context
 from selfreward.data import read_ift
-from selfreward.engines import Sampling
-from selfreward.judges import Group
-from selfreward.stages.evaluate import finite, judge_scores, load_eval_set, quality_metrics, verbosity_probe
-from selfreward.store import Run, now
+from selfreward.backends.engines import Sampling
+from selfreward.backends.judges import Group
+from selfreward.inspection.metrics import finite, judge_scores, load_eval_set, quality_metrics, verbosity_probe
+from selfreward.core.store import Run, now
 
 
 def _store(run: Run, kind: str, judge: str, model: str, dataset: str, metrics: dict,

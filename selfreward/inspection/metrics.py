@@ -1,5 +1,5 @@
-"""Judge quality against human rankings (the paper's Table 4), and the per-round
-check of each new model as a judge on the held-out EFT split.
+"""Judge quality against human rankings (the paper's Table 4): the metrics that
+`eval judge` reports and that each round's eval stage stores.
 
 An evaluation set is a list of EvalGroups: one instruction, its responses, and
 a human preference for each (higher = better). It comes from a flat EFT file
@@ -17,7 +17,7 @@ from pathlib import Path
 
 from selfreward.data import iter_jsonl, read_eft
 from selfreward.errors import SelfRewardError
-from selfreward.judges import Group
+from selfreward.backends.judges import Group
 
 # Neutral sentences that add length and no information: the verbosity probe pads with them.
 FILLER = ("\n\nTo expand on this a little further, it is worth keeping in mind that questions like this one "
@@ -156,31 +156,3 @@ def verbosity_probe(judge, groups: list[EvalGroup], seed: int, limit: int = 8) -
     return {"verbosity_n": len(both),
             "verbosity_padded_wins": sum(b > a for a, b in both) / len(both),
             "verbosity_score_delta": sum(b - a for a, b in both) / len(both)}
-
-
-# --- the per-round stage ---
-
-def run(ctx, t: int, model: str) -> None:
-    """Judge the held-out EFT split with `model` as the judge (for the self judge)."""
-    stage = f"eval_{model}"
-    cfg = ctx.cfg
-    if not cfg.eft_eval or ctx.run.stage_done(t, stage):
-        return
-    examples = read_eft(cfg.eft_eval)
-    if cfg.eval_eft_size:
-        examples = examples[: cfg.eval_eft_size]
-    groups = groups_from_eft(examples)
-    with ctx.run.stage(t, stage) as commit:
-        scores, results = judge_scores(ctx.judge(model), groups, ctx.seed(t, stage))
-        rows, k = [], 0
-        for g, s, result in zip(groups, scores, results):
-            for text_score, gold, verdicts in zip(s, g.gold_scores, result.verdicts):
-                v = verdicts[0]
-                rows.append({"round": t, "model": model, "example": k, "gold_score": gold, "score": text_score,
-                             "reason": v.parsed.reason, "raw": v.raw})
-                k += 1
-        metrics = {f"eft_{name}": value for name, value in finite(quality_metrics(groups, scores, results)).items()}
-        commit.insert_all("eft_eval", rows)
-        commit.insert_all("metrics", [{"round": t, "model": model, "name": name, "value": value}
-                                      for name, value in metrics.items()])
-        commit.detail = metrics

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from selfreward.engines import Sampling
+from selfreward.backends.engines import Sampling
 
 
 def run(ctx, t: int) -> None:

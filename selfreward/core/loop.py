@@ -5,10 +5,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from selfreward.context import Context
-from selfreward.models import resolve_source, weights_sha
-from selfreward.stages import candidates, evaluate, judging, pairs, self_instruct, train
-from selfreward.store import now
+from selfreward.core.context import Context
+from selfreward.backends.models import resolve_source, weights_sha
+from selfreward.core.stages import candidates, evaluate, judging, pairs, self_instruct, train
+from selfreward.core.store import now
 
 
 def iterate(ctx: Context, rounds: int) -> list[int]:

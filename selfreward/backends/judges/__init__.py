@@ -13,10 +13,10 @@ from __future__ import annotations
 
 from typing import Callable
 
-from selfreward.engines import Engine, Sampling
+from selfreward.backends.engines import Engine, Sampling
 from selfreward.errors import SelfRewardError
-from selfreward.judges.base import Comparison, Group, GroupResult, Judge, PointwiseJudge, Verdict
-from selfreward.judges.llm import MODES, EngineBackend, LLMJudge
+from selfreward.backends.judges.base import Comparison, Group, GroupResult, Judge, PointwiseJudge, Verdict
+from selfreward.backends.judges.llm import MODES, EngineBackend, LLMJudge
 
 JUDGES = ("self", "api", "pairrm", "reward-model", "scripted")
 DEFAULT_PAIRRM = "llm-blender/PairRM-hf"
@@ -32,24 +32,24 @@ def build_judge(cfg, engine_for: Callable[[], Engine], label: str, checkpoint=No
     if cfg.judge == "self":
         return LLMJudge(EngineBackend(engine_for(), sampling, label), cfg.judge_mode)
     if cfg.judge == "api":
-        from selfreward.judges.api import ApiBackend
+        from selfreward.backends.judges.api import ApiBackend
 
         backend = ApiBackend(cfg.judge_api_base, cfg.judge_api_model, sampling, cfg.judge_api_key_env,
                              cfg.judge_api_concurrency, cfg.judge_api_timeout, cfg.judge_api_max_retries,
                              checkpoint=checkpoint)
         return LLMJudge(backend, cfg.judge_mode)
     if cfg.judge == "pairrm":
-        from selfreward.judges.pairrm import PairRMJudge
+        from selfreward.backends.judges.pairrm import PairRMJudge
 
         return PairRMJudge(cfg.judge_model or DEFAULT_PAIRRM)
     if cfg.judge == "reward-model":
-        from selfreward.judges.reward_model import RewardModelJudge
+        from selfreward.backends.judges.reward_model import RewardModelJudge
 
         if not cfg.judge_model:
             raise SelfRewardError("judge 'reward-model' needs judge_model: a sequence-classification model")
         return RewardModelJudge(cfg.judge_model)
     if cfg.judge == "scripted":
-        from selfreward.judges.scripted import ScriptedJudge
+        from selfreward.backends.judges.scripted import ScriptedJudge
         from selfreward.prompts import load_template
 
         return ScriptedJudge.from_file(cfg.judge_script, load_template(MODES[cfg.judge_mode]))

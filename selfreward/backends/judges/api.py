@@ -16,7 +16,7 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from tqdm.auto import tqdm
 
 from selfreward.errors import SelfRewardError
-from selfreward.judges.llm import Output
+from selfreward.backends.judges.llm import Output
 
 RETRYABLE_STATUS = {408, 409, 429, 500, 502, 503, 504}
 

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 from selfreward.errors import SelfRewardError
-from selfreward.judges.base import PointwiseJudge, Verdict
+from selfreward.backends.judges.base import PointwiseJudge, Verdict
 from selfreward.prompts import Template
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import textwrap
 
 from selfreward.errors import SelfRewardError
-from selfreward.store import Run
+from selfreward.core.store import Run
 
 
 def _one(run: Run, sql: str, params=()):

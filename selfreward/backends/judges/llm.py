@@ -13,9 +13,9 @@ from dataclasses import dataclass
 from itertools import combinations
 from typing import Protocol
 
-from selfreward.engines import Engine, Sampling
+from selfreward.backends.engines import Engine, Sampling
 from selfreward.errors import SelfRewardError
-from selfreward.judges.base import Comparison, Group, GroupResult, Verdict
+from selfreward.backends.judges.base import Comparison, Group, GroupResult, Verdict
 from selfreward.prompts import Parsed, Template, load_template
 
 MODES = {"additive": "additive_judge", "reference": "reference_judge", "pairwise": "pairwise_judge"}

@@ -44,11 +44,11 @@ class Engine(Protocol):
 def make_engine(name: str, model_path: str, batch_size: int) -> Engine:
     # Imports stay inside: the vllm engine must not import vllm on machines without it.
     if name == "transformers":
-        from selfreward.engines.hf import TransformersEngine
+        from selfreward.backends.engines.hf import TransformersEngine
 
         return TransformersEngine(model_path, batch_size)
     if name == "vllm":
-        from selfreward.engines.vllm import VLLMEngine
+        from selfreward.backends.engines.vllm import VLLMEngine
 
         return VLLMEngine(model_path)
     from selfreward.errors import SelfRewardError

@@ -7,8 +7,8 @@ import math
 import torch
 from tqdm.auto import tqdm
 
-from selfreward.engines import Completion, Prompt, Sampling
-from selfreward.models import load_model, load_tokenizer
+from selfreward.backends.engines import Completion, Prompt, Sampling
+from selfreward.backends.models import load_model, load_tokenizer
 
 
 class TransformersEngine:

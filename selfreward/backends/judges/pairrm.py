@@ -16,8 +16,8 @@ from itertools import combinations
 from pathlib import Path
 
 from selfreward.errors import SelfRewardError
-from selfreward.judges.base import Comparison, Group, GroupResult, LocalModelJudge, Verdict
-from selfreward.models import device, resolve_source
+from selfreward.backends.judges.base import Comparison, Group, GroupResult, LocalModelJudge, Verdict
+from selfreward.backends.models import device, resolve_source
 from selfreward.prompts import Parsed
 
 PREFIXES = {"source_prefix_id": "<|source|>", "cand1_prefix_id": "<|candidate1|>",

@@ -4,8 +4,8 @@ their both-order comparisons (table `comparisons`)."""
 
 from __future__ import annotations
 
-from selfreward.judges import Group
-from selfreward.store import now
+from selfreward.backends.judges import Group
+from selfreward.core.store import now
 
 
 def run(ctx, t: int) -> None:

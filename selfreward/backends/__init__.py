@@ -1,0 +1,1 @@
+"""Backends: generation engines, judges, and model sources."""
