@@ -11,7 +11,9 @@ from pathlib import Path
 import click
 
 from selfreward import __version__
-from selfreward.config import FIELDS, coerce, help_text, load_toml, resolve
+from selfreward.backends.engines import ENGINES, POLICY_ENGINES
+from selfreward.backends.judges import JUDGES, MODES
+from selfreward.config import FIELDS, RENAMED, coerce, help_text, load_toml, resolve
 from selfreward.errors import SelfRewardError
 
 
@@ -64,6 +66,7 @@ def _parse_sets(values: tuple[str, ...]) -> dict:
         if not sep:
             raise SelfRewardError(f"--set wants key=value, got '{item}'")
         key = key.strip().replace("-", "_")
+        key = RENAMED.get(key, key)
         kind = FIELDS[key].type if key in FIELDS else "str"
         value = raw if kind == "str" else _number(key, raw)
         out[key] = coerce(key, value)
@@ -87,20 +90,20 @@ def _number(key: str, raw: str):
 @click.option("--eft-eval", type=click.Path(), help="Held-out EFT JSONL for the parse-rate check ('' to skip).")
 @click.option("--preset", type=click.Choice(["auto", "demo", "tiny", "paper"]), help="Size preset.")
 @click.option("--config", "config_file", type=click.Path(), help="TOML file of config keys.")
-@click.option("--engine", type=click.Choice(["transformers", "vllm"]), help="Generation engine.")
-@click.option("--judge", type=click.Choice(["self", "api", "pairrm", "reward-model", "scripted"]),
-              help="Judge backend.")
-@click.option("--judge-mode", type=click.Choice(["additive", "pairwise", "reference"]),
-              help="LLM judge mode (self, api).")
+@click.option("--engine", type=click.Choice(["auto", *POLICY_ENGINES]),
+              help="Policy engine: vllm (a long-lived server per model) or transformers (in-process).")
+@click.option("--judge", type=click.Choice(list(JUDGES)), help="Judge backend.")
+@click.option("--judge-mode", type=click.Choice(list(MODES)), help="LLM judge mode (self, api).")
 @click.option("--judge-model", help="Model for --judge pairrm / reward-model (hub id or folder).")
-@click.option("--judge-api-base", help="OpenAI-compatible base URL for --judge api; key from $OPENAI_API_KEY.")
-@click.option("--judge-api-model", help="Model name for --judge api.")
+@click.option("--api-base", "--judge-api-base", "api_base",
+              help="OpenAI-compatible base URL for --judge api; key from $OPENAI_API_KEY (see api_key_env).")
+@click.option("--api-model", "--judge-api-model", "api_model", help="Model name at the server, for --judge api.")
 @click.option("--judge-script", type=click.Path(), help="JSON list of raw outputs for --judge scripted.")
 @click.option("--seed", type=int, help="Random seed.")
 @click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="Any config key (repeatable).")
 @click.option("--help-config", is_flag=True, help="List every config key with its default and exit.")
 def iterate(name, runs_dir, rounds, model, ift, eft, eft_eval, preset, config_file, engine, judge, judge_mode,
-            judge_model, judge_api_base, judge_api_model, judge_script, seed, sets, help_config):
+            judge_model, api_base, api_model, judge_script, seed, sets, help_config):
     """Run the loop until the run has M_<rounds>; resume it if it stopped.
 
     Round 1 trains M1 = SFT(M0) on the seed IFT+EFT data. Each later round t
@@ -126,8 +129,8 @@ def iterate(name, runs_dir, rounds, model, ift, eft, eft_eval, preset, config_fi
     from selfreward.core.store import Run
 
     flags = {"model": model, "ift": ift, "eft": eft, "eft_eval": eft_eval, "preset": preset, "engine": engine,
-             "judge": judge, "judge_mode": judge_mode, "judge_model": judge_model, "judge_api_base": judge_api_base,
-             "judge_api_model": judge_api_model, "judge_script": judge_script, "seed": seed}
+             "judge": judge, "judge_mode": judge_mode, "judge_model": judge_model, "api_base": api_base,
+             "api_model": api_model, "judge_script": judge_script, "seed": seed}
     cli_values = {k: coerce(k, v) for k, v in flags.items() if v is not None}
     cli_values.update(_parse_sets(sets))
     for key in ("ift", "eft", "eft_eval", "judge_script"):
@@ -146,7 +149,11 @@ def iterate(name, runs_dir, rounds, model, ift, eft, eft_eval, preset, config_fi
         click.echo(f"created run {path} (preset {cfg.preset}, model {cfg.model})")
     _quiet_libraries()
     with run.locked():
-        done = run_loop(Context(run, cfg, checkpoint=True), rounds)
+        ctx = Context(run, cfg, checkpoint=True)
+        try:
+            done = run_loop(ctx, rounds)
+        finally:
+            ctx.close()  # a vLLM server's process group ends on every way out
     if not done:
         click.echo(f"nothing to do: {path} already has M{rounds} (rounds 1..{rounds} finished)")
     from selfreward.inspection.report import COLUMNS, round_summary, table
@@ -156,8 +163,8 @@ def iterate(name, runs_dir, rounds, model, ift, eft, eft_eval, preset, config_fi
 
 # Where and how to reach the API judge may change between attempts (a server moved,
 # a rate limit tightened); what it is and how it samples may not.
-OPERATIONAL_KEYS = {"judge_api_base", "judge_api_key_env", "judge_api_concurrency", "judge_api_timeout",
-                    "judge_api_max_retries"}
+OPERATIONAL_KEYS = {"api_base", "api_key_env", "api_concurrency", "api_timeout", "api_max_retries",
+                    "vllm_start_timeout", "vllm_cpu_kvcache_gb", "vllm_cpu_threads", "vllm_gpu_memory_utilization"}
 
 
 def _check_same_config(run, asked: dict) -> None:
@@ -165,6 +172,8 @@ def _check_same_config(run, asked: dict) -> None:
     stored = run.config_values()
     operational = {k: asked.pop(k) for k in OPERATIONAL_KEYS & asked.keys()}
     preset = asked.pop("preset", None)
+    if asked.get("engine") == "auto":
+        asked.pop("engine")
     if preset not in (None, "auto", stored.get("preset")):
         raise SelfRewardError(f"run {run.path} uses preset {stored.get('preset')}, not {preset}; "
                               f"use a new --name for a different preset")
@@ -181,12 +190,9 @@ def _check_same_config(run, asked: dict) -> None:
 def _check_inputs(cfg) -> None:
     """Fail before the run folder exists: bad data or model never leave a half-made run."""
     from selfreward.data import read_eft, read_ift
-    from selfreward.backends.engines import ENGINES
     from selfreward.backends.models import resolve_source
     from selfreward.prompts import load_template
 
-    if cfg.engine not in ENGINES:
-        raise SelfRewardError(f"unknown engine '{cfg.engine}'; choose one of: {', '.join(ENGINES)}")
     read_ift(cfg.ift)
     read_eft(cfg.eft)
     if cfg.eft_eval:
@@ -199,7 +205,7 @@ def _check_inputs(cfg) -> None:
 
 def check_judge(cfg) -> None:
     """Judge settings that can be checked without loading a model."""
-    from selfreward.backends.judges import JUDGES, MODES, build_judge
+    from selfreward.backends.judges import build_judge
     from selfreward.prompts import load_template
 
     if cfg.judge not in JUDGES:
@@ -273,12 +279,12 @@ def show(run, prompt_id, pair_id, runs_dir):
 def judge_options(f):
     """The judge flags shared by the eval commands (they override the run's judge for this command only)."""
     options = [
-        click.option("--judge", type=click.Choice(["self", "api", "pairrm", "reward-model", "scripted"]),
-                     help="Judge backend (default: the run's)."),
-        click.option("--judge-mode", type=click.Choice(["additive", "pairwise", "reference"])),
+        click.option("--judge", type=click.Choice(list(JUDGES)), help="Judge backend (default: the run's)."),
+        click.option("--judge-mode", type=click.Choice(list(MODES))),
         click.option("--judge-model", help="Model for pairrm / reward-model."),
-        click.option("--judge-api-base", help="OpenAI-compatible base URL; key from $OPENAI_API_KEY."),
-        click.option("--judge-api-model", help="Model name at the API."),
+        click.option("--api-base", "--judge-api-base", "api_base",
+                     help="OpenAI-compatible base URL for --judge api; key from $OPENAI_API_KEY."),
+        click.option("--api-model", "--judge-api-model", "api_model", help="Model name at the server."),
         click.option("--judge-script", type=click.Path(), help="JSON list of raw outputs (scripted judge)."),
         click.option("--runs-dir", default="runs", show_default=True, type=click.Path(file_okay=False)),
     ]
@@ -288,7 +294,7 @@ def judge_options(f):
 
 
 def _judge_overrides(kw: dict) -> dict:
-    overrides = {k: coerce(k, v) for k, v in kw.items() if k.startswith("judge") and v is not None}
+    overrides = {k: coerce(k, v) for k, v in kw.items() if v is not None and k != "runs_dir"}
     if overrides.get("judge_script"):
         overrides["judge_script"] = str(Path(overrides["judge_script"]).resolve())
     return overrides
@@ -449,7 +455,7 @@ def make_eft_cmd(ranked, out, model, samples, max_share, limit, runs_dir, **judg
     """
     from selfreward.config import resolve
     from selfreward.backends.engines import make_engine
-    from selfreward.backends.judges import build_judge
+    from selfreward.backends.judges import build_judge, default_engines
     from selfreward.backends.models import resolve_source
     from selfreward.oasst import make_eft, write_eft
 
@@ -464,9 +470,21 @@ def make_eft_cmd(ranked, out, model, samples, max_share, limit, runs_dir, **judg
         groups.append(row)
     groups = groups[: limit or None]
     _quiet_libraries()
-    engine = (lambda: make_engine(cfg.engine, resolve_source(model), cfg.gen_batch_size))
-    judge = build_judge(cfg, engine, model)
-    rows, stats = make_eft(groups, judge, samples=samples, seed=cfg.seed, max_share=max_share)
+    import tempfile
+
+    policy = []  # the engine, once the self judge asks for it, so it can be closed on every way out
+    workdir = Path(tempfile.mkdtemp(prefix="selfreward-make-eft-"))
+
+    def engine():
+        policy.append(make_engine(cfg, resolve_source(model), workdir))
+        return policy[-1]
+
+    try:
+        judge = build_judge(cfg, default_engines(cfg, engine), model)
+        rows, stats = make_eft(groups, judge, samples=samples, seed=cfg.seed, max_share=max_share)
+    finally:
+        for e in policy:
+            e.close()
     if not rows:
         raise SelfRewardError(f"no prompt's judge order agreed with the human order "
                               f"({stats['disagreeing']} disagreed, {stats['unscored']} unscored); nothing written")

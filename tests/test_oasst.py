@@ -10,7 +10,9 @@ import pytest
 
 from selfreward.data import read_eft, read_ift
 from selfreward.errors import SelfRewardError
-from selfreward.backends.judges.scripted import ScriptedJudge
+from selfreward.backends.engines import Sampling
+from selfreward.backends.judges.llm import LLMJudge
+from selfreward.backends.judges.scripted import ScriptedEngine
 from selfreward.oasst import (downsample, filter_records, import_oasst, justification, make_eft, read_oasst,
                               to_eft_eval, to_ift, write_eft)
 from selfreward.prompts import load_template
@@ -185,7 +187,7 @@ def test_bad_input_names_file_and_line(tmp_path):
 
 # --- make_eft ---
 
-class CountingJudge(ScriptedJudge):
+class CountingJudge(LLMJudge):
     calls = 0
 
     def judge_groups(self, groups, samples, seed):
@@ -194,7 +196,8 @@ class CountingJudge(ScriptedJudge):
 
 
 def judge(outputs):
-    return CountingJudge(outputs, load_template("additive_judge"))
+    return CountingJudge(ScriptedEngine(outputs), Sampling(0.7, 0.9, 64, 0), "additive", "scripted",
+                         load_template("additive_judge"))
 
 
 GROUPS = [

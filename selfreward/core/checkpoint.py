@@ -2,8 +2,8 @@
 
 A stage still commits its outputs in one transaction; this scratch table only
 keeps the generations a kill would otherwise throw away (hours of GPU judging,
-or paid API calls). Each finished chunk of prompts (engines) or each finished
-request (API) is written at once, keyed by everything that determines it; a
+or paid API calls). Each finished prompt (vllm, openai) or chunk of prompts
+(transformers) is written at once, keyed by everything that determines it; a
 resumed stage takes those from here and generates only the rest. The table is
 emptied in the transaction that commits a stage.
 """
@@ -32,11 +32,11 @@ class Checkpoint:
         for start in range(0, len(keys), 500):  # SQLite's limit on bound parameters
             part = keys[start : start + 500]
             marks = ",".join("?" * len(part))
-            cur = self.db.execute(f"select key, text, n_tokens, finish_reason, usage from {TABLE} "
+            cur = self.db.execute(f"select key, text, n_tokens, finish_reason, error, retries, usage from {TABLE} "
                                   f"where key in ({marks})", part)
-            for key, text, n_tokens, finish_reason, usage in cur.fetchall():
-                found[key] = {"text": text, "n_tokens": n_tokens, "finish_reason": finish_reason,
-                              "usage": json.loads(usage) if usage else None}
+            for key, text, n_tokens, finish_reason, error, retries, usage in cur.fetchall():
+                found[key] = {"text": text, "n_tokens": n_tokens, "finish_reason": finish_reason, "error": error,
+                              "retries": retries or 0, "usage": json.loads(usage) if usage else None}
         return found
 
     def put_many(self, rows: list[dict]) -> None:
@@ -46,38 +46,58 @@ class Checkpoint:
 
 
 class CheckpointedEngine:
-    """An Engine that generates chunk by chunk and keeps each finished chunk."""
+    """An Engine that keeps each finished part of its generations.
+
+    Engines that seed per request (vllm, openai) report each prompt as it finishes,
+    and it is kept at once. The transformers engine seeds per batch, so it generates
+    in chunks of whole batches, each seeded by its first prompt: a resumed stage
+    forms the same chunks and samples exactly as an uninterrupted one.
+    """
 
     def __init__(self, inner: Engine, checkpoint: Checkpoint):
         self.inner, self.checkpoint = inner, checkpoint
-        self.model_path = inner.model_path
+        self.name, self.model_path = inner.name, inner.model_path
+        self.seeds_per_request = inner.seeds_per_request
 
-    def generate(self, prompts: list[Prompt], n: int, sampling: Sampling, desc: str = "generate"):
+    def generate(self, prompts: list[Prompt], n: int, sampling: Sampling, desc: str = "generate", on_done=None):
         params = (sampling.temperature, sampling.top_p, sampling.max_new_tokens, sampling.seed)
-        keys = [[Checkpoint.key(self.model_path, p, j, params) for j in range(n)] for p in prompts]
+        keys = [[Checkpoint.key(f"{self.name}|{self.model_path}", p, j, params) for j in range(n)] for p in prompts]
         done = self.checkpoint.get_many([k for row in keys for k in row])
         out: list[list[Completion | None]] = [[None] * n for _ in prompts]
         for i, row in enumerate(keys):
             if all(k in done for k in row):
-                out[i] = [Completion(done[k]["text"], done[k]["n_tokens"], done[k]["finish_reason"]) for k in row]
+                out[i] = [Completion(done[k]["text"], done[k]["n_tokens"], done[k]["finish_reason"],
+                                     done[k]["error"], done[k]["retries"], done[k]["usage"]) for k in row]
         todo = [i for i, row in enumerate(out) if row[0] is None]
-        size = self.inner.chunk_prompts(n)
-        chunks = [todo[s : s + size] for s in range(0, len(todo), size)]
-        for c, chunk in enumerate(chunks):
+
+        def keep(local: int, completions: list[Completion], chunk: list[int]) -> None:
+            i = chunk[local]
+            out[i] = completions
+            self.checkpoint.put_many([{"key": keys[i][j], "text": x.text, "n_tokens": x.n_tokens,
+                                       "finish_reason": x.finish_reason, "error": x.error, "retries": x.retries,
+                                       "usage": x.usage} for j, x in enumerate(completions)])
+
+        if self.seeds_per_request:
+            chunks, seeds = [todo], [sampling.seed]
+        else:
+            size = self.inner.chunk_prompts(n)
+            chunks = [todo[s : s + size] for s in range(0, len(todo), size)]
             # Seeded by the chunk's first prompt (not by where the model lives), so a chunk samples
             # alike whether or not a resume preceded it, in any run folder.
-            first = json.dumps(prompts[chunk[0]], sort_keys=True, ensure_ascii=False)
-            seed = (sampling.seed + int(hashlib.sha256(first.encode()).hexdigest()[:8], 16)) % (2**31)
-            outs = self.inner.generate([prompts[i] for i in chunk], n,
-                                       Sampling(sampling.temperature, sampling.top_p, sampling.max_new_tokens, seed),
-                                       desc=f"{desc} [{len(prompts) - len(todo) + sum(map(len, chunks[:c]))}"
-                                            f"/{len(prompts)}]")
-            rows = []
-            for i, per in zip(chunk, outs):
-                out[i] = per
-                rows += [{"key": keys[i][j], "text": x.text, "n_tokens": x.n_tokens,
-                          "finish_reason": x.finish_reason, "usage": None} for j, x in enumerate(per)]
-            self.checkpoint.put_many(rows)
+            seeds = [(sampling.seed + int(hashlib.sha256(json.dumps(prompts[c[0]], sort_keys=True,
+                      ensure_ascii=False).encode()).hexdigest()[:8], 16)) % (2**31) for c in chunks]
+        finished = len(prompts) - len(todo)
+        for chunk, seed in zip(chunks, seeds):
+            if not chunk:
+                continue
+            self.inner.generate([prompts[i] for i in chunk], n,
+                                Sampling(sampling.temperature, sampling.top_p, sampling.max_new_tokens, seed),
+                                desc=f"{desc} [{finished}/{len(prompts)}]",
+                                on_done=lambda local, cs, chunk=chunk: keep(local, cs, chunk))
+            finished += len(chunk)
+        if on_done:
+            for i, row in enumerate(out):
+                on_done(i, row)
         return out
 
     def close(self) -> None:

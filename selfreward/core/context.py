@@ -1,24 +1,33 @@
-"""What every stage gets: the run, its config, and the loaded engines and judges."""
+"""What every stage gets: the run, its config, and the engines and judges it keeps loaded."""
 
 from __future__ import annotations
 
+import time
 import zlib
+from contextlib import contextmanager
 
-from selfreward.core.checkpoint import Checkpoint, CheckpointedEngine
-from selfreward.config import Config
 from selfreward.backends.engines import Engine, make_engine
 from selfreward.backends.judges import Judge, build_judge
-from selfreward.prompts import Template, load_template
+from selfreward.config import Config
+from selfreward.core.checkpoint import Checkpoint, CheckpointedEngine
 from selfreward.core.store import Run
+from selfreward.prompts import Template, load_template
 
 
 class Context:
+    """Keeps one policy engine (one model) loaded across stages: a vLLM server for M_t
+    serves self-instruct, candidates, judging and the next eval alike, and is ended
+    only when another model is needed or training needs the memory."""
+
     def __init__(self, run: Run, cfg: Config, checkpoint: bool = False):
-        """checkpoint: keep each finished chunk of generations while a stage runs (the loop does)."""
+        """checkpoint: keep each finished part of a stage's generations while it runs (the loop does)."""
         self.run, self.cfg = run, cfg
         self.checkpoint = Checkpoint(run.db) if checkpoint else None
         self._engine: Engine | None = None
+        self._engine_model: str | None = None
+        self._api: Engine | None = None
         self._judges: dict[str, Judge] = {}
+        self._starts: list[dict] = []  # engine starts since the current stage began
 
     def seed(self, round: int, stage: str) -> int:
         """A stable seed per (run seed, round, stage): a resumed stage samples the same way."""
@@ -27,12 +36,27 @@ class Context:
     def template(self, name: str) -> Template:
         return load_template(name)
 
+    @contextmanager
+    def stage(self, round: int, name: str):
+        """run.stage, plus the engine starts the stage paid for in its detail (status --stages)."""
+        self._starts = []
+        with self.run.stage(round, name) as commit:
+            yield commit
+            if self._starts:
+                commit.detail = {**commit.detail, "engine_starts": self._starts}
+
+    def _wrap(self, engine: Engine) -> Engine:
+        return CheckpointedEngine(engine, self.checkpoint) if self.checkpoint else engine
+
     def engine(self, model: str) -> Engine:
-        path = self.run.model(model)["path"]
-        if self._engine is None or self._engine.model_path != path:
+        """The policy engine serving `model` (M_t); starts it if another model, or none, is loaded."""
+        if self._engine is None or self._engine_model != model:
             self.release()
-            engine = make_engine(self.cfg.engine, path, self.cfg.gen_batch_size)
-            self._engine = CheckpointedEngine(engine, self.checkpoint) if self.checkpoint else engine
+            t0 = time.perf_counter()
+            engine = make_engine(self.cfg, self.run.model(model)["path"], self.run.path)
+            self._starts.append({"engine": self.cfg.engine, "model": model,
+                                 "start_s": round(time.perf_counter() - t0, 1)})
+            self._engine, self._engine_model = self._wrap(engine), model
         return self._engine
 
     def judge(self, model: str) -> Judge:
@@ -40,8 +64,15 @@ class Context:
         if self.cfg.judge != "self":
             model = "-"  # one instance serves every round (a scripted judge keeps its place)
         if model not in self._judges:
-            self._judges[model] = build_judge(self.cfg, lambda: self.engine(model), model, self.checkpoint)
+            self._judges[model] = build_judge(self.cfg, lambda kind: self._engine_for(kind, model), model)
         return self._judges[model]
+
+    def _engine_for(self, kind: str, model: str) -> Engine:
+        if kind == "policy":
+            return self.engine(model)
+        if self._api is None:
+            self._api = self._wrap(make_engine(self.cfg, "", name="openai"))
+        return self._api
 
     def judge_provenance(self, model: str, seed: int) -> dict:
         """What an auditor needs to reproduce a judgment: the weights' hash, sampling and seed, version."""
@@ -64,17 +95,18 @@ class Context:
         if cfg.judge in ("self", "api", "scripted"):
             sampling = json.dumps({"temperature": cfg.judge_temperature, "top_p": cfg.judge_top_p,
                                    "max_new_tokens": cfg.judge_max_new_tokens, "seed": seed,
-                                   "mode": cfg.judge_mode})
+                                   "mode": cfg.judge_mode,
+                                   "engine": cfg.engine if cfg.judge == "self" else cfg.judge})
         return {"judge_model_sha": sha, "sampling": sampling, "version": __version__}
 
     def release(self) -> None:
-        """Free the loaded engine and model-backed judges (before training, which needs the memory)."""
-        # A scripted judge holds no model and keeps its place in its script.
-        if self.cfg.judge != "scripted":
+        """End the policy engine and free model-backed judges (before training, which needs the memory)."""
+        # A scripted judge holds no model and keeps its place in its script; an API judge holds a client only.
+        if self.cfg.judge not in ("scripted", "api"):
             self._judges = {}
         if self._engine is not None:
             self._engine.close()
-            self._engine = None
+            self._engine = self._engine_model = None
             import gc
 
             gc.collect()
@@ -82,3 +114,10 @@ class Context:
 
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
+
+    def close(self) -> None:
+        """Release everything, the API client too (end of a command)."""
+        self.release()
+        if self._api is not None:
+            self._api.close()
+            self._api = None

@@ -134,6 +134,16 @@ def m005_generation_checkpoint(db: sqlite_utils.Database):
         {"key": str, "text": str, "n_tokens": int, "finish_reason": str, "usage": str}, pk="key")
 
 
+@migrations()
+def m006_item_failures(db: sqlite_utils.Database):
+    # One item's failure (an over-long prompt, an HTTP 400) is stored with its reason; the stage goes on.
+    db["candidates"].add_column("error", str)
+    db["candidates"].add_column("retries", int)
+    db["judgments"].add_column("retries", int)
+    db["generation_checkpoint"].add_column("error", str)
+    db["generation_checkpoint"].add_column("retries", int)
+
+
 def now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
@@ -203,7 +213,11 @@ class Run:
         return cls.open(path)
 
     def config_values(self) -> dict:
-        return {r["key"]: json.loads(r["value"]) for r in self.db["config"].rows if not r["key"].startswith("_")}
+        """The stored config under today's key names (runs written before a rename still open)."""
+        from selfreward.config import renamed
+
+        return renamed({r["key"]: json.loads(r["value"]) for r in self.db["config"].rows
+                        if not r["key"].startswith("_")})
 
     def config(self) -> Config:
         values = self.config_values()

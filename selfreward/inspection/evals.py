@@ -8,6 +8,7 @@ import dataclasses
 import math
 import time
 import uuid
+from contextlib import closing
 
 from selfreward.core.context import Context
 from selfreward.data import read_ift
@@ -35,20 +36,20 @@ def eval_judge(run: Run, overrides: dict, models: list[str], dataset: str, limit
     """Table-4 metrics of the configured judge on a ranked set; for the self judge, once per model."""
     cfg = dataclasses.replace(run.config(), **overrides)
     groups = load_eval_set(dataset)[: limit or None]
-    ctx = Context(run, cfg)
-    out = []
-    for model in models if cfg.judge == "self" else ["-"]:
-        judge = ctx.judge(model)
-        t0 = time.perf_counter()
-        scores, results = judge_scores(judge, groups, seed=cfg.seed, samples=samples)
-        elapsed = time.perf_counter() - t0
-        metrics = quality_metrics(groups, scores, results)
-        metrics["judgments_per_s"] = metrics["n_responses"] * samples / elapsed if elapsed else math.nan
-        if verbosity:
-            metrics.update(verbosity_probe(judge, groups, seed=cfg.seed))
-        eval_id = _store(run, "judge", judge.name, model, str(dataset), metrics)
-        out.append({"eval_id": eval_id, "judge": judge.name, "model": model, **metrics})
-    ctx.release()
+    # closing: the engine (a vLLM server's process group, say) ends on every way out.
+    with closing(Context(run, cfg)) as ctx:
+        out = []
+        for model in models if cfg.judge == "self" else ["-"]:
+            judge = ctx.judge(model)
+            t0 = time.perf_counter()
+            scores, results = judge_scores(judge, groups, seed=cfg.seed, samples=samples)
+            elapsed = time.perf_counter() - t0
+            metrics = quality_metrics(groups, scores, results)
+            metrics["judgments_per_s"] = metrics["n_responses"] * samples / elapsed if elapsed else math.nan
+            if verbosity:
+                metrics.update(verbosity_probe(judge, groups, seed=cfg.seed))
+            eval_id = _store(run, "judge", judge.name, model, str(dataset), metrics)
+            out.append({"eval_id": eval_id, "judge": judge.name, "model": model, **metrics})
     return out
 
 
@@ -59,25 +60,25 @@ def head2head(run: Run, overrides: dict, a: str, b: str, prompts_path: str, limi
         # A head-to-head asks "which is better", so LLM judges compare the two answers directly.
         cfg = dataclasses.replace(cfg, judge_mode="pairwise")
     prompts = [r["instruction"] for r in read_ift(prompts_path)][: limit or None]
-    ctx = Context(run, cfg)
-    sampling = Sampling(cfg.temperature, cfg.top_p, cfg.max_new_tokens, cfg.seed)
-    answers = {}
-    for model in (a, b):
-        outs = ctx.engine(model).generate([[{"role": "user", "content": p}] for p in prompts], 1, sampling,
-                                          desc=f"answers {model}")
-        answers[model] = [o[0] for o in outs]
-    # The self judge is the newer model of the two, as the loop would use it.
-    judge = ctx.judge(max(a, b, key=lambda m: int(m[1:])))
-    results = judge.judge_groups([Group(p, [x.text, y.text]) for p, x, y in zip(prompts, answers[a], answers[b])],
-                                 1, cfg.seed)
-    rows, tally = [], {"win": 0, "tie": 0, "loss": 0, "inconsistent": 0, "unscored": 0}
-    eval_id = uuid.uuid4().hex[:12]
-    for p, x, y, result in zip(prompts, answers[a], answers[b], results):
-        outcome = _outcome(result)
-        tally[outcome] += 1
-        rows.append({"eval_id": eval_id, "prompt": p, "a_model": a, "b_model": b, "a_text": x.text, "b_text": y.text,
-                     "a_tokens": x.n_tokens, "b_tokens": y.n_tokens, "outcome": outcome, "judge": judge.name})
-    ctx.release()
+    # closing: the engine (a vLLM server's process group, say) ends on every way out.
+    with closing(Context(run, cfg)) as ctx:
+        sampling = Sampling(cfg.candidate_temperature, cfg.candidate_top_p, cfg.candidate_max_new_tokens, cfg.seed)
+        answers = {}
+        for model in (a, b):
+            outs = ctx.engine(model).generate([[{"role": "user", "content": p}] for p in prompts], 1, sampling,
+                                              desc=f"answers {model}")
+            answers[model] = [o[0] for o in outs]
+        # The self judge is the newer model of the two, as the loop would use it.
+        judge = ctx.judge(max(a, b, key=lambda m: int(m[1:])))
+        results = judge.judge_groups([Group(p, [x.text, y.text]) for p, x, y in zip(prompts, answers[a], answers[b])],
+                                     1, cfg.seed)
+        rows, tally = [], {"win": 0, "tie": 0, "loss": 0, "inconsistent": 0, "unscored": 0}
+        eval_id = uuid.uuid4().hex[:12]
+        for p, x, y, result in zip(prompts, answers[a], answers[b], results):
+            outcome = _outcome(result)
+            tally[outcome] += 1
+            rows.append({"eval_id": eval_id, "prompt": p, "a_model": a, "b_model": b, "a_text": x.text, "b_text": y.text,
+                         "a_tokens": x.n_tokens, "b_tokens": y.n_tokens, "outcome": outcome, "judge": judge.name})
     n = len(prompts)
     summary = {"n": n, "wins": tally["win"], "ties": tally["tie"] + tally["inconsistent"], "losses": tally["loss"],
                "inconsistent": tally["inconsistent"], "unscored": tally["unscored"],

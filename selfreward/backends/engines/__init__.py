@@ -1,14 +1,27 @@
-"""Generation engines behind one small interface, picked by name from a plain dict.
+"""Generation engines: the only place that generates text. The policy and every
+LLM judge (the self judge, and the API judge through the openai engine) call
+`generate(prompts, n, sampling)` on one of these.
 
-`generate(prompts, n, sampling)` takes chat prompts (lists of messages) or raw
-strings (for completion-style prompts such as self-instruct) and returns, for
-each prompt, n Completions. Engines batch internally; callers pass everything.
+| name           | what runs                                                    | seeds               |
+|----------------|--------------------------------------------------------------|---------------------|
+| `transformers` | `generate` in this process, batched                          | per batch           |
+| `vllm`         | one long-lived vLLM OpenAI server per model, in its own      | per request         |
+|                | process group, driven through the openai engine              |                     |
+| `openai`       | any OpenAI-compatible server (vLLM, SGLang, llama.cpp, API)  | per request, if the |
+|                |                                                              | server honours them |
+
+A prompt is a chat (a list of messages) or a raw string (a completion prompt,
+such as self-instruct's numbered list). A failure of one item (a prompt longer
+than the context, an HTTP 400, a reply that is not a completion) comes back as
+that item's Completion with `error` set and the stage goes on; a failure of the
+whole system (unreachable, 401/403, 5xx after the retries) raises SelfRewardError.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
+from pathlib import Path
+from typing import Callable, Protocol
 
 
 @dataclass(frozen=True)
@@ -22,17 +35,30 @@ class Sampling:
 @dataclass(frozen=True)
 class Completion:
     text: str
-    n_tokens: int
-    finish_reason: str  # "stop" (end of sequence) or "length" (hit max_new_tokens)
+    n_tokens: int | None
+    finish_reason: str          # "stop", "length" (hit max_new_tokens) or "error" (see `error`)
+    error: str | None = None    # why this one item failed; its text is ""
+    retries: int = 0            # requests repeated before this answer (openai engine)
+    usage: dict | None = None   # server-reported token usage
 
 
 Prompt = str | list[dict]
+OnDone = Callable[[int, list[Completion]], None]
+
+
+def failed(reason: str, retries: int = 0) -> Completion:
+    return Completion("", 0, "error", reason, retries)
 
 
 class Engine(Protocol):
-    model_path: str
+    name: str                  # e.g. "transformers", "vllm", "openai:<model>"
+    model_path: str            # what it serves: a folder, or the server's model name
+    seeds_per_request: bool    # True: results do not depend on how prompts are batched
 
-    def generate(self, prompts: list[Prompt], n: int, sampling: Sampling, desc: str = "") -> list[list[Completion]]: ...
+    def generate(self, prompts: list[Prompt], n: int, sampling: Sampling, desc: str = "",
+                 on_done: OnDone | None = None) -> list[list[Completion]]:
+        """n Completions per prompt; `on_done(i, completions)` as each prompt finishes."""
+        ...
 
     def chunk_prompts(self, n: int) -> int:
         """How many prompts (n samples each) to generate between checkpoints."""
@@ -41,19 +67,35 @@ class Engine(Protocol):
     def close(self) -> None: ...
 
 
-def make_engine(name: str, model_path: str, batch_size: int) -> Engine:
-    # Imports stay inside: the vllm engine must not import vllm on machines without it.
-    if name == "transformers":
-        from selfreward.backends.engines.hf import TransformersEngine
+def _transformers(cfg, model_path: str, workdir: Path | None) -> Engine:
+    from selfreward.backends.engines.hf import TransformersEngine
 
-        return TransformersEngine(model_path, batch_size)
-    if name == "vllm":
-        from selfreward.backends.engines.vllm import VLLMEngine
+    return TransformersEngine(model_path, cfg.gen_batch_size)
 
-        return VLLMEngine(model_path)
+
+def _vllm(cfg, model_path: str, workdir: Path | None) -> Engine:
+    from selfreward.backends.engines.vllm import VLLMEngine
+
+    return VLLMEngine.from_config(cfg, model_path, workdir)
+
+
+def _openai(cfg, model_path: str, workdir: Path | None) -> Engine:
+    from selfreward.backends.engines.openai import OpenAIEngine
+
+    return OpenAIEngine.from_config(cfg)
+
+
+# name -> factory(cfg, model_path, workdir). Imports stay inside the factories: a
+# backend's heavy dependencies load only when it is used.
+ENGINES: dict[str, Callable[..., Engine]] = {"transformers": _transformers, "vllm": _vllm, "openai": _openai}
+# Engines that load a model folder, so they can serve a policy that changes every round.
+POLICY_ENGINES = ("transformers", "vllm")
+
+
+def make_engine(cfg, model_path: str, workdir: Path | None = None, name: str | None = None) -> Engine:
     from selfreward.errors import SelfRewardError
 
-    raise SelfRewardError(f"unknown engine '{name}'; choose one of: {', '.join(ENGINES)}")
-
-
-ENGINES = ("transformers", "vllm")
+    name = name or cfg.engine
+    if name not in ENGINES:
+        raise SelfRewardError(f"unknown engine '{name}'; choose one of: {', '.join(ENGINES)}")
+    return ENGINES[name](cfg, model_path, workdir)

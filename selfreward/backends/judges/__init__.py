@@ -1,12 +1,16 @@
-"""Judge backends, picked by name from a plain table (see `build_judge`).
+"""Judge backends, picked by name from a plain dict (`JUDGES`).
 
-| name           | what scores                                         | rationale kept |
-|----------------|-----------------------------------------------------|----------------|
-| `self`         | the policy M_t with a prompt in prompts/ (any mode) | yes            |
-| `api`          | any OpenAI-compatible endpoint, same prompts        | yes            |
-| `pairrm`       | PairRM (DeBERTa-v3 pairwise reward model)           | comparisons    |
-| `reward-model` | any sequence-classification model                   | no (score)     |
-| `scripted`     | a fixed list of raw outputs (tests)                 | yes            |
+| name           | what scores                                                   | rationale kept |
+|----------------|---------------------------------------------------------------|----------------|
+| `self`         | the policy M_t, on the policy's engine, with a prompt in prompts/ | yes        |
+| `api`          | any OpenAI-compatible server (the openai engine), same prompts | yes           |
+| `pairrm`       | PairRM (DeBERTa-v3 pairwise reward model)                      | comparisons    |
+| `reward-model` | any sequence-classification model                              | no (score)     |
+| `scripted`     | a fixed list of raw outputs (tests), same prompts and parsers  | yes            |
+
+LLM judges (self, api, scripted) are a template and a parser over an engine:
+they never generate text themselves. Adding a judge means its module and one
+entry in JUDGES.
 """
 
 from __future__ import annotations
@@ -14,43 +18,73 @@ from __future__ import annotations
 from typing import Callable
 
 from selfreward.backends.engines import Engine, Sampling
-from selfreward.errors import SelfRewardError
 from selfreward.backends.judges.base import Comparison, Group, GroupResult, Judge, PointwiseJudge, Verdict
-from selfreward.backends.judges.llm import MODES, EngineBackend, LLMJudge
+from selfreward.backends.judges.llm import MODES, LLMJudge
+from selfreward.errors import SelfRewardError
 
-JUDGES = ("self", "api", "pairrm", "reward-model", "scripted")
 DEFAULT_PAIRRM = "llm-blender/PairRM-hf"
 
+# engine_for(kind) gives the engine an LLM judge runs on: "policy" (the model being
+# judged with, M_t) or "api" (the openai engine from config). The caller decides how
+# engines are made and kept (the loop keeps one per model and checkpoints them).
+EngineFor = Callable[[str], Engine]
+
+
+def judge_sampling(cfg) -> Sampling:
+    return Sampling(cfg.judge_temperature, cfg.judge_top_p, cfg.judge_max_new_tokens, 0)
+
+
+def _self(cfg, engine_for: EngineFor, label: str) -> Judge:
+    return LLMJudge(engine_for("policy"), judge_sampling(cfg), cfg.judge_mode, f"self:{label}")
+
+
+def _api(cfg, engine_for: EngineFor, label: str) -> Judge:
+    return LLMJudge(engine_for("api"), judge_sampling(cfg), cfg.judge_mode, f"api:{cfg.api_model}")
+
+
+def _pairrm(cfg, engine_for: EngineFor, label: str) -> Judge:
+    from selfreward.backends.judges.pairrm import PairRMJudge
+
+    return PairRMJudge(cfg.judge_model or DEFAULT_PAIRRM)
+
+
+def _reward_model(cfg, engine_for: EngineFor, label: str) -> Judge:
+    from selfreward.backends.judges.reward_model import RewardModelJudge
+
+    if not cfg.judge_model:
+        raise SelfRewardError("judge 'reward-model' needs judge_model: a sequence-classification model")
+    return RewardModelJudge(cfg.judge_model)
+
+
+def _scripted(cfg, engine_for: EngineFor, label: str) -> Judge:
+    from selfreward.backends.judges.scripted import ScriptedEngine
+
+    return LLMJudge(ScriptedEngine.from_file(cfg.judge_script), judge_sampling(cfg), cfg.judge_mode, "scripted")
+
+
+JUDGES: dict[str, Callable[..., Judge]] = {"self": _self, "api": _api, "pairrm": _pairrm,
+                                           "reward-model": _reward_model, "scripted": _scripted}
+
 __all__ = ["JUDGES", "MODES", "Comparison", "Group", "GroupResult", "Judge", "PointwiseJudge", "Verdict",
-           "build_judge"]
+           "build_judge", "default_engines"]
 
 
-def build_judge(cfg, engine_for: Callable[[], Engine], label: str, checkpoint=None) -> Judge:
-    """The judge named by cfg.judge; `engine_for()` loads the policy only for the self judge.
-    With a checkpoint, an API judge keeps each answered request (they cost money)."""
-    sampling = Sampling(cfg.judge_temperature, cfg.judge_top_p, cfg.judge_max_new_tokens, 0)
-    if cfg.judge == "self":
-        return LLMJudge(EngineBackend(engine_for(), sampling, label), cfg.judge_mode)
-    if cfg.judge == "api":
-        from selfreward.backends.judges.api import ApiBackend
+def default_engines(cfg, policy: Callable[[], Engine] | None = None) -> EngineFor:
+    """engine_for without a loop around it: the openai engine from config, and `policy()` if given."""
+    from selfreward.backends.engines import make_engine
 
-        backend = ApiBackend(cfg.judge_api_base, cfg.judge_api_model, sampling, cfg.judge_api_key_env,
-                             cfg.judge_api_concurrency, cfg.judge_api_timeout, cfg.judge_api_max_retries,
-                             checkpoint=checkpoint)
-        return LLMJudge(backend, cfg.judge_mode)
-    if cfg.judge == "pairrm":
-        from selfreward.backends.judges.pairrm import PairRMJudge
+    def engine_for(kind: str) -> Engine:
+        if kind == "api":
+            return make_engine(cfg, "", name="openai")
+        if policy is None:
+            raise SelfRewardError("this command has no policy model to judge with; choose another judge")
+        return policy()
 
-        return PairRMJudge(cfg.judge_model or DEFAULT_PAIRRM)
-    if cfg.judge == "reward-model":
-        from selfreward.backends.judges.reward_model import RewardModelJudge
+    return engine_for
 
-        if not cfg.judge_model:
-            raise SelfRewardError("judge 'reward-model' needs judge_model: a sequence-classification model")
-        return RewardModelJudge(cfg.judge_model)
-    if cfg.judge == "scripted":
-        from selfreward.backends.judges.scripted import ScriptedJudge
-        from selfreward.prompts import load_template
 
-        return ScriptedJudge.from_file(cfg.judge_script, load_template(MODES[cfg.judge_mode]))
-    raise SelfRewardError(f"unknown judge '{cfg.judge}'; choose one of: {', '.join(JUDGES)}")
+def build_judge(cfg, engine_for: EngineFor | None, label: str) -> Judge:
+    """The judge named by cfg.judge; for the self judge, `label` names the model judging (M_t)."""
+    if cfg.judge not in JUDGES:
+        raise SelfRewardError(f"unknown judge '{cfg.judge}'; choose one of: {', '.join(JUDGES)}")
+    return JUDGES[cfg.judge](cfg, engine_for or default_engines(cfg), label)

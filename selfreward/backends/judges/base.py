@@ -27,6 +27,7 @@ class Verdict:
     parsed: Parsed           # score | None, rationale, reason
     n_tokens: int | None = None
     usage: dict | None = None  # API token usage: prompt_tokens, completion_tokens
+    retries: int = 0           # requests repeated before this answer (openai engine)
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""LLM-as-a-judge in three modes, over any text backend (the policy itself, or an API).
+"""LLM-as-a-judge in three modes, over any engine (the policy itself, an OpenAI-compatible server, a script).
 
 - additive: single-answer grading with the paper's additive 5-point prompt.
 - reference: the same scale, graded against a reference answer (math, reasoning).
@@ -9,51 +9,32 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from itertools import combinations
-from typing import Protocol
 
-from selfreward.backends.engines import Engine, Sampling
-from selfreward.errors import SelfRewardError
+from selfreward.backends.engines import Completion, Engine, Sampling
 from selfreward.backends.judges.base import Comparison, Group, GroupResult, Verdict
+from selfreward.errors import SelfRewardError
 from selfreward.prompts import Parsed, Template, load_template
 
 MODES = {"additive": "additive_judge", "reference": "reference_judge", "pairwise": "pairwise_judge"}
 
 
-@dataclass(frozen=True)
-class Output:
-    text: str
-    n_tokens: int | None = None
-    usage: dict | None = None
-
-
-class TextBackend(Protocol):
-    name: str
-
-    def complete(self, prompts: list[str], n: int, seed: int) -> list[list[Output]]: ...
-
-
-class EngineBackend:
-    """The policy model judges: each prompt is one user turn, sampled n times."""
-
-    def __init__(self, engine: Engine, sampling: Sampling, label: str):
-        self.engine, self.sampling, self.name = engine, sampling, f"self:{label}"
-
-    def complete(self, prompts, n, seed):
-        s = Sampling(self.sampling.temperature, self.sampling.top_p, self.sampling.max_new_tokens, seed)
-        outs = self.engine.generate([[{"role": "user", "content": p}] for p in prompts], n, s, desc="judge")
-        return [[Output(c.text, c.n_tokens) for c in per] for per in outs]
-
-
 class LLMJudge:
-    def __init__(self, backend: TextBackend, mode: str = "additive", template: Template | None = None):
+    """A prompt template and its parser over an engine: the policy's (self), the
+    openai engine's (api), or a script's. Each judge prompt is one user turn."""
+
+    def __init__(self, engine: Engine, sampling: Sampling, mode: str = "additive", name: str = "self",
+                 template: Template | None = None):
         if mode not in MODES:
             raise SelfRewardError(f"unknown judge mode '{mode}'; choose one of: {', '.join(MODES)}")
-        self.backend, self.mode = backend, mode
+        self.engine, self.sampling, self.mode = engine, sampling, mode
         self.template = template or load_template(MODES[mode])
         self.template_sha = self.template.sha256
-        self.name = backend.name if mode == "additive" else f"{backend.name}/{mode}"
+        self.name = name if mode == "additive" else f"{name}/{mode}"
+
+    def complete(self, prompts: list[str], n: int, seed: int) -> list[list[Completion]]:
+        s = Sampling(self.sampling.temperature, self.sampling.top_p, self.sampling.max_new_tokens, seed)
+        return self.engine.generate([[{"role": "user", "content": p}] for p in prompts], n, s, desc="judge")
 
     def judge_groups(self, groups: list[Group], samples: int, seed: int) -> list[GroupResult]:
         if self.mode == "pairwise":
@@ -61,7 +42,7 @@ class LLMJudge:
         if self.mode == "reference" and any(not g.reference for g in groups):
             raise SelfRewardError("judge mode 'reference' needs a reference answer for every prompt")
         prompts = [self._render(g, r) for g in groups for r in g.responses]
-        flat = iter(self.backend.complete(prompts, samples, seed))
+        flat = iter(self.complete(prompts, samples, seed))
         return [GroupResult([[self._verdict(o) for o in next(flat)] for _ in g.responses]) for g in groups]
 
     def _render(self, g: Group, response: str) -> str:
@@ -69,8 +50,11 @@ class LLMJudge:
             return self.template.render(instruction=g.instruction, reference=g.reference, response=response)
         return self.template.render(instruction=g.instruction, response=response)
 
-    def _verdict(self, o: Output) -> Verdict:
-        return Verdict(o.text, self.template.parse(o.text), o.n_tokens, o.usage)
+    def _verdict(self, c: Completion) -> Verdict:
+        if c.error:
+            # The request failed, not the judge: no output to parse, the reason kept.
+            return Verdict(None, Parsed(None, "", f"request failed: {c.error}"), c.n_tokens, c.usage, c.retries)
+        return Verdict(c.text, self.template.parse(c.text), c.n_tokens, c.usage, c.retries)
 
     def _pairwise(self, groups, samples, seed):
         # Every unordered pair, asked as (a, b) and as (b, a).
@@ -81,7 +65,7 @@ class LLMJudge:
             for first, second in ((a, b), (b, a)):
                 prompts.append(self.template.render(instruction=g.instruction, response_a=g.responses[first],
                                                     response_b=g.responses[second]))
-        outs = self.backend.complete(prompts, samples, seed)
+        outs = self.complete(prompts, samples, seed)
         results = [GroupResult([[] for _ in g.responses]) for g in groups]
         tallies = {}  # (group, response, sample) -> [wins, ties, consistent, inconsistent]
         for n, (gi, a, b) in enumerate(jobs):

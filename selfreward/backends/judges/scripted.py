@@ -1,27 +1,28 @@
-"""A judge that answers from a fixed list of raw outputs (tests, demos of failure handling)."""
+"""The scripted judge's engine: a fixed list of raw outputs, used in order and
+cycled (tests, demos of failure handling). The LLM judge reads them with the
+same templates and parsers as a model's outputs, in every judge mode."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
+from selfreward.backends.engines import Completion
 from selfreward.errors import SelfRewardError
-from selfreward.backends.judges.base import PointwiseJudge, Verdict
-from selfreward.prompts import Template
 
 
-class ScriptedJudge(PointwiseJudge):
-    """Raw outputs used in order and cycled, parsed by the template's parser like any judge's."""
+class ScriptedEngine:
+    name = "scripted"
+    seeds_per_request = True  # nothing is sampled
 
-    def __init__(self, outputs: list[str], template: Template):
+    def __init__(self, outputs: list[str], source: str = "scripted"):
         if not outputs:
             raise SelfRewardError("scripted judge needs at least one output")
-        self.outputs, self.template, self.name = list(outputs), template, "scripted"
-        self.template_sha = template.sha256
+        self.outputs, self.model_path = list(outputs), source
         self._next = 0
 
     @classmethod
-    def from_file(cls, path: str, template: Template) -> "ScriptedJudge":
+    def from_file(cls, path: str) -> "ScriptedEngine":
         p = Path(path)
         if not p.is_file():
             raise SelfRewardError(f"judge script not found: {path}")
@@ -31,15 +32,23 @@ class ScriptedJudge(PointwiseJudge):
             raise SelfRewardError(f"judge script {path} is not valid JSON: {e.msg} (line {e.lineno})") from None
         if not isinstance(outputs, list) or not all(isinstance(o, str) for o in outputs):
             raise SelfRewardError(f"judge script {path} must hold a JSON list of strings")
-        return cls(outputs, template)
+        return cls(outputs, str(p))
 
-    def score_many(self, items, samples, seed):
-        result = []
-        for _ in items:
+    def generate(self, prompts, n, sampling, desc="", on_done=None):
+        out = []
+        for i, _ in enumerate(prompts):
             row = []
-            for _ in range(samples):
-                raw = self.outputs[self._next % len(self.outputs)]
+            for _ in range(n):
+                text = self.outputs[self._next % len(self.outputs)]
                 self._next += 1
-                row.append(Verdict(raw, self.template.parse(raw)))
-            result.append(row)
-        return result
+                row.append(Completion(text, len(text.split()), "stop"))
+            out.append(row)
+            if on_done:
+                on_done(i, row)
+        return out
+
+    def chunk_prompts(self, n: int) -> int:
+        return 1 << 30
+
+    def close(self) -> None:
+        pass

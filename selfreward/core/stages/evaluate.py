@@ -18,7 +18,7 @@ def run(ctx, t: int, model: str) -> None:
     if cfg.eval_eft_size:
         examples = examples[: cfg.eval_eft_size]
     groups = groups_from_eft(examples)
-    with ctx.run.stage(t, stage) as commit:
+    with ctx.stage(t, stage) as commit:
         scores, results = judge_scores(ctx.judge(model), groups, ctx.seed(t, stage))
         rows, k = [], 0
         for g, s, result in zip(groups, scores, results):

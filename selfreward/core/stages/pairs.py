@@ -71,7 +71,7 @@ def run(ctx, t: int) -> None:
     # Human labels imported later (import-labels) are audit data, not the judge whose pairs these are.
     judgments = ctx.run.rows("select candidate_id, score from judgments where round = ? "
                              "and judge not like 'human:%'", [t])
-    with ctx.run.stage(t, "pairs") as commit:
+    with ctx.stage(t, "pairs") as commit:
         rows = [{"round": t, **r} for r in build_pairs(cands, judgments, ctx.cfg.length_rho)]
         commit.insert_all("pairs", rows)
         statuses = [r["status"] for r in rows]

@@ -93,6 +93,9 @@ def self_instruct(engine: Engine, template: Template, ift: list[str], generated:
         batch += 1
         for (completion,) in outs:
             counts["generated"] += 1
+            if completion.error:
+                counts["failed"] = counts.get("failed", 0) + 1
+                continue
             task = parse_instruction(completion.text)
             reason = reject_reason(task, pool_tokens, cfg.min_words, cfg.max_words, cfg.rouge_threshold)
             if reason is None and len(kept) < want:
@@ -104,14 +107,13 @@ def self_instruct(engine: Engine, template: Template, ift: list[str], generated:
     return kept, counts
 
 
-
 def run(ctx, t: int) -> None:
     if ctx.run.stage_done(t, "self_instruct"):
         return
     cfg = ctx.cfg
     ift = [r["instruction"] for r in read_ift(cfg.ift)]
     earlier = [r["text"] for r in ctx.run.rows("select text from prompts where round < ? order by id", [t])]
-    with ctx.run.stage(t, "self_instruct") as commit:
+    with ctx.stage(t, "self_instruct") as commit:
         sampling = Sampling(cfg.instruct_temperature, cfg.instruct_top_p, cfg.instruct_max_new_tokens,
                             ctx.seed(t, "self_instruct"))
         kept, counts = self_instruct(ctx.engine(f"M{t - 1}"), ctx.template("self_instruct"), ift, earlier,

