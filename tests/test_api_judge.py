@@ -22,7 +22,8 @@ from selfreward.backends.judges.llm import LLMJudge
 
 
 class ScriptedServer:
-    """Pops one scripted step per request: {"content": str} | {"status": int} | {"delay": s, "content": str}."""
+    """Pops one scripted step per request: {"content": str} | {"status": int} | {"delay": s, "content": str}
+    | {"reset": True} (hang up without a reply) | {"raw": str} (a 200 whose body is this text)."""
 
     def __init__(self, script: list[dict]):
         self.script, self.requests, self.lock = list(script), [], threading.Lock()
@@ -44,7 +45,13 @@ class ScriptedServer:
                 time.sleep(step.get("delay", 0))
                 with server.lock:
                     server.in_flight -= 1
-                if "status" in step:
+                if step.get("reset"):
+                    self.close_connection = True
+                    return  # no status line at all: the client sees the connection drop
+                if "raw" in step:
+                    payload = step["raw"].encode()
+                    self.send_response(200)
+                elif "status" in step:
                     payload = json.dumps({"error": {"message": f"scripted {step['status']}"}}).encode()
                     self.send_response(step["status"])
                     if step["status"] == 429:
@@ -191,3 +198,26 @@ def test_reference_mode_shows_the_reference_and_requires_one():
     assert "<reference>7*8 = 56</reference>" in prompt and "<response>56</response>" in prompt
     with pytest.raises(SelfRewardError, match="needs a reference answer"):
         judge.judge_groups([Group("q", ["a"])], 1, seed=0)
+
+
+def test_a_dropped_connection_is_retried():
+    with ScriptedServer([{"reset": True}, {"content": "Score: 3"}]) as srv:
+        row = judge_one(make_judge(srv.url, concurrency=1), "q", "a")
+    assert row[0].parsed.score == 3.0 and row[0].retries == 1
+    assert len(srv.requests) == 2
+
+
+@pytest.mark.parametrize("raw", ["not json at all", '{"id": "x", "choices": []}', '{"unexpected": true}'])
+def test_an_unreadable_reply_is_retried_then_fails_the_item(raw):
+    with ScriptedServer([{"raw": raw}] * 3 + [{"content": "Score: 2"}]) as srv:
+        judge = make_judge(srv.url, concurrency=1, max_retries=1)
+        row = judge_one(judge, "q", "a", samples=2)
+    # Two tries for the first sample (both unreadable: the item fails), then the second sample is retried once.
+    assert row[0].parsed.score is None and "unreadable reply" in row[0].parsed.reason
+    assert row[1].parsed.score == 2.0 and row[1].retries == 1
+
+
+def test_an_empty_answer_is_the_judges_own_and_stays_unscored():
+    with ScriptedServer([{"content": ""}]) as srv:
+        row = judge_one(make_judge(srv.url, concurrency=1), "q", "a")
+    assert row[0].parsed.score is None and row[0].parsed.reason == "empty output" and row[0].raw == ""

@@ -8,15 +8,20 @@ pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (vLLM, bitsandbytes)")]
 
 
-def test_vllm_engine_generates(tiny_model):
+def test_vllm_engine_generates_and_gives_the_gpu_back(tmp_path):
     pytest.importorskip("vllm", reason="the gpu extra is not installed: pip install -e '.[gpu]'")
-    from selfreward.backends.engines import Sampling
-    from selfreward.backends.engines.vllm import VLLMEngine
+    from selfreward.backends.engines import Sampling, make_engine
+    from selfreward.backends.models import resolve_source
+    from selfreward.config import resolve
 
-    outs = VLLMEngine(str(tiny_model)).generate([[{"role": "user", "content": "hi"}], "1. a\n2."], 2,
-                                                 Sampling(0.7, 0.9, 8, 0))
+    free_before = torch.cuda.mem_get_info()[0]
+    engine = make_engine(resolve({}, {"engine": "vllm", "vllm_gpu_memory_utilization": 0.3}),
+                         resolve_source("embedded"), tmp_path)
+    outs = engine.generate([[{"role": "user", "content": "hi"}], "1. a\n2."], 2, Sampling(0.7, 0.9, 8, 0))
     assert [len(o) for o in outs] == [2, 2]
-    assert all(c.n_tokens <= 8 for o in outs for c in o)
+    assert all(c.error is None and c.n_tokens <= 8 for o in outs for c in o)
+    engine.close()  # waits until the GPU has its memory back, or raises
+    assert torch.cuda.mem_get_info()[0] >= free_before - 2**30
 
 
 def test_qlora_dpo_merges_into_16bit(tiny_model, tmp_path):

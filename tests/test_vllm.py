@@ -180,6 +180,6 @@ def test_eval_judge_through_the_api_judge_on_vllm(vllm_server, tmp_path, tiny_mo
     result = CliRunner().invoke(cli, ["eval", "judge", "r", *base, "--judge", "api", "--api-base", vllm_server,
                                       "--api-model", "smol", "--data", str(ranked), "--no-verbosity", "--json"])
     assert result.exit_code == 0, result.output
-    (metrics,) = json.loads(result.output[result.output.index("["):])
+    (metrics,) = json.loads(result.stdout)
     assert metrics["judge"] == "api:smol" and metrics["n_responses"] == 4
     assert metrics["parse_rate"] <= 0.5  # the over-long prompt's two judgments are NULL, not 0
