@@ -33,9 +33,9 @@ from selfreward.config import SEED_DIR  # noqa: E402
 from selfreward.data import read_eft  # noqa: E402
 from selfreward.backends.engines import Sampling  # noqa: E402
 from selfreward.backends.engines.hf import TransformersEngine  # noqa: E402
+from selfreward.backends.engines.openai import OpenAIEngine  # noqa: E402
 from selfreward.backends.judges import Group  # noqa: E402
-from selfreward.backends.judges.api import ApiBackend  # noqa: E402
-from selfreward.backends.judges.llm import EngineBackend, LLMJudge  # noqa: E402
+from selfreward.backends.judges.llm import LLMJudge  # noqa: E402
 from selfreward.backends.models import resolve_source  # noqa: E402
 
 
@@ -125,15 +125,17 @@ def main():
     print(f"judging {len(rows)} held-out EFT responses; model {path}")
     for batch in (1, 16):
         engine = TransformersEngine(path, batch)
-        record(f"self, transformers, batch {batch}", *timed(LLMJudge(EngineBackend(engine, sampling, "M")), groups))
-        del engine
+        record(f"self, transformers, batch {batch}", *timed(LLMJudge(engine, sampling, "additive", "self:M"), groups))
+        engine.close()
 
     server = ThreadingHTTPServer(("127.0.0.1", 0), Stub)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     url = f"http://127.0.0.1:{server.server_address[1]}/v1"
     for concurrency in (1, 8):
-        backend = ApiBackend(url, "stub", sampling, concurrency=concurrency, timeout=10, max_retries=0)
-        record(f"api, loopback stub 50 ms, concurrency {concurrency}", *timed(LLMJudge(backend), groups * 4))
+        engine = OpenAIEngine(url, "stub", concurrency=concurrency, timeout=10, max_retries=0)
+        judge = LLMJudge(engine, sampling, "additive", "api:stub")
+        record(f"api, loopback stub 50 ms, concurrency {concurrency}", *timed(judge, groups * 4))
+        engine.close()
     server.shutdown()
 
     from selfreward.backends.judges.pairrm import PairRMJudge

@@ -119,7 +119,7 @@ def iterate(name, runs_dir, rounds, model, ift, eft, eft_eval, preset, config_fi
         selfreward iterate --rounds 3
         selfreward iterate --name mine --model ./my-model --ift ift.jsonl --eft eft.jsonl
         selfreward iterate --name t --preset tiny --set n_candidates=2 --set judge_samples=1
-        selfreward iterate --name ext --judge api --judge-api-base http://127.0.0.1:8000/v1 --judge-api-model qwen
+        selfreward iterate --name ext --judge api --api-base http://127.0.0.1:8000/v1 --api-model qwen
     """
     if help_config:
         click.echo(help_text())
@@ -332,7 +332,7 @@ def eval_judge_cmd(run, models, dataset, limit, samples, verbosity, as_json, run
         selfreward eval judge demo                        # every M_t of the run as a self judge
         selfreward eval judge demo --models M0,M1 --limit 20
         selfreward eval judge demo --judge-mode pairwise --models M1
-        selfreward eval judge demo --judge api --judge-api-base http://127.0.0.1:8000/v1 --judge-api-model qwen
+        selfreward eval judge demo --judge api --api-base http://127.0.0.1:8000/v1 --api-model qwen
         selfreward eval judge demo --judge pairrm --judge-model ./PairRM-hf --data oasst/eft_eval.jsonl
     """
     from selfreward.inspection.evals import eval_judge
@@ -451,7 +451,7 @@ def make_eft_cmd(ranked, out, model, samples, max_share, limit, runs_dir, **judg
     \b
     Example:
         selfreward data make-eft data/oasst/eft_eval.jsonl --out eft_train.jsonl --model runs/demo/models/M1
-        selfreward data make-eft ranked.jsonl --out eft.jsonl --judge api --judge-api-base http://127.0.0.1:8000/v1 --judge-api-model qwen
+        selfreward data make-eft ranked.jsonl --out eft.jsonl --judge api --api-base http://127.0.0.1:8000/v1 --api-model qwen
     """
     from selfreward.config import resolve
     from selfreward.backends.engines import make_engine
