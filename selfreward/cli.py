@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -124,6 +125,7 @@ def iterate(name, runs_dir, rounds, model, ift, eft, eft_eval, preset, config_fi
     if help_config:
         click.echo(help_text())
         return
+    _run_name(name)
     from selfreward.core.context import Context
     from selfreward.core.loop import iterate as run_loop
     from selfreward.core.store import Run
@@ -139,8 +141,12 @@ def iterate(name, runs_dir, rounds, model, ift, eft, eft_eval, preset, config_fi
     toml = load_toml(config_file) if config_file else {}
     path = Path(runs_dir) / name
     if (path / "run.db").is_file():
-        run = Run.open(path)
-        _check_same_config(run, {**toml, **cli_values})
+        run = Run.open(path, writer=True)  # the lock first: a second iterate stops here, with one line
+        try:
+            _check_same_config(run, {**toml, **cli_values})
+        except SelfRewardError:
+            run.close()
+            raise
         cfg = run.config()
     else:
         cfg = resolve(toml, cli_values)
@@ -148,7 +154,7 @@ def iterate(name, runs_dir, rounds, model, ift, eft, eft_eval, preset, config_fi
         run = Run.create(path, cfg)
         click.echo(f"created run {path} (preset {cfg.preset}, model {cfg.model})")
     _quiet_libraries()
-    with run.locked():
+    with run:
         ctx = Context(run, cfg, checkpoint=True)
         try:
             done = run_loop(ctx, rounds)
@@ -158,7 +164,19 @@ def iterate(name, runs_dir, rounds, model, ift, eft, eft_eval, preset, config_fi
         click.echo(f"nothing to do: {path} already has M{rounds} (rounds 1..{rounds} finished)")
     from selfreward.inspection.report import COLUMNS, round_summary, table
 
-    click.echo(table(round_summary(run), COLUMNS))
+    with Run.open(path) as run:
+        click.echo(table(round_summary(run), COLUMNS))
+
+
+RUN_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,99}")
+
+
+def _run_name(name: str) -> str:
+    """A run name is one folder under --runs-dir: no separators, no '..', no hidden or odd names."""
+    if not RUN_NAME.fullmatch(name):
+        raise SelfRewardError(f"bad run name {name!r}: use 1-100 letters, digits, '.', '_' or '-', "
+                              "not starting with '.'")
+    return name
 
 
 # Where and how to reach the API judge may change between attempts (a server moved,
@@ -338,14 +356,14 @@ def eval_judge_cmd(run, models, dataset, limit, samples, verbosity, as_json, run
     from selfreward.inspection.evals import eval_judge
     from selfreward.core.store import Run
 
-    r = Run.open(_run_path(run, runs_dir))
-    overrides = _judge_overrides(judge_kw)
-    check_judge(dataclasses.replace(r.config(), **overrides))
-    names = models.split(",") if models else [m["name"] for m in r.rows("select name from models order by round")]
-    for name in names:
-        r.model(name)  # fails clearly on a model the run does not have
-    _quiet_libraries()
-    rows = eval_judge(r, overrides, names, dataset or r.config().eft_eval, limit, samples, verbosity)
+    with Run.open(_run_path(run, runs_dir), writer=True) as r:
+        overrides = _judge_overrides(judge_kw)
+        check_judge(dataclasses.replace(r.config(), **overrides))
+        names = models.split(",") if models else [m["name"] for m in r.rows("select name from models order by round")]
+        for name in names:
+            r.model(name)  # fails clearly on a model the run does not have
+        _quiet_libraries()
+        rows = eval_judge(r, overrides, names, dataset or r.config().eft_eval, limit, samples, verbosity)
     if as_json:
         click.echo(json.dumps(rows, indent=2))
         return
@@ -377,13 +395,13 @@ def head2head_cmd(run, model_a, model_b, prompts, limit, as_json, runs_dir, **ju
     from selfreward.inspection.evals import head2head
     from selfreward.core.store import Run
 
-    r = Run.open(_run_path(run, runs_dir))
-    overrides = _judge_overrides(judge_kw)
-    check_judge(dataclasses.replace(r.config(), **overrides))
-    for name in (model_a, model_b):
-        r.model(name)
-    _quiet_libraries()
-    result = head2head(r, overrides, model_a, model_b, prompts or str(SEED_DIR / "ift_heldout.jsonl"), limit)
+    with Run.open(_run_path(run, runs_dir), writer=True) as r:
+        overrides = _judge_overrides(judge_kw)
+        check_judge(dataclasses.replace(r.config(), **overrides))
+        for name in (model_a, model_b):
+            r.model(name)
+        _quiet_libraries()
+        result = head2head(r, overrides, model_a, model_b, prompts or str(SEED_DIR / "ift_heldout.jsonl"), limit)
     if as_json:
         click.echo(json.dumps(result, indent=2))
         return
@@ -601,11 +619,16 @@ def report(run, out_dir, runs_dir):
 @click.option("--out", required=True, type=click.Path(), help="File (jsonl, parquet) or folder (datasets, label-studio).")
 @click.option("--format", "fmt", type=click.Choice(["jsonl", "parquet", "datasets", "label-studio"]), default="jsonl",
               show_default=True)
+@click.option("--force", is_flag=True,
+              help="Write into an existing --out: overwrite the files this export writes, leave the rest.")
 @click.option("--runs-dir", default="runs", show_default=True, type=click.Path(file_okay=False))
-def export(run, round_, out, fmt, runs_dir):
+def export(run, round_, out, fmt, force, runs_dir):
     """Export a round's kept pairs as TRL preference data (prompt / chosen /
     rejected, conversational, with judge scores and judgment ids), or its
     candidates as Label Studio ranking tasks with a labeling config.
+
+    An existing --out is refused unless --force is given; a path inside a
+    run folder is always refused.
 
     \b
     Example:
@@ -613,17 +636,18 @@ def export(run, round_, out, fmt, runs_dir):
         selfreward export demo --round 2 --format parquet --out pairs.parquet
         selfreward export demo --round 2 --format datasets --out pairs_ds
         selfreward export demo --round 2 --format label-studio --out ls_round2
+        selfreward export demo --round 3 --out pairs.jsonl --force
     """
     from selfreward.inspection.export import export_label_studio, export_pairs
     from selfreward.core.store import Run
 
-    r = Run.open(_run_path(run, runs_dir))
-    if fmt == "label-studio":
-        n = export_label_studio(r, round_, out)
-        click.echo(f"wrote {n} Label Studio tasks and labeling_config.xml to {out}")
-    else:
-        n = export_pairs(r, round_, out, fmt)
-        click.echo(f"wrote {n} pairs to {out}")
+    with Run.open(_run_path(run, runs_dir)) as r:
+        if fmt == "label-studio":
+            n = export_label_studio(r, round_, out, force=force)
+        else:
+            n = export_pairs(r, round_, out, fmt, force=force)
+    what = f"{n} Label Studio tasks and labeling_config.xml" if fmt == "label-studio" else f"{n} pairs"
+    click.echo(f"wrote {what} to {out}")
 
 
 @cli.command(name="import-labels")
@@ -641,7 +665,8 @@ def import_labels_cmd(run, export_file, runs_dir):
     from selfreward.inspection.export import import_labels
     from selfreward.core.store import Run
 
-    counts = import_labels(Run.open(_run_path(run, runs_dir)), export_file)
+    with Run.open(_run_path(run, runs_dir), writer=True) as r:
+        counts = import_labels(r, export_file)
     click.echo(", ".join(f"{k} {v}" for k, v in counts.items()))
 
 

@@ -53,8 +53,49 @@ def test_open_missing_run_is_a_clear_error(tmp_path):
         Run.open(tmp_path / "nope")
 
 
-def test_one_process_per_run(run):
-    with run.locked():
-        with pytest.raises(SelfRewardError, match="in use"):
-            with Run.open(run.path).locked():
-                pass
+def test_one_writer_per_run_and_readers_never_wait(run):
+    # `run` (from Run.create) is a writer and holds the lock.
+    with pytest.raises(SelfRewardError, match="in use by another selfreward process"):
+        Run.open(run.path, writer=True)
+    with Run.open(run.path) as reader:  # status, show, browse: no lock needed
+        assert reader.config().preset == "tiny"
+    run.close()
+    with Run.open(run.path, writer=True):
+        pass
+
+
+def test_a_long_reader_does_not_fail_a_stage_commit(run):
+    import sqlite3
+
+    assert run.db.execute("pragma journal_mode").fetchone()[0] == "wal"
+    # Another process's long read: an open read transaction on its own connection.
+    reader = sqlite3.connect(str(run.path / "run.db"))
+    reader.execute("begin")
+    assert reader.execute("select count(*) from prompts").fetchone() == (0,)
+    with run.stage(2, "self_instruct") as commit:  # under the rollback journal this waits, then fails
+        commit.insert_all("prompts", [{"round": 2, "text": "x", "source": "t", "created_at": "now"}])
+    assert reader.execute("select count(*) from prompts").fetchone() == (0,)  # its snapshot is consistent
+    reader.rollback()
+    assert reader.execute("select count(*) from prompts").fetchone() == (1,)
+    reader.close()
+
+
+def test_writers_refuse_a_run_in_use(judged_run, tmp_path):
+    from click.testing import CliRunner
+
+    from selfreward.cli import cli
+
+    run_dir = str(judged_run.path)
+    judged_run.close()
+    holder = Run.open(run_dir, writer=True)  # as a running `iterate` would
+    try:
+        for args in (["eval", "judge", run_dir, "--limit", "1"], ["import-labels", run_dir, str(tmp_path / "x.json")],
+                     ["eval", "head2head", run_dir, "--a", "M1", "--b", "M2"]):
+            result = CliRunner().invoke(cli, args)
+            assert result.exit_code == 1, result.output
+            assert "in use by another selfreward process" in result.output
+            assert len(result.output.strip().splitlines()) == 1
+        status = CliRunner().invoke(cli, ["status", run_dir])  # readers go on
+        assert status.exit_code == 0
+    finally:
+        holder.close()

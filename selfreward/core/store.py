@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import fcntl
 import json
+import sqlite3
 import os
 import threading
 import time
@@ -144,6 +145,26 @@ def m006_item_failures(db: sqlite_utils.Database):
     db["generation_checkpoint"].add_column("retries", int)
 
 
+def take_lock(path: Path, wait: bool = False, quiet: bool = False):
+    """The run's lock (an flock on runs/<name>/.lock): one writer per run."""
+    fh = open(path / ".lock", "w")
+    try:
+        fcntl.flock(fh, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+    except BlockingIOError:
+        fh.close()
+        if quiet:
+            return None
+        raise SelfRewardError(f"run {path} is in use by another selfreward process (iterate, eval or "
+                              f"import-labels); wait for it to finish") from None
+    return fh
+
+
+def release_lock(fh) -> None:
+    if fh is not None:
+        fcntl.flock(fh, fcntl.LOCK_UN)
+        fh.close()
+
+
 def now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
@@ -173,23 +194,61 @@ class PeakMemory:
         self.peak = max(self.peak, self._proc.memory_info().rss)
 
 
-class Run:
-    """A run folder: run.db, config.toml, models/."""
+# A reader (status, browse, a long export) never makes a stage commit fail: WAL lets
+# readers and the one writer work at once, and a busy writer is waited for, not fatal.
+BUSY_TIMEOUT_S = 60.0
 
-    def __init__(self, path: Path, db: sqlite_utils.Database):
+
+def connect(db_path: Path, writer: bool) -> sqlite_utils.Database:
+    conn = sqlite3.connect(str(db_path), timeout=BUSY_TIMEOUT_S)
+    conn.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_S * 1000)}")
+    if writer:
+        conn.execute("PRAGMA journal_mode = WAL")  # persistent: stored in the file
+    return sqlite_utils.Database(conn)
+
+
+class Run:
+    """A run folder: run.db, config.toml, models/.
+
+    Writers (`iterate`, `eval`, `import-labels`) open it with `writer=True`: they take
+    the run's lock first, then migrate and write; a second writer gets one clear line.
+    Readers never wait for the lock and never write, except to bring an old run's
+    schema up to date when no writer holds it (a writer has already done so).
+    """
+
+    def __init__(self, path: Path, db: sqlite_utils.Database, lock=None):
         self.path = path
         self.db = db
-        self._lock = None
+        self._lock = lock
 
     # --- opening ---
     @classmethod
-    def open(cls, path: str | Path) -> "Run":
+    def open(cls, path: str | Path, writer: bool = False) -> "Run":
         path = Path(path)
         if not (path / "run.db").is_file():
             raise SelfRewardError(f"no run at {path} (expected {path / 'run.db'})")
-        db = sqlite_utils.Database(path / "run.db")
-        migrations.apply(db)
-        return cls(path, db)
+        lock = take_lock(path) if writer else None
+        try:
+            db = connect(path / "run.db", writer)
+            if writer:
+                migrations.apply(db)
+            elif migrations.pending(db):
+                cls._migrate_old_run(path, db)
+        except BaseException:
+            release_lock(lock)
+            raise
+        return cls(path, db, lock)
+
+    @staticmethod
+    def _migrate_old_run(path: Path, db) -> None:
+        lock = take_lock(path, wait=False, quiet=True)
+        if lock is None:
+            raise SelfRewardError(f"run {path} is being written by another selfreward process with an older "
+                                  f"schema; try again when it has finished")
+        try:
+            migrations.apply(db)
+        finally:
+            release_lock(lock)
 
     @classmethod
     def create(cls, path: str | Path, config: Config) -> "Run":
@@ -202,7 +261,7 @@ class Run:
 
             shutil.rmtree(tmp)
         (tmp / "models").mkdir(parents=True)
-        db = sqlite_utils.Database(tmp / "run.db")
+        db = connect(tmp / "run.db", writer=True)
         migrations.apply(db)
         with db.atomic():
             db["config"].insert_all({"key": k, "value": json.dumps(v)} for k, v in as_dict(config).items())
@@ -210,7 +269,18 @@ class Run:
         db.close()
         (tmp / "config.toml").write_text(to_toml(config))
         os.replace(tmp, path)
-        return cls.open(path)
+        return cls.open(path, writer=True)
+
+    def close(self) -> None:
+        self.db.close()
+        release_lock(self._lock)
+        self._lock = None
+
+    def __enter__(self) -> "Run":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     def config_values(self) -> dict:
         """The stored config under today's key names (runs written before a rename still open)."""
@@ -230,21 +300,6 @@ class Run:
         with self.db.atomic():
             self.db["config"].upsert({"key": key, "value": json.dumps(value)}, pk="key")
         (self.path / "config.toml").write_text(to_toml(self.config()))
-
-    @contextmanager
-    def locked(self):
-        """One process per run: a second `iterate` on the same run fails fast."""
-        fh = open(self.path / ".lock", "w")
-        try:
-            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            fh.close()
-            raise SelfRewardError(f"run {self.path} is in use by another selfreward process") from None
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
-            fh.close()
 
     # --- stages ---
     def stage_done(self, round: int, stage: str) -> bool:

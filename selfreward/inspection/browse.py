@@ -103,9 +103,13 @@ def metadata(db_name: str = "run") -> dict:
 
 
 def command(run: Run, host: str, port: int, metadata_path: Path) -> list[str]:
-    """`datasette serve` on run.db, read-only, with long rationales shown whole."""
+    """`datasette serve` on run.db, with long rationales shown whole.
+
+    Not immutable mode (-i): that skips SQLite's locking and can show half-written data while
+    `iterate` commits. Datasette opens a mutable file read-only (mode=ro), with normal
+    locking, and writes nothing; WAL lets it read while a stage commits."""
     db = str(run.path / "run.db")
-    return [sys.executable, "-m", "datasette", "serve", "-i", db, "--host", host, "--port", str(port),
+    return [sys.executable, "-m", "datasette", "serve", db, "--host", host, "--port", str(port),
             "-m", str(metadata_path), "--setting", "truncate_cells_html", "0"]
 
 
