@@ -530,13 +530,23 @@ def verify(run, runs_dir):
     from selfreward.core.store import Run
 
     r = Run.open(_run_path(run, runs_dir))
-    problems = verify_run(r)
-    n_pairs, n_judgments = r.db["pairs"].count, r.db["judgments"].count
+    counts: dict = {}
+    problems = verify_run(r, counts)
     for p in problems:
         click.echo(p)
+    # What could not be re-read is said, with its count: "ok" covers only what was checked.
+    unchecked = []
+    if counts["judgments_without_raw"]:
+        unchecked.append(f"{counts['judgments_without_raw']} without raw judge text (pairwise summaries, "
+                         f"PairRM, reward models, failed requests, human labels)")
+    if counts["judgments_unknown_template"]:
+        unchecked.append(f"{counts['judgments_unknown_template']} made with a template this version does not have")
+    if unchecked:
+        click.echo(f"not re-read: {'; '.join(unchecked)}")
     if problems:
         raise click.ClickException(f"{len(problems)} mismatch(es) in {r.path}")
-    click.echo(f"ok: {n_pairs} pairs and {n_judgments} judgments match their stored inputs")
+    click.echo(f"ok: {counts['pairs']} pairs and {counts['judgments_checked']} of {counts['judgments']} judgments "
+               f"match their stored inputs")
 
 
 @cli.command(name="rationales")

@@ -52,6 +52,24 @@ def test_verify_passes_then_catches_tampering(judged_run):
     assert f"pair {pair['id']}" in bad.output and "recomputed" in bad.output
 
 
+def test_verify_says_what_it_could_not_reread(judged_run):
+    total = judged_run.db["judgments"].count
+    db = sqlite3.connect(judged_run.path / "run.db")
+    # One judgment made with a template this version does not know, and one with no raw text (as PairRM leaves).
+    db.execute("drop trigger judgments_no_update")
+    (first,) = db.execute("select id from judgments where score is not null order by id limit 1").fetchone()
+    (second,) = db.execute("select id from judgments where score is null order by id limit 1").fetchone()
+    db.execute("update judgments set template_sha = 'feedfeedfeedfeed' where id = ?", [first])
+    db.execute("update judgments set raw = null where id = ?", [second])
+    db.commit()
+    db.close()
+    result = invoke("verify", judged_run.path)
+    assert result.exit_code == 0, result.output
+    assert f"{total - 2} of {total} judgments match" in result.output
+    assert "not re-read: 1 without raw judge text" in result.output
+    assert "1 made with a template this version does not have" in result.output
+
+
 def test_verify_catches_a_score_that_its_raw_text_does_not_say(judged_run):
     db = sqlite3.connect(judged_run.path / "run.db")
     db.execute("drop trigger judgments_no_update")

@@ -24,19 +24,31 @@ def _templates_by_sha() -> dict:
     return out
 
 
-def verify(run: Run) -> list[str]:
-    """Every mismatch between the stored pairs and what the stored judgments imply."""
+def verify(run: Run, counts: dict | None = None) -> list[str]:
+    """Every mismatch between the stored pairs and what the stored judgments imply.
+
+    `counts`, if given, is filled with what was checked and what could not be: a
+    judgment with no raw text (a pairwise summary, PairRM, a reward model, a failed
+    request, a human label) or one made with a template this version does not have."""
     problems = []
+    counts = counts if counts is not None else {}
     # 1. Each stored score must be what its stored raw text parses to, under the template that made it.
     templates = _templates_by_sha()
+    checked = unknown_template = 0
     for j in run.rows("select id, score, raw, template_sha from judgments where raw is not null "
                       "and judge not like 'human:%'"):
         t = templates.get(j["template_sha"])
         if t is None:
+            unknown_template += 1
             continue
+        checked += 1
         parsed = t.parse(j["raw"]).score
         if parsed != j["score"]:
             problems.append(f"judgment {j['id']}: stored score {j['score']} but its raw text parses to {parsed}")
+    counts.update({"judgments": run.db["judgments"].count, "judgments_checked": checked,
+                   "judgments_unknown_template": unknown_template,
+                   "judgments_without_raw": run.db["judgments"].count_where("raw is null or judge like 'human:%'"),
+                   "pairs": run.db["pairs"].count})
     # 2. Each round's pairs must follow from the stored scores by the stored pairing rule.
     for (t,) in run.db.execute("select distinct round from pairs order by round").fetchall():
         stored = run.rows("select * from pairs where round = ? order by prompt_id", [t])
