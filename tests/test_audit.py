@@ -131,3 +131,22 @@ def test_show_pair(judged_run):
     assert result.exit_code == 0, result.output
     assert "CHOSEN: candidate" in result.output and "REJECTED: candidate" in result.output
     assert result.output.count("judge sample") == 2 * 2  # two sides, two samples each (tiny preset)
+
+
+def test_a_changed_or_missing_model_is_named_in_one_line(judged_run, tmp_path):
+    import shutil
+
+    m2 = judged_run.path / "models" / "M2"
+    weights = next(m2.glob("*.safetensors"))
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF  # one flipped bit in the last weight
+    weights.write_bytes(bytes(data))
+    bad = invoke("verify", judged_run.path)
+    assert bad.exit_code == 1 and "model M2 at" in bad.output and "has changed since it was written" in bad.output
+    # Loading it for work (here: as the judge of an eval) stops with the same line, before any model loads.
+    result = invoke("eval", "judge", judged_run.path, "--models", "M2", "--limit", "1", "--judge", "self")
+    assert result.exit_code == 1 and "model M2 at" in result.output and "has changed" in result.output
+    shutil.rmtree(m2)
+    gone = invoke("eval", "judge", judged_run.path, "--models", "M2", "--limit", "1", "--judge", "self")
+    assert gone.exit_code == 1 and "model M2 is missing" in gone.output
+    assert len(gone.output.strip().splitlines()) == 1

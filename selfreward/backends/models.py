@@ -152,6 +152,45 @@ def merge_adapter(base_path: str, adapter_path: Path, out: Path) -> None:
     os.replace(tmp, out)
 
 
+def fsync_tree(folder: Path) -> None:
+    """Flush a model folder to disk before the stage that names it commits: after a power
+    loss, run.db never points at a folder whose files were still in the page cache."""
+    folder = Path(folder)
+    for path in sorted(folder.rglob("*"), reverse=True):
+        if path.is_file() and not path.is_symlink():
+            with open(path, "rb") as fh:
+                os.fsync(fh.fileno())
+    for d in [*[p for p in folder.rglob("*") if p.is_dir()], folder, folder.parent]:
+        fd = os.open(d, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+# Above this size a load checks file names and sizes only; `verify` always hashes in full.
+FULL_HASH_MAX_BYTES = 8 << 30
+
+
+def check_weights(name: str, folder: Path, recorded: str | None, full: bool = False) -> None:
+    """A model folder must be there and hold the weights recorded when it was written."""
+    folder = Path(folder)
+    if not (folder / "config.json").is_file():
+        raise SelfRewardError(f"model {name} is missing: {folder} holds no model (run.db recorded one there); "
+                              f"restore the folder or start a new run")
+    if recorded is None:
+        return
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise SelfRewardError(f"model {name} at {folder} has no .safetensors weights")
+    if not full and sum(f.stat().st_size for f in files) > FULL_HASH_MAX_BYTES:
+        return
+    actual = weights_sha(folder)
+    if actual != recorded:
+        raise SelfRewardError(f"model {name} at {folder} has changed since it was written (weights sha256 "
+                              f"{actual}, recorded {recorded}); restore it or start a new run")
+
+
 def weights_sha(folder: Path) -> str:
     h = hashlib.sha256()
     for f in sorted(Path(folder).glob("*.safetensors")):

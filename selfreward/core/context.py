@@ -53,7 +53,7 @@ class Context:
         if self._engine is None or self._engine_model != model:
             self.release()
             t0 = time.perf_counter()
-            engine = make_engine(self.cfg, self.run.model(model)["path"], self.run.path)
+            engine = make_engine(self.cfg, self.run.model_path(model), self.run.path)
             self._starts.append({"engine": self.cfg.engine, "model": model,
                                  "start_s": round(time.perf_counter() - t0, 1)})
             self._engine, self._engine_model = self._wrap(engine), model

@@ -330,11 +330,23 @@ class Run:
         cols = [d[0] for d in self.db.execute("select * from models limit 0").description]
         model = dict(zip(cols, row))
         # Weights inside the run folder are stored relative to it, so a run can be moved or
-        # opened from any working directory.
+        # opened from any working directory. A relative path is always the run's own: resolved
+        # even when missing, so that a lost folder is reported, never mistaken for a hub id.
         for key in ("path", "adapter_path"):
-            if model[key] and (self.path / model[key]).exists() and not Path(model[key]).is_absolute():
+            if model[key] and not Path(model[key]).is_absolute() and (
+                    (self.path / model[key]).exists() or model[key].startswith("models/")):
                 model[key] = str((self.path / model[key]).resolve())
         return model
+
+    def model_path(self, name: str) -> str:
+        """Where to load model `name` from, after checking that its folder holds the recorded weights."""
+        from selfreward.backends.models import check_weights
+
+        model = self.model(name)
+        path = model["path"]
+        if Path(path).is_absolute() or Path(path).exists():
+            check_weights(name, Path(path), model["sha256"])
+        return path  # otherwise a hub id, which nobody here hashed
 
     def relative(self, path) -> str:
         """How a path is stored: relative to the run folder when it lies inside it."""

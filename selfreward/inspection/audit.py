@@ -45,6 +45,21 @@ def verify(run: Run, counts: dict | None = None) -> list[str]:
         parsed = t.parse(j["raw"]).score
         if parsed != j["score"]:
             problems.append(f"judgment {j['id']}: stored score {j['score']} but its raw text parses to {parsed}")
+    # 0. Every model folder the run recorded still holds the weights it recorded.
+    from selfreward.backends.models import check_weights
+    from selfreward.errors import SelfRewardError
+
+    models_checked = 0
+    for m in run.rows("select name from models order by round, name"):
+        model = run.model(m["name"])
+        if model["sha256"] is None or not Path(model["path"]).is_absolute():
+            continue  # a hub id: nobody here hashed it
+        models_checked += 1
+        try:
+            check_weights(model["name"], Path(model["path"]), model["sha256"], full=True)
+        except SelfRewardError as e:
+            problems.append(str(e))
+    counts["models_checked"] = models_checked
     counts.update({"judgments": run.db["judgments"].count, "judgments_checked": checked,
                    "judgments_unknown_template": unknown_template,
                    "judgments_without_raw": run.db["judgments"].count_where("raw is null or judge like 'human:%'"),

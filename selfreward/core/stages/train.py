@@ -168,7 +168,7 @@ def run_sft(ctx, t: int) -> None:
     template = ctx.template("additive_judge")  # EFT teaches the additive judge
     eft_pairs = [(template.render(instruction=r["instruction"], response=r["response"]), eft_target(r)) for r in eft]
     ctx.release()
-    base = ctx.run.model("M0")["path"]
+    base = ctx.run.model_path("M0")
     with ctx.stage(t, "sft") as commit:
         out = ctx.run.path / "models" / "M1"
         logs, adapter = sft(base, ift, eft_pairs, cfg, out, round=t)
@@ -198,7 +198,7 @@ def run_dpo(ctx, t: int) -> None:
             commit.detail = {"pairs": 0}
             return
         out = ctx.run.path / "models" / name
-        logs, adapter = dpo(parent["path"], pairs, ctx.cfg, out, round=t)
+        logs, adapter = dpo(ctx.run.model_path(parent["name"]), pairs, ctx.cfg, out, round=t)
         commit.insert_all("training_steps", logs)
         commit.insert_all("models", [_model_row(ctx.run, name, t, "dpo-lora", parent["name"], out, adapter,
                                                 f"DPO on {len(pairs)} pairs")])
@@ -206,9 +206,11 @@ def run_dpo(ctx, t: int) -> None:
 
 
 def _model_row(run, name, t, kind, parent, path: Path, adapter, note) -> dict:
-    from selfreward.backends.models import weights_sha
+    from selfreward.backends.models import fsync_tree, weights_sha
     from selfreward.core.store import now
 
+    if kind != "copy":  # the stage commits next: the folders it names must be on disk first
+        fsync_tree(path)
     return {"name": name, "round": t, "kind": kind, "parent": parent, "path": run.relative(path),
             "adapter_path": run.relative(adapter) if adapter else None, "note": note, "created_at": now(),
             "sha256": weights_sha(path)}
