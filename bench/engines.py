@@ -2,7 +2,7 @@
 against the transformers engine measured in the same run, on the embedded
 SmolLM2-135M-Instruct.
 
-    .venv/bin/python bench/engines.py                  # full sizes (about 10-20 min on 2 CPU cores)
+    .venv/bin/python bench/engines.py                  # full sizes (tens of minutes on 2 CPU cores)
     .venv/bin/python bench/engines.py --quick          # smoke run at tiny sizes
     .venv/bin/python bench/engines.py --json bench.json --skip-bare
 
@@ -331,7 +331,8 @@ def verdict(ok: bool) -> str:
 
 def table(report: dict) -> str:
     s, m, v = report["sizes"], report["machine"], report["versions"]
-    lines = [f"selfreward engine benchmark, {report['date']}{'  (--quick: sizes too small for the targets)' if report['quick'] else ''}",
+    quick = "  (--quick: sizes too small for the targets)" if report["quick"] else ""
+    lines = [f"selfreward engine benchmark, {report['date']}{quick}",
              f"machine: {m['cores']} cores ({m['usable_cores']} usable), {m['cpu']}, bf16 flags: "
              f"{' '.join(m['bf16_flags']) or 'none'}, {m['memory_gib']} GiB"
              f"{', GPU ' + m['gpu'] if m['gpu'] else ''}; load average {m['load_average_at_start']} at start",
@@ -363,7 +364,8 @@ def table(report: dict) -> str:
     else:
         lines.append("  bare vLLM skipped (--skip-bare)")
     lines.append("")
-    block(f"judging: {s['answers']} held-out EFT answers x {s['judge_samples']} samples, additive prompt, "
+    block(f"judging: {s['answers']} held-out EFT answers x {s['judge_samples']} "
+          f"sample{'s' if s['judge_samples'] != 1 else ''}, additive prompt, "
           f"{s['judge_tokens']} new tokens, T {report['judge_sampling']['temperature']:g}, "
           f"top-p {report['judge_sampling']['top_p']:g}",
           report["judging"], "judgments", "judgments/s")

@@ -15,9 +15,10 @@ from pathlib import Path
 
 from selfreward.errors import SelfRewardError
 
-PACKAGE_ROOT = Path(__file__).resolve().parent.parent
-SEED_DIR = PACKAGE_ROOT / "data" / "seed"
-PROMPTS_DIR = PACKAGE_ROOT / "prompts"
+# Inside the package (declared as package data), so an installed copy finds them from any directory.
+PACKAGE_ROOT = Path(__file__).resolve().parent
+SEED_DIR = PACKAGE_ROOT / "seed"
+PROMPTS_DIR = PACKAGE_ROOT / "templates"
 
 
 def _f(default, help: str):

@@ -1,9 +1,13 @@
+import hashlib
 import json
+from pathlib import Path
 
 import pytest
+from click.testing import CliRunner
 from fixture_run import build_fixture_run, kept_pairs
 
 from selfreward import __version__
+from selfreward.cli import cli
 from selfreward.errors import SelfRewardError
 from selfreward.inspection.export import LABELING_CONFIG, export_label_studio, export_pairs, import_labels
 
@@ -49,12 +53,14 @@ def test_export_parquet(run, tmp_path):
     _check_rows(run, pq.read_table(out).to_pylist(), 3)
 
 
-def test_export_datasets_replaces_an_older_export(run, tmp_path):
+def test_export_datasets_replaces_an_older_export_with_force(run, tmp_path):
     import datasets
 
     out = tmp_path / "ds"
     export_pairs(run, 3, out, "datasets")
-    assert export_pairs(run, 2, out, "datasets") == 2
+    with pytest.raises(SelfRewardError, match="not empty.*--force"):
+        export_pairs(run, 2, out, "datasets")
+    assert export_pairs(run, 2, out, "datasets", force=True) == 2
     _check_rows(run, datasets.load_from_disk(str(out)).to_list(), 2)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ds", "r"]
 
@@ -160,3 +166,137 @@ def test_label_studio_bad_input_writes_nothing(run, tmp_path):
 def test_label_studio_round_without_candidates(run, tmp_path):
     with pytest.raises(SelfRewardError, match="no candidates"):
         export_label_studio(run, 1, tmp_path / "ls")
+
+
+# --- the export target: never delete or replace what export did not write ---
+
+FOLDER_FORMATS = {"datasets", "label-studio"}
+ALL_FORMATS = ["jsonl", "parquet", "datasets", "label-studio"]
+
+
+@pytest.fixture
+def runs(tmp_path):
+    """runs/demo, closed, so its files on disk are all there is to compare."""
+    build_fixture_run(tmp_path / "runs" / "demo").db.close()
+    return tmp_path / "runs"
+
+
+def _export(runs, out, fmt, t=2, force=False):
+    args = ["export", "demo", "--runs-dir", str(runs), "--round", str(t), "--format", fmt, "--out", str(out)]
+    return CliRunner().invoke(cli, args + ["--force"] * force)
+
+
+def _refused(result, match):
+    assert result.exit_code != 0
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: ") and match in lines[0], result.output
+
+
+def _snapshot(folder):
+    """Every file under folder, with a hash of its bytes."""
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir"
+            for p in sorted(folder.rglob("*"))}
+
+
+def _exported_rows(out, fmt):
+    if fmt == "jsonl":
+        return [json.loads(line) for line in out.read_text().splitlines()]
+    if fmt == "parquet":
+        import pyarrow.parquet as pq
+
+        return pq.read_table(out).to_pylist()
+    if fmt == "datasets":
+        import datasets
+
+        return datasets.load_from_disk(str(out)).to_list()
+    return json.loads((out / "tasks.json").read_text())
+
+
+@pytest.mark.parametrize("fmt", ALL_FORMATS)
+def test_export_refuses_a_folder_holding_a_user_file(runs, tmp_path, fmt):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "notes.txt").write_text("my notes")
+    for force in (False, True) if fmt not in FOLDER_FORMATS else (False,):
+        _refused(_export(runs, out, fmt, force=force), str(out))
+    assert [p.name for p in out.iterdir()] == ["notes.txt"] and (out / "notes.txt").read_text() == "my notes"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine", "runs"]
+
+
+@pytest.mark.parametrize("fmt", ALL_FORMATS)
+def test_export_refuses_an_existing_file(runs, tmp_path, fmt):
+    out = tmp_path / "mine.out"
+    out.write_text("my data")
+    _refused(_export(runs, out, fmt), str(out))
+    if fmt in FOLDER_FORMATS:
+        _refused(_export(runs, out, fmt, force=True), "is a file")
+    assert out.read_text() == "my data"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine.out", "runs"]
+
+
+@pytest.mark.parametrize("where", ["demo", "demo/sub/deeper", "demo/models", "demo/run.db"])
+def test_export_inside_a_run_folder_is_refused_even_with_force(runs, where):
+    before = _snapshot(runs)
+    for fmt in ALL_FORMATS:
+        for force in (False, True):
+            _refused(_export(runs, runs / where, fmt, force=force), "inside the run folder")
+        assert _snapshot(runs) == before, fmt  # run.db byte for byte, and nothing added
+
+
+def test_export_through_a_path_that_leads_back_into_the_run_is_refused(runs, tmp_path):
+    before = _snapshot(runs)
+    _refused(_export(runs, tmp_path / "elsewhere" / ".." / "runs" / "demo" / "x", "datasets"), "inside the run")
+    (tmp_path / "link").symlink_to(runs / "demo")
+    _refused(_export(runs, tmp_path / "link" / "pairs.jsonl", "jsonl", force=True), "inside the run")
+    assert _snapshot(runs) == before and not (tmp_path / "elsewhere").exists()
+
+
+@pytest.mark.parametrize("fmt", ALL_FORMATS)
+def test_export_force_over_a_previous_export(runs, tmp_path, fmt):
+    out = tmp_path / "export"
+    assert _export(runs, out, fmt, t=3).exit_code == 0
+    if fmt in FOLDER_FORMATS:
+        (out / "notes.txt").write_text("kept")  # a user's file beside ours survives --force
+    before = _snapshot(tmp_path / "export") if fmt in FOLDER_FORMATS else out.read_bytes()
+    _refused(_export(runs, out, fmt, t=2), str(out))
+    assert (_snapshot(out) if fmt in FOLDER_FORMATS else out.read_bytes()) == before
+    result = _export(runs, out, fmt, t=2, force=True)
+    assert result.exit_code == 0, result.output
+    rows = _exported_rows(out, fmt)
+    if fmt == "label-studio":
+        assert len(rows) == 4 and all(task["data"]["prompt"].startswith("Round 2") for task in rows)
+    else:
+        assert {r["round"] for r in rows} == {2} and len(rows) == 2
+    if fmt in FOLDER_FORMATS:
+        assert (out / "notes.txt").read_text() == "kept"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["export", "runs"]  # no temporary left
+
+
+@pytest.mark.parametrize("fmt", ALL_FORMATS)
+def test_export_into_an_empty_folder_or_a_new_path(runs, tmp_path, fmt):
+    (tmp_path / "out" / "empty").mkdir(parents=True)
+    target = tmp_path / "out" / "empty" if fmt in FOLDER_FORMATS else tmp_path / "out" / "empty" / "pairs.out"
+    result = _export(runs, target, fmt)
+    assert result.exit_code == 0, result.output
+    assert _exported_rows(target, fmt)
+    assert sorted(p.name for p in target.parent.iterdir()) == [target.name]
+
+
+def test_a_failed_export_leaves_nothing_half_written(run, tmp_path, monkeypatch):
+    import datasets
+
+    def broken(self, path, **kw):
+        Path(path).mkdir()
+        (Path(path) / "data-00000-of-00001.arrow").write_text("half")
+        raise OSError("disk full")
+
+    out = tmp_path / "ds"
+    export_pairs(run, 3, out, "datasets")
+    before = _snapshot(out)
+    monkeypatch.setattr(datasets.Dataset, "save_to_disk", broken)
+    with pytest.raises(OSError, match="disk full"):
+        export_pairs(run, 2, out, "datasets", force=True)
+    with pytest.raises(OSError, match="disk full"):
+        export_pairs(run, 2, tmp_path / "new", "datasets")
+    assert _snapshot(out) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ds", "r"]

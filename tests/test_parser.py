@@ -1,17 +1,26 @@
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from selfreward.prompts import load_template, parse_additive
+from selfreward.prompts import CUT_OFF, load_template, parse_additive, parse_pairwise
 
 
 @pytest.mark.parametrize("text, score", [
     ("The answer is relevant and complete.\nScore: 4", 4.0),
     ("Score: 0", 0.0),
-    ("Mostly right. **Score: 5**", 5.0),
+    ("Mostly right. **Score: 5**", 5.0),             # a sentence start counts as well as a line start
     ("score: 3", 3.0),
     ("Total. Score: 4/5", 4.0),                      # out of 5, said explicitly
+    ("Score: 4 out of 5", 4.0),
     ("Score: 2 points", 2.0),
-    ("First pass Score: 2\nOn reflection, Score: 3", 3.0),  # several lines: the last one counts
+    ("First pass:\nScore: 2\nOn reflection:\nScore: 3", 3.0),  # several lines: the last one counts
     ('The response ends with "Score: 5" but is wrong. Score: 1', 1.0),  # quoted text is not the judge's
+    ("Fine.\n**Score:** 4", 4.0),
+    ("Fine.\n  - **Score: 3**.", 3.0),
+    ("Fine.\n## Score: 2", 2.0),
+    ("Score: 4.0", 4.0),                             # an integral number is read (see parse_additive)
+    ("Score: 5.00/5", 5.0),
+    ("Good.\nScore: 4\r\n", 4.0),
 ])
 def test_reads_the_last_own_score(text, score):
     parsed = parse_additive(text)
@@ -24,11 +33,25 @@ def test_reads_the_last_own_score(text, score):
     ("   \n", "empty"),
     ("A fine answer, I would give it full marks.", "no 'Score: N'"),
     ("Score: 4.5", "non-integer"),
+    ("Score: 4.05", "non-integer"),
     ("Score: 6", "outside 0..5"),
     ("Score: -1", "outside 0..5"),
+    ("Score: " + "9" * 5000, "outside 0..5"),    # longer than int() accepts
     ("Score: 8/10", "out of 10"),
+    ("Score: 4 out of 10", "out of 10"),
     ("Score: five", "no 'Score: N'"),
     ('The response says "Score: 5" and nothing else.', "quoted"),
+    # Not the judge's own final score: mid-word, in brackets or quotes, or after other words.
+    ("Subscore: 5", "quoted"),
+    ("(Score: 5)", "quoted"),
+    ("«Score: 5»", "quoted"),
+    ("The response writes: Score: 5", "quoted"),
+    ("Relevant, so Score: 5", "quoted"),
+    ("> Score: 5", "quoted"),
+    # The judge's own line, but more on it than the score.
+    ("Score: 4 because it is good", "unexpected text"),
+    ("Score: 4/", "unexpected text"),
+    ("Score: 3\nRevised.\nScore: 4 out of 10", "out of 10"),  # the last one counts, even when bad
 ])
 def test_failures_are_none_with_a_reason(text, reason):
     parsed = parse_additive(text)
@@ -39,6 +62,64 @@ def test_failures_are_none_with_a_reason(text, reason):
 def test_rationale_is_the_text_before_the_score():
     parsed = parse_additive("Relevant, answers most of it.\n\nScore: 3")
     assert parsed.rationale == "Relevant, answers most of it."
+
+
+@pytest.mark.parametrize("text, score", [
+    ("A is clearer.\nVerdict: A", 1.0),
+    ("First is better. Verdict: A", 1.0),
+    ("Verdict: B", 0.0),
+    ("Verdict: tie", 0.5),
+    ("**Verdict:** [B].", 0.0),
+    ("Verdict: A\nOn reflection:\nVerdict: tie", 0.5),
+    ('B says "Verdict: A" to fool me.\nVerdict: B', 0.0),
+])
+def test_pairwise_reads_the_last_own_verdict(text, score):
+    parsed = parse_pairwise(text)
+    assert parsed.score == score
+    assert parsed.reason is None
+
+
+@pytest.mark.parametrize("text, reason", [
+    ("", "empty"),
+    ("Verdict: a tie", "not exactly A, B or tie"),   # the article "a" is not response A
+    ("Verdict: A is better", "not exactly A, B or tie"),
+    ("Verdict: C", "not exactly A, B or tie"),
+    ("They write: Verdict: A", "no 'Verdict"),
+    ("(Verdict: B)", "no 'Verdict"),
+    ("I cannot decide.", "no 'Verdict"),
+])
+def test_pairwise_failures_are_none_with_a_reason(text, reason):
+    parsed = parse_pairwise(text)
+    assert parsed.score is None
+    assert reason in parsed.reason
+
+
+# --- outputs cut off by the token limit ---
+
+@pytest.mark.parametrize("text, score", [
+    ("Good.\nScore: 4\n", 4.0),                      # the score line ended
+    ("Good.\nScore: 4\nAlso, the answer could", 4.0),  # the judge went on after it
+    ("Good.\nScore: 4", None),                       # may be the start of `Score: 4/10`
+    ("Good.\nScore: 4/", None),
+    ("Good.\nScore:", None),
+    ("Good. Score: 3\nRevised:\nScore: 4", None),    # the last score line counts, and it is cut
+    ("The response is relevant and", None),
+])
+def test_truncated_outputs_need_a_complete_score_line(text, score):
+    parsed = parse_additive(text, truncated=True)
+    assert parsed.score == score
+    if score is None:
+        assert parsed.reason == CUT_OFF
+
+
+def test_truncation_flag_defaults_to_false_and_reaches_every_parser():
+    assert parse_additive("Good.\nScore: 4").score == 4.0
+    assert parse_pairwise("Verdict: A").score == 1.0
+    assert parse_pairwise("Verdict: A", truncated=True).reason == CUT_OFF
+    assert parse_pairwise("Verdict: A\n", truncated=True).score == 1.0
+    t = load_template("additive_judge")
+    assert t.parse("Score: 2").score == 2.0
+    assert t.parse("Score: 2", truncated=True).reason == CUT_OFF
 
 
 def test_template_declares_its_variables(tmp_path):
@@ -54,3 +135,55 @@ def test_template_declares_its_variables(tmp_path):
 
     with pytest.raises(SelfRewardError, match="declares"):
         load_template(str(bad))
+
+
+# --- fuzzing: no crash, scores in range, every failure explained ---
+
+FRAGMENTS = ["Score", "score", "SCORE", "Subscore", ":", " ", "  ", "\t", "\n", "\r\n", "0", "1", "3", "4", "5",
+             "6", "10", "-", "+", "/", "/5", "/10", ".", ".0", ".5", "**", "*", "__", "_", "- ", "# ", "> ",
+             '"', "'", "`", "“", "”", "«", "»", "(", ")", "[", "]", "out of", " points", "Verdict", "verdict",
+             "A", "B", "a", "b", "tie", "a tie", "Tie", "The response writes: ", "Good. ", "!", "?", "9" * 40,
+             # whole labels, so that some texts parse and the accepting paths get fuzzed too
+             "\nScore: ", "Score: 4", "\n**Score:** ", "Verdict: ", "\nVerdict: B", "\nVerdict: tie"]
+
+
+def _join(picks: bytes, noise: str) -> str:
+    # Each byte picks a fragment or, now and then, the random text: lists of strategies draw ~4x slower,
+    # and 10,000 cases must stay within a few seconds.
+    n = len(FRAGMENTS)
+    return "".join(FRAGMENTS[k] if k < n else noise for k in (b % (n + 4) for b in picks))
+
+
+TEXTS = st.builds(_join, st.binary(max_size=40), st.text(max_size=8))
+FUZZ = settings(max_examples=5000, deadline=None, database=None)
+
+
+def _check(parsed, allowed):
+    if parsed.score is None:
+        assert parsed.reason
+    else:
+        assert parsed.score in allowed and parsed.reason is None
+    assert isinstance(parsed.rationale, str)
+
+
+@FUZZ
+@given(TEXTS)
+def test_fuzz_additive(text):
+    for truncated in (False, True):
+        _check(parse_additive(text, truncated), {0.0, 1.0, 2.0, 3.0, 4.0, 5.0})
+
+
+@FUZZ
+@given(TEXTS)
+def test_fuzz_pairwise(text):
+    for truncated in (False, True):
+        _check(parse_pairwise(text, truncated), {0.0, 0.5, 1.0})
+
+
+@settings(max_examples=1000, deadline=None, database=None)
+@given(TEXTS, st.integers(0, 5), st.sampled_from(["A", "B", "tie"]))
+def test_fuzz_a_clean_final_line_always_wins(text, n, verdict):
+    assert parse_additive(f"{text}\nScore: {n}").score == n
+    assert parse_additive(f"{text}\nScore: {n}", truncated=True).reason == CUT_OFF
+    assert parse_additive(f"{text}\nScore: {n}\n", truncated=True).score == n
+    assert parse_pairwise(f"{text}\nVerdict: {verdict}").score == {"A": 1.0, "B": 0.0, "tie": 0.5}[verdict]

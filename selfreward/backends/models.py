@@ -148,6 +148,9 @@ def merge_adapter(base_path: str, adapter_path: Path, out: Path) -> None:
     shutil.rmtree(tmp, ignore_errors=True)
     merged.save_pretrained(tmp)
     load_tokenizer(base_path).save_pretrained(tmp)
+    from selfreward.core import failpoints
+
+    failpoints.hit("merge")
     shutil.rmtree(out, ignore_errors=True)
     os.replace(tmp, out)
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 
+from selfreward.core import failpoints
 from selfreward.backends.engines import Completion, Engine, Prompt, Sampling
 
 TABLE = "generation_checkpoint"
@@ -76,6 +77,7 @@ class CheckpointedEngine:
             self.checkpoint.put_many([{"key": keys[i][j], "text": x.text, "n_tokens": x.n_tokens,
                                        "finish_reason": x.finish_reason, "error": x.error, "retries": x.retries,
                                        "usage": x.usage} for j, x in enumerate(completions)])
+            failpoints.hit("generated")
 
         if self.seeds_per_request:
             chunks, seeds = [todo], [sampling.seed]

@@ -62,7 +62,7 @@ class Context:
     def judge(self, model: str) -> Judge:
         """The configured judge; for the self judge, `model` (M_t) is the one judging."""
         if self.cfg.judge != "self":
-            model = "-"  # one instance serves every round (a scripted judge keeps its place)
+            model = "-"  # one instance serves every round
         if model not in self._judges:
             self._judges[model] = build_judge(self.cfg, lambda kind: self._engine_for(kind, model), model)
         return self._judges[model]

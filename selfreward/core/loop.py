@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from selfreward.core import failpoints
 from selfreward.core.context import Context
 from selfreward.backends.models import resolve_source, weights_sha
 from selfreward.core.stages import candidates, evaluate, judging, pairs, self_instruct, train
@@ -29,6 +30,7 @@ def iterate(ctx: Context, rounds: int) -> list[int]:
             pairs.run(ctx, t)                   # best vs worst per prompt
             train.run_dpo(ctx, t)               # M_t = DPO(M_{t-1}) on those pairs
         evaluate.run(ctx, t, f"M{t}")
+        failpoints.hit(f"r{t}:finish")
         finish_round(ctx, t)
         worked.append(t)
     ctx.release()

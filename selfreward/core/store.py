@@ -308,13 +308,18 @@ class Run:
     @contextmanager
     def stage(self, round: int, stage: str):
         """Time a stage and hand it a Commit; its writes land in one transaction at the end."""
+        from selfreward.core import failpoints
+
         started, t0 = now(), time.perf_counter()
         commit = StageCommit()
+        failpoints.enter(f"r{round}:{stage}")
+        failpoints.hit("start")
         with PeakMemory() as mem:
             yield commit
         with self.db.atomic():
             for fn in commit.writes:
                 fn(self.db)
+            failpoints.hit("mid-commit")
             self.db["stages"].insert({
                 "round": round, "stage": stage, "started_at": started, "finished_at": now(),
                 "wall_s": round_(time.perf_counter() - t0), "peak_rss_mb": round_(mem.peak / 2**20),
@@ -322,6 +327,7 @@ class Run:
             })
             # The stage's outputs are in; its checkpointed generations are no longer needed.
             self.db.execute("delete from generation_checkpoint")
+        failpoints.enter("")
 
     def model(self, name: str) -> dict:
         row = self.db.execute("select * from models where name=?", [name]).fetchone()

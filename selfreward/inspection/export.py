@@ -5,6 +5,10 @@
 - `export_label_studio` / `import_labels`: a round's candidates as Label Studio
   ranking tasks, and the finished rankings back into `judgments` as judge
   `human:<annotator>`, next to the model's own judgments of the same candidates.
+
+An export never deletes or replaces what it did not write: it refuses a target
+that exists (unless forced, and then overwrites only its own files) and any
+target inside a run folder.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import json
 import os
 import re
 import shutil
+import tempfile
 from pathlib import Path
 
 from selfreward import __version__
@@ -37,25 +42,28 @@ HUMAN_MAX = 5.0  # the top of the additive judge's 0-5 scale, so human and model
 
 # --- preference pairs ---
 
-def export_pairs(run: Run, round: int, out: str | Path, fmt: str = "jsonl") -> int:
-    """Write round's kept pairs to `out` as jsonl, parquet or a datasets folder; return the row count."""
+def export_pairs(run: Run, round: int, out: str | Path, fmt: str = "jsonl", force: bool = False) -> int:
+    """Write round's kept pairs to `out` as jsonl, parquet or a datasets folder; return the row count.
+
+    See `_check_target` and `_write_output` for what may already be at `out` and what `force` allows.
+    """
     if fmt not in FORMATS:
         raise SelfRewardError(f"unknown export format '{fmt}'; choose one of {', '.join(FORMATS)}")
-    rows = pair_rows(run, round)
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    _check_target(out, folder=fmt == "datasets", force=force, what=f"a {fmt} export")
+    rows = pair_rows(run, round)
     if fmt == "jsonl":
-        _atomic(out, lambda tmp: tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows),
-                                                encoding="utf-8"))
+        _write_output(out, lambda tmp: tmp.write_text(
+            "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8"))
     elif fmt == "parquet":
         import pyarrow as pa
         import pyarrow.parquet as pq
 
-        _atomic(out, lambda tmp: pq.write_table(pa.Table.from_pylist(rows), tmp))
+        _write_output(out, lambda tmp: pq.write_table(pa.Table.from_pylist(rows), tmp))
     else:
         import datasets
 
-        _atomic(out, lambda tmp: datasets.Dataset.from_list(rows).save_to_disk(str(tmp)))
+        _write_output(out, lambda tmp: datasets.Dataset.from_list(rows).save_to_disk(str(tmp)))
     return len(rows)
 
 
@@ -95,8 +103,10 @@ def pair_rows(run: Run, round: int) -> list[dict]:
 
 # --- Label Studio ---
 
-def export_label_studio(run: Run, round: int, out_dir: str | Path) -> int:
+def export_label_studio(run: Run, round: int, out_dir: str | Path, force: bool = False) -> int:
     """Write tasks.json (one ranking task per prompt of the round) and labeling_config.xml; return the task count."""
+    out_dir = Path(out_dir)
+    _check_target(out_dir, folder=True, force=force, what="a Label Studio export")
     _check_round(run, round)
     cands = run.rows("select c.id, c.prompt_id, c.text, p.text prompt from candidates c "
                      "join prompts p on p.id = c.prompt_id where c.round = ? order by c.prompt_id, c.idx", [round])
@@ -109,11 +119,14 @@ def export_label_studio(run: Run, round: int, out_dir: str | Path) -> int:
                                                           "items": []}})
         items = task["data"]["items"]
         items.append({"id": f"c{c['id']}", "title": f"Response {len(items) + 1}", "body": c["text"]})
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    _atomic(out_dir / "tasks.json", lambda tmp: tmp.write_text(
-        json.dumps(list(tasks.values()), ensure_ascii=False, indent=2), encoding="utf-8"))
-    _atomic(out_dir / "labeling_config.xml", lambda tmp: tmp.write_text(LABELING_CONFIG, encoding="utf-8"))
+
+    def write(tmp: Path) -> None:
+        tmp.mkdir()
+        (tmp / "tasks.json").write_text(json.dumps(list(tasks.values()), ensure_ascii=False, indent=2),
+                                        encoding="utf-8")
+        (tmp / "labeling_config.xml").write_text(LABELING_CONFIG, encoding="utf-8")
+
+    _write_output(out_dir, write)
     return len(tasks)
 
 
@@ -254,26 +267,50 @@ def _check_round(run: Run, round: int) -> None:
                               f"({'rounds: ' + ', '.join(map(str, have)) if have else 'it has no rounds yet'})")
 
 
-def _atomic(path: Path, write) -> None:
-    """Call write(tmp) and rename tmp onto path, so path is either the old or the whole new output."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    old = path.with_name(f".{path.name}.old")
-    for stale in (tmp, old):
-        _remove(stale)
+def _check_target(out: Path, folder: bool, force: bool, what: str) -> None:
+    """Refuse, before anything is written, a target that would cost the user files export did not write."""
+    where = out.resolve()
+    run_dir = next((p for p in (where, *where.parents) if (p / "run.db").is_file()), None)
+    if run_dir is not None:
+        # Even with --force: a run folder holds only what the run wrote, and resuming trusts that.
+        raise SelfRewardError(f"{out} is inside the run folder {run_dir}; export to a path outside any run folder")
+    if out.is_dir():
+        if not folder:
+            raise SelfRewardError(f"{out} is a folder, and {what} is one file; give a file path")
+        if any(out.iterdir()) and not force:
+            raise SelfRewardError(f"{out} is a folder that is not empty; give a new path, or --force to overwrite "
+                                  "the files this export writes there (other files are left alone)")
+    elif out.exists() or out.is_symlink():
+        if folder:
+            raise SelfRewardError(f"{out} is a file, and {what} is a folder; give a new path")
+        if not force:
+            raise SelfRewardError(f"{out} already exists; give a new path, or --force to overwrite it")
+
+
+def _write_output(out: Path, write) -> None:
+    """Call write(tmp) on a temporary path beside `out`, then rename the result into place.
+
+    A failure leaves `out` as it was. A new file or folder (or one over an empty
+    folder) arrives in one rename. Over a non-empty folder (--force), each file
+    written is renamed over its namesake and every other file stays; nothing that
+    export did not write is deleted or replaced.
+    """
+    out = Path(os.path.abspath(out))  # so '.' has a name and a parent to stage beside
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # A fresh folder of our own beside `out` (same file system, so the renames are atomic).
+    stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     try:
+        tmp = stage / out.name
         write(tmp)
-        if path.exists() and (path.is_dir() or tmp.is_dir()):
-            # rename() cannot put a directory over a non-empty one (or a file): move the old one aside first.
-            os.replace(path, old)
-        os.replace(tmp, path)
-    except BaseException:
-        _remove(tmp)
-        raise
-    _remove(old)
-
-
-def _remove(path: Path) -> None:
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path)
-    elif path.exists() or path.is_symlink():
-        path.unlink()
+        if tmp.is_dir() and out.is_dir() and any(out.iterdir()):
+            items = sorted(tmp.iterdir())
+            clash = [item.name for item in items if (out / item.name).is_dir()]
+            if clash:
+                raise SelfRewardError(f"{out} holds a folder named {clash[0]} where this export writes a file; "
+                                      "give a new path")
+            for item in items:
+                os.replace(item, out / item.name)
+        else:
+            os.replace(tmp, out)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)

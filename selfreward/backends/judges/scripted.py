@@ -1,6 +1,9 @@
-"""The scripted judge's engine: a fixed list of raw outputs, used in order and
-cycled (tests, demos of failure handling). The LLM judge reads them with the
-same templates and parsers as a model's outputs, in every judge mode."""
+"""The scripted judge's engine: a fixed list of raw outputs, used in order from
+the start of each call and cycled (tests, demos of failure handling). The LLM
+judge reads them with the same templates and parsers as a model's outputs, in
+every judge mode. Each call starting afresh makes a stage's judgments depend
+only on that stage, as a seeded model's do: a stage rerun after a crash gets
+exactly what the uninterrupted run got."""
 
 from __future__ import annotations
 
@@ -19,7 +22,6 @@ class ScriptedEngine:
         if not outputs:
             raise SelfRewardError("scripted judge needs at least one output")
         self.outputs, self.model_path = list(outputs), source
-        self._next = 0
 
     @classmethod
     def from_file(cls, path: str) -> "ScriptedEngine":
@@ -35,12 +37,12 @@ class ScriptedEngine:
         return cls(outputs, str(p))
 
     def generate(self, prompts, n, sampling, desc="", on_done=None):
-        out = []
+        out, k = [], 0
         for i, _ in enumerate(prompts):
             row = []
             for _ in range(n):
-                text = self.outputs[self._next % len(self.outputs)]
-                self._next += 1
+                text = self.outputs[k % len(self.outputs)]
+                k += 1
                 row.append(Completion(text, len(text.split()), "stop"))
             out.append(row)
             if on_done:

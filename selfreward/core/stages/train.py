@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import gc
 import shutil
-import tempfile
 from pathlib import Path
 
 from transformers import TrainerCallback
 from transformers.trainer_callback import ProgressCallback
 
+from selfreward.core import failpoints
 from selfreward.backends.models import load_model, load_tokenizer, merge_adapter, use_4bit
 
 LOG_KEYS = {"loss": "loss", "learning_rate": "learning_rate", "grad_norm": "grad_norm",
@@ -35,6 +35,13 @@ class LogRows(TrainerCallback):
             self.rows.append(row)
 
 
+class StepFailpoint(TrainerCallback):
+    """Lets the crash test kill the process between two optimiser steps."""
+
+    def on_step_end(self, args, state, control, **kwargs):
+        failpoints.hit("step")
+
+
 class QuietProgress(ProgressCallback):
     """The progress bar without a dict printed under it at every step (run.db has them)."""
 
@@ -45,6 +52,7 @@ class QuietProgress(ProgressCallback):
 def _quiet(trainer):
     trainer.remove_callback(ProgressCallback)
     trainer.add_callback(QuietProgress())
+    trainer.add_callback(StepFailpoint())
     return trainer
 
 
@@ -88,12 +96,21 @@ def _load_for_training(base_path: str, cfg):
     return model
 
 
+def scratch(out: Path) -> Path:
+    """Training's scratch folder, beside its model folder in the run (never /tmp): a kill -9
+    leaves it where the rerun of the stage, which always follows, clears it."""
+    work = out.with_name(f".{out.name}.work")
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    return work
+
+
 def _train_and_merge(trainer, base_path: str, out: Path) -> Path:
     """Train, keep the adapter, free the trainer, then merge into a freshly loaded base:
     out/ (merged weights) and out/adapter. Callers pass the trainer without keeping a
     name for it, so the training copy of the model is gone before the merge copy loads."""
     _quiet(trainer).train()
-    tmp = Path(tempfile.mkdtemp(prefix="selfreward-adapter-"))
+    tmp = Path(trainer.args.output_dir) / "adapter"
     trainer.model.save_pretrained(tmp)
     del trainer
     gc.collect()
@@ -118,7 +135,9 @@ def sft(base_path: str, ift: list[dict], eft: list[tuple[str, str]], cfg, out: P
     rows += [{"prompt": [{"role": "user", "content": p}], "completion": [{"role": "assistant", "content": t}]}
              for p, t in eft]
     logs = LogRows(round, "sft")
-    with tempfile.TemporaryDirectory(prefix="selfreward-sft-") as tmp:
+    work = scratch(out)
+    try:
+        tmp = str(work)
         args = SFTConfig(**_common_args(cfg, tmp, cfg.sft_learning_rate, cfg.sft_learning_rate_end,
                                         cfg.sft_batch_size, cfg.sft_epochs),
                          completion_only_loss=True, dataset_num_proc=None)
@@ -126,6 +145,8 @@ def sft(base_path: str, ift: list[dict], eft: list[tuple[str, str]], cfg, out: P
             SFTTrainer(model=_load_for_training(base_path, cfg), args=args, train_dataset=Dataset.from_list(rows),
                        processing_class=load_tokenizer(base_path), peft_config=lora_config(cfg), callbacks=[logs]),
             base_path, out)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
     return logs.rows, adapter
 
 
@@ -139,7 +160,9 @@ def dpo(base_path: str, pairs: list[dict], cfg, out: Path, round: int):
              "chosen": [{"role": "assistant", "content": p["chosen"]}],
              "rejected": [{"role": "assistant", "content": p["rejected"]}]} for p in pairs]
     logs = LogRows(round, "dpo")
-    with tempfile.TemporaryDirectory(prefix="selfreward-dpo-") as tmp:
+    work = scratch(out)
+    try:
+        tmp = str(work)
         args = DPOConfig(**_common_args(cfg, tmp, cfg.dpo_learning_rate, cfg.dpo_learning_rate_end,
                                         cfg.dpo_batch_size, cfg.dpo_epochs),
                          beta=cfg.dpo_beta, loss_type=[cfg.dpo_loss_type], dataset_num_proc=None)
@@ -148,6 +171,8 @@ def dpo(base_path: str, pairs: list[dict], cfg, out: Path, round: int):
                        train_dataset=Dataset.from_list(rows), processing_class=load_tokenizer(base_path),
                        peft_config=lora_config(cfg), callbacks=[logs]),
             base_path, out)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
     return logs.rows, adapter
 
 
