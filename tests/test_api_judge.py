@@ -59,7 +59,7 @@ class ScriptedServer:
                 else:
                     payload = json.dumps({
                         "id": "x", "object": "chat.completion", "created": 0, "model": body["model"],
-                        "choices": [{"index": 0, "finish_reason": "stop",
+                        "choices": [{"index": 0, "finish_reason": step.get("finish", "stop"),
                                      "message": {"role": "assistant", "content": step["content"]}}],
                         "usage": {"prompt_tokens": 100, "completion_tokens": 7, "total_tokens": 107},
                     }).encode()
@@ -221,3 +221,14 @@ def test_an_empty_answer_is_the_judges_own_and_stays_unscored():
     with ScriptedServer([{"content": ""}]) as srv:
         row = judge_one(make_judge(srv.url, concurrency=1), "q", "a")
     assert row[0].parsed.score is None and row[0].parsed.reason == "empty output" and row[0].raw == ""
+
+
+def test_a_judgment_cut_off_at_the_token_limit_counts_only_with_a_complete_score_line():
+    script = [{"content": "Relevant and clear.\nScore: 4", "finish": "length"},   # the line may have gone on
+              {"content": "Relevant and clear.\nScore: 4\nAlso", "finish": "length"},  # complete, then more
+              {"content": "Relevant and clear.\nScore: 4", "finish": "stop"}]
+    with ScriptedServer(script) as srv:
+        row = judge_one(make_judge(srv.url, concurrency=1), "q", "a", samples=3)
+    assert row[0].parsed.score is None and "cut off by the token limit" in row[0].parsed.reason
+    assert row[0].finish_reason == "length"
+    assert [v.parsed.score for v in row[1:]] == [4.0, 4.0]

@@ -141,6 +141,8 @@ def m006_item_failures(db: sqlite_utils.Database):
     db["candidates"].add_column("error", str)
     db["candidates"].add_column("retries", int)
     db["judgments"].add_column("retries", int)
+    # "length": the judge hit its token limit; its score line counts only if it was complete.
+    db["judgments"].add_column("finish_reason", str)
     db["generation_checkpoint"].add_column("error", str)
     db["generation_checkpoint"].add_column("retries", int)
 

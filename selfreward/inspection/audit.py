@@ -35,14 +35,14 @@ def verify(run: Run, counts: dict | None = None) -> list[str]:
     # 1. Each stored score must be what its stored raw text parses to, under the template that made it.
     templates = _templates_by_sha()
     checked = unknown_template = 0
-    for j in run.rows("select id, score, raw, template_sha from judgments where raw is not null "
+    for j in run.rows("select id, score, raw, template_sha, finish_reason from judgments where raw is not null "
                       "and judge not like 'human:%'"):
         t = templates.get(j["template_sha"])
         if t is None:
             unknown_template += 1
             continue
         checked += 1
-        parsed = t.parse(j["raw"]).score
+        parsed = t.parse(j["raw"], truncated=j["finish_reason"] == "length").score
         if parsed != j["score"]:
             problems.append(f"judgment {j['id']}: stored score {j['score']} but its raw text parses to {parsed}")
     # 0. Every model folder the run recorded still holds the weights it recorded.

@@ -2,7 +2,7 @@
 
 | name           | what scores                                                   | rationale kept |
 |----------------|---------------------------------------------------------------|----------------|
-| `self`         | the policy M_t, on the policy's engine, with a prompt in prompts/ | yes        |
+| `self`         | the policy M_t, on its engine, with a prompt in selfreward/templates/ | yes  |
 | `api`          | any OpenAI-compatible server (the openai engine), same prompts | yes           |
 | `pairrm`       | PairRM (DeBERTa-v3 pairwise reward model)                      | comparisons    |
 | `reward-model` | any sequence-classification model                              | no (score)     |

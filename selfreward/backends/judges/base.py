@@ -28,6 +28,7 @@ class Verdict:
     n_tokens: int | None = None
     usage: dict | None = None  # API token usage: prompt_tokens, completion_tokens
     retries: int = 0           # requests repeated before this answer (openai engine)
+    finish_reason: str | None = None  # "stop", "length" (cut off at the token limit) or "error"
 
 
 @dataclass(frozen=True)

@@ -53,8 +53,11 @@ class LLMJudge:
     def _verdict(self, c: Completion) -> Verdict:
         if c.error:
             # The request failed, not the judge: no output to parse, the reason kept.
-            return Verdict(None, Parsed(None, "", f"request failed: {c.error}"), c.n_tokens, c.usage, c.retries)
-        return Verdict(c.text, self.template.parse(c.text), c.n_tokens, c.usage, c.retries)
+            return Verdict(None, Parsed(None, "", f"request failed: {c.error}"), c.n_tokens, c.usage, c.retries,
+                           c.finish_reason)
+        # A judgment cut off at the token limit counts only if its score line was complete.
+        parsed = self.template.parse(c.text, truncated=c.finish_reason == "length")
+        return Verdict(c.text, parsed, c.n_tokens, c.usage, c.retries, c.finish_reason)
 
     def _pairwise(self, groups, samples, seed):
         # Every unordered pair, asked as (a, b) and as (b, a).

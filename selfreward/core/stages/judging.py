@@ -49,6 +49,7 @@ def judgment_row(t: int, candidate_id: int, sample: int, judge, v, stamp: str, p
             "score": v.parsed.score, "reason": v.parsed.reason, "rationale": v.parsed.rationale, "raw": v.raw,
             "n_tokens": v.n_tokens, "prompt_tokens": usage.get("prompt_tokens"),
             "completion_tokens": usage.get("completion_tokens"), "retries": v.retries,
+            "finish_reason": v.finish_reason,
             "template_sha": judge.template_sha,
             "created_at": stamp, **provenance}
 
