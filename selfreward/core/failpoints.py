@@ -34,7 +34,7 @@ def hit(point: str) -> None:
     target = os.environ.get("SELFREWARD_KILL_AT")
     if not target:
         return
-    name = f"{_where}:{point}" if _where and not point.startswith("r") else point
+    name = point if ":" in point else f"{_where}:{point}"  # "r2:finish" names itself; "step" is the stage's
     _hits[name] = _hits.get(name, 0) + 1
     want, _, nth = target.partition("#")
     if name == want and _hits[name] == int(nth or 1):
