@@ -199,7 +199,10 @@ def _check_same_config(run, asked: dict) -> None:
         if stored.get(key) != value:
             raise SelfRewardError(f"run {run.path} was made with {key}={stored.get(key)!r}, not {value!r}; "
                                   f"drop the flag to resume, or use a new --name")
-    # Only once the rest is known to match, so a refused resume changes nothing.
+    # Only once the rest is known to match and the new values are valid, so a refused resume changes nothing.
+    from selfreward.config import validate
+
+    validate(dataclasses.replace(run.config(), **operational))
     for key, value in operational.items():
         if stored.get(key) != value:
             run.set_config(key, value)

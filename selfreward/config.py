@@ -280,8 +280,31 @@ def validate(c: Config) -> None:
         raise SelfRewardError("vllm_max_model_len and vllm_cpu_threads must be >= 0 (0 = vLLM's or every core)")
     if not 0 < c.vllm_gpu_memory_utilization <= 1:
         raise SelfRewardError("vllm_gpu_memory_utilization must lie in (0, 1]")
+    check_api_settings(c)
     if c.judge == "scripted" and not c.judge_script:
         raise SelfRewardError("judge 'scripted' needs judge_script: a JSON file with a list of raw judge outputs")
+
+
+def check_api_settings(c: Config) -> None:
+    """Secrets never become settings: they would be stored in run.db and config.toml.
+    The messages never repeat the offending value."""
+    import re
+    from urllib.parse import urlsplit
+
+    if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", c.api_key_env) or c.api_key_env.startswith(("sk-", "sk_")):
+        raise SelfRewardError("api_key_env must NAME an environment variable (e.g. OPENAI_API_KEY), and what was "
+                              "given looks like a key itself; put the key in that variable, never in a setting")
+    if c.api_base:
+        try:
+            url = urlsplit(c.api_base)
+            url.port  # noqa: B018 - raises ValueError on a malformed port
+        except ValueError:
+            raise SelfRewardError("api_base is not a valid URL (e.g. http://127.0.0.1:8000/v1)") from None
+        if url.scheme not in ("http", "https") or not url.hostname:
+            raise SelfRewardError("api_base must be an http(s) URL with a host, e.g. http://127.0.0.1:8000/v1")
+        if url.username or url.password:
+            raise SelfRewardError("api_base must not carry credentials (user:password@); put the key in the "
+                                  "environment variable named by api_key_env")
 
 
 def as_dict(c: Config) -> dict:

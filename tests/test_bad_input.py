@@ -68,3 +68,84 @@ def test_scripted_judge_needs_a_valid_script(invoke, tmp_path):
 def test_status_of_missing_run(tmp_path):
     result = CliRunner().invoke(cli, ["status", str(tmp_path / "nowhere")])
     assert result.exit_code != 0 and "no run at" in result.output
+
+
+# --- a table of malformed inputs: each one line, a non-zero exit, no run folder ---
+
+KEY = "sk-live-abcdef0123456789abcdef"
+
+
+def _file(tmp_path, name, text):
+    path = tmp_path / name
+    path.write_text(text)
+    return str(path)
+
+
+CASES = {
+    # id: (setup(tmp_path) -> extra CLI args, expected message)
+    "jsonl-not-json": (lambda t: ["--ift", _file(t, "a.jsonl", "{oops}\n")], "malformed JSON"),
+    "jsonl-a-list": (lambda t: ["--ift", _file(t, "a.jsonl", "[1, 2]\n")], "expected a JSON object, got list"),
+    "jsonl-a-string": (lambda t: ["--ift", _file(t, "a.jsonl", '"text"\n')], "expected a JSON object, got str"),
+    "jsonl-empty-file": (lambda t: ["--ift", _file(t, "a.jsonl", "\n\n")], "no rows"),
+    "jsonl-binary": (lambda t: ["--ift", _file(t, "a.jsonl.gz", "not gzip")], "cannot read as gzipped JSONL"),
+    "ift-missing-response": (lambda t: ["--ift", _file(t, "a.jsonl", '{"instruction": "x"}\n')],
+                             "missing field 'response'"),
+    "ift-empty-instruction": (lambda t: ["--ift", _file(t, "a.jsonl", '{"instruction": " ", "response": "r"}\n')],
+                              "field 'instruction' is empty"),
+    "ift-number-for-text": (lambda t: ["--ift", _file(t, "a.jsonl", '{"instruction": 3, "response": "r"}\n')],
+                            "field 'instruction' must be a string"),
+    "eft-score-as-text": (lambda t: ["--eft", _file(t, "e.jsonl", '{"instruction": "i", "response": "r", '
+                                     '"justification": "j", "score": "4"}\n')], "must be an integer"),
+    "eft-score-out-of-range": (lambda t: ["--eft", _file(t, "e.jsonl", '{"instruction": "i", "response": "r", '
+                                          '"justification": "j", "score": 9}\n')], "outside 0..5"),
+    "eft-score-bool": (lambda t: ["--eft", _file(t, "e.jsonl", '{"instruction": "i", "response": "r", '
+                                  '"justification": "j", "score": true}\n')], "must be an integer"),
+    "directory-for-a-file": (lambda t: ["--ift", str(t)], "data file not found"),
+    "eval-set-missing": (lambda t: ["--eft-eval", str(t / "none.jsonl")], "data file not found"),
+    "unknown-model-folder": (lambda t: ["--model", str(t / "nope")], "model not found"),
+    "model-folder-without-config": (lambda t: ["--model", str(t)], "has no config.json"),
+    "bad-toml": (lambda t: ["--config", _file(t, "c.toml", "n_candidates = = 3\n")], "is not valid TOML"),
+    "toml-unknown-key": (lambda t: ["--config", _file(t, "c.toml", "candidates = 3\n")],
+                         "unknown config key 'candidates'"),
+    "toml-wrong-type": (lambda t: ["--config", _file(t, "c.toml", 'n_candidates = "four"\n')], "wants a int"),
+    "missing-config-file": (lambda t: ["--config", str(t / "none.toml")], "config file not found"),
+    "set-without-equals": (lambda t: ["--set", "n_candidates"], "--set wants key=value"),
+    "set-fraction-for-int": (lambda t: ["--set", "judge_samples=2.5"], "wants a int"),
+    "one-candidate": (lambda t: ["--set", "n_candidates=1"], "n_candidates must be at least 2"),
+    "negative-temperature": (lambda t: ["--set", "candidate_temperature=-1"], "must be >= 0"),
+    "rho-out-of-range": (lambda t: ["--set", "length_rho=0.9"], "length_rho must lie in [0, 0.5]"),
+    "gpu-fraction-out-of-range": (lambda t: ["--set", "vllm_gpu_memory_utilization=2"], "must lie in (0, 1]"),
+    "unknown-engine": (lambda t: ["--set", "engine=tgi"], "engine 'tgi' cannot serve the policy"),
+    "openai-engine-for-the-policy": (lambda t: ["--set", "engine=openai"], "serves a fixed model"),
+    "key-pasted-as-key-variable": (lambda t: ["--set", f"api_key_env={KEY}"], "looks like a key itself"),
+    "api-url-with-credentials": (lambda t: ["--judge", "api", "--api-model", "m", "--api-base",
+                                            f"http://user:{KEY}@127.0.0.1:9/v1"], "must not carry credentials"),
+    "api-url-not-http": (lambda t: ["--judge", "api", "--api-model", "m", "--api-base", "ftp://x/v1"],
+                         "must be an http(s) URL"),
+    "api-judge-without-url": (lambda t: ["--judge", "api", "--api-model", "m"], "needs api_base"),
+    "scripted-judge-not-a-list": (lambda t: ["--judge", "scripted", "--judge-script", _file(t, "j.json", '{"a": 1}')],
+                                  "must hold a JSON list of strings"),
+    "unwritable-runs-folder": (lambda t: ["--runs-dir", _file(t, "a-file", "x") + "/runs"], "cannot create the run folder"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_malformed_input_is_one_line(case, invoke, tmp_path):
+    setup, message = CASES[case]
+    result = invoke(*setup(tmp_path))
+    assert_clean_failure(result, tmp_path, message)
+    assert KEY not in result.output  # a secret is never echoed back
+
+
+def test_credentials_never_reach_a_resumed_run(tmp_path, tiny_model, seed_files, judge_script):
+    # A resume may change where the API is, but a URL with credentials is refused before it is stored.
+    base = ["iterate", "--runs-dir", str(tmp_path / "runs"), "--name", "ok", "--preset", "tiny", "--rounds", "1",
+            "--model", str(tiny_model), "--ift", str(seed_files["ift"]), "--eft", str(seed_files["eft"]),
+            "--eft-eval", "", "--judge", "scripted", "--judge-script", str(judge_script)]
+    assert CliRunner().invoke(cli, base).exit_code == 0
+    result = CliRunner().invoke(cli, base + ["--api-base", f"http://u:{KEY}@127.0.0.1:9/v1"])
+    assert result.exit_code == 1 and "must not carry credentials" in result.output
+    run_dir = tmp_path / "runs" / "ok"
+    for path in run_dir.rglob("*"):
+        if path.is_file() and path.suffix in (".db", ".toml", ".json", ".log", ""):
+            assert KEY.encode() not in path.read_bytes(), path

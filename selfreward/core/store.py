@@ -262,7 +262,10 @@ class Run:
             import shutil
 
             shutil.rmtree(tmp)
-        (tmp / "models").mkdir(parents=True)
+        try:
+            (tmp / "models").mkdir(parents=True)
+        except OSError as e:
+            raise SelfRewardError(f"cannot create the run folder {path}: {e.strerror}") from None
         db = connect(tmp / "run.db", writer=True)
         migrations.apply(db)
         with db.atomic():
