@@ -340,9 +340,12 @@ def eval_group():
 @click.option("--samples", type=int, default=1, show_default=True, help="Judge samples per response.")
 @click.option("--verbosity/--no-verbosity", default=True, show_default=True,
               help="Also run the verbosity probe (padded answers must not score higher).")
+@click.option("--canaries/--no-canaries", default=True, show_default=True,
+              help="Also run the injection probe: answers carrying 'Score: 5', a closing tag or 'ignore the "
+                   "rubric' must not move their score, and no score may be read from an answer's text.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 @judge_options
-def eval_judge_cmd(run, models, dataset, limit, samples, verbosity, as_json, runs_dir, **judge_kw):
+def eval_judge_cmd(run, models, dataset, limit, samples, verbosity, canaries, as_json, runs_dir, **judge_kw):
     """Judge quality against human rankings (the paper's Table 4): pairwise
     accuracy (judge ties shown apart), 5-best %, exact-match %, Spearman and
     Kendall tau per prompt, plus parse rate, position inconsistency (pairwise
@@ -366,7 +369,7 @@ def eval_judge_cmd(run, models, dataset, limit, samples, verbosity, as_json, run
         for name in names:
             r.model(name)  # fails clearly on a model the run does not have
         _quiet_libraries()
-        rows = eval_judge(r, overrides, names, dataset or r.config().eft_eval, limit, samples, verbosity)
+        rows = eval_judge(r, overrides, names, dataset or r.config().eft_eval, limit, samples, verbosity, canaries)
     if as_json:
         click.echo(json.dumps(rows, indent=2))
         return

@@ -186,11 +186,14 @@ class Template:
         extra = values.keys() - self.variables
         if missing or extra:
             raise SelfRewardError(f"template {self.name}: missing {sorted(missing)}, unexpected {sorted(extra)}")
-        if self._tag_open is not None:
-            values = {k: self._tag_open.sub(r"<\\", v) for k, v in values.items()}
+        values = {k: self.escape(v) for k, v in values.items()}
         # One pass: a substituted value is never scanned again, so `{response}` inside the instruction
         # (or `{response_b}` inside response A) stays literal text.
         return self._placeholder.sub(lambda m: values[m.group(1)], self.body)
+
+    def escape(self, value: str) -> str:
+        """A value as the judge sees it: a tag that could end its section is written `<\\/...`."""
+        return self._tag_open.sub(r"<\\", value) if self._tag_open is not None else value
 
     def parse(self, text: str, truncated: bool = False) -> Parsed:
         return PARSERS[self.parser](text, truncated)

@@ -14,7 +14,8 @@ from selfreward.core.context import Context
 from selfreward.data import read_ift
 from selfreward.backends.engines import Sampling
 from selfreward.backends.judges import Group
-from selfreward.inspection.metrics import finite, judge_scores, load_eval_set, quality_metrics, verbosity_probe
+from selfreward.inspection.metrics import (finite, injection_probe, judge_scores, load_eval_set, quality_metrics,
+                                           verbosity_probe)
 from selfreward.core.store import Run, now
 
 
@@ -32,7 +33,7 @@ def _store(run: Run, kind: str, judge: str, model: str, dataset: str, metrics: d
 
 
 def eval_judge(run: Run, overrides: dict, models: list[str], dataset: str, limit: int, samples: int,
-               verbosity: bool) -> list[dict]:
+               verbosity: bool, canaries: bool = True) -> list[dict]:
     """Table-4 metrics of the configured judge on a ranked set; for the self judge, once per model."""
     cfg = dataclasses.replace(run.config(), **overrides)
     groups = load_eval_set(dataset)[: limit or None]
@@ -48,6 +49,8 @@ def eval_judge(run: Run, overrides: dict, models: list[str], dataset: str, limit
             metrics["judgments_per_s"] = metrics["n_responses"] * samples / elapsed if elapsed else math.nan
             if verbosity:
                 metrics.update(verbosity_probe(judge, groups, seed=cfg.seed))
+            if canaries and cfg.judge_mode != "pairwise":
+                metrics.update(injection_probe(judge, groups, seed=cfg.seed))
             eval_id = _store(run, "judge", judge.name, model, str(dataset), metrics)
             out.append({"eval_id": eval_id, "judge": judge.name, "model": model, **metrics})
     return out

@@ -62,12 +62,13 @@ EVAL_COLUMNS = [("model", "model"), ("judge", "judge"), ("n_prompts", "prompts")
                 ("pairwise_accuracy", "pair acc"), ("pairwise_ties", "ties"), ("five_best", "5-best"),
                 ("exact_match", "exact"), ("spearman", "spearman"), ("kendall_tau", "kendall"),
                 ("position_inconsistency", "pos-incons"), ("verbosity_padded_wins", "padded wins"),
-                ("judgments_per_s", "judg/s")]
+                ("canary_moved", "canary moved"), ("canary_copied_scores", "copied"), ("judgments_per_s", "judg/s")]
 H2H_COLUMNS = [("a", "A"), ("b", "B"), ("judge", "judge"), ("n", "prompts"), ("wins", "A wins"), ("ties", "ties"),
                ("losses", "A losses"), ("inconsistent", "inconsistent"), ("unscored", "unscored"),
                ("win_rate", "A win rate"), ("a_mean_tokens", "A len"), ("b_mean_tokens", "B len")]
 PERCENT = {"parse_rate", "eft_parse_rate", "reward_acc", "pairwise_accuracy", "pairwise_ties", "five_best",
-           "exact_match", "position_inconsistency", "verbosity_padded_wins", "win_rate"}
+           "exact_match", "position_inconsistency", "verbosity_padded_wins", "win_rate", "canary_moved",
+           "canary_raised"}
 
 
 def fmt(key: str, value) -> str:

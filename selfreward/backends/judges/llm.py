@@ -17,6 +17,7 @@ from selfreward.errors import SelfRewardError
 from selfreward.prompts import Parsed, Template, load_template
 
 MODES = {"additive": "additive_judge", "reference": "reference_judge", "pairwise": "pairwise_judge"}
+COPIED = "the score line was copied from the response, not the judge's own"
 
 
 class LLMJudge:
@@ -43,20 +44,22 @@ class LLMJudge:
             raise SelfRewardError("judge mode 'reference' needs a reference answer for every prompt")
         prompts = [self._render(g, r) for g in groups for r in g.responses]
         flat = iter(self.complete(prompts, samples, seed))
-        return [GroupResult([[self._verdict(o) for o in next(flat)] for _ in g.responses]) for g in groups]
+        return [GroupResult([[self._verdict(o, r) for o in next(flat)] for r in g.responses]) for g in groups]
 
     def _render(self, g: Group, response: str) -> str:
         if self.mode == "reference":
             return self.template.render(instruction=g.instruction, reference=g.reference, response=response)
         return self.template.render(instruction=g.instruction, response=response)
 
-    def _verdict(self, c: Completion) -> Verdict:
+    def _verdict(self, c: Completion, response: str | None = None) -> Verdict:
         if c.error:
             # The request failed, not the judge: no output to parse, the reason kept.
             return Verdict(None, Parsed(None, "", f"request failed: {c.error}"), c.n_tokens, c.usage, c.retries,
                            c.finish_reason)
         # A judgment cut off at the token limit counts only if its score line was complete.
         parsed = self.template.parse(c.text, truncated=c.finish_reason == "length")
+        if parsed.score is not None and response is not None and copied_score(c.text, response, self.template):
+            parsed = Parsed(None, parsed.rationale, COPIED)
         return Verdict(c.text, parsed, c.n_tokens, c.usage, c.retries, c.finish_reason)
 
     def _pairwise(self, groups, samples, seed):
@@ -96,6 +99,16 @@ class LLMJudge:
                         parsed = Parsed(None, summary, "no position-consistent comparison")
                     results[gi].verdicts[i].append(Verdict(None, parsed))
         return results
+
+
+def copied_score(output: str, response: str, template: Template) -> bool:
+    """Did the judge's final score line come from the response it judged? A judge that
+    repeats a response ending in "Score: 5" must not have that read as its own verdict."""
+    if template.parse(response).score is None:
+        return False  # the response holds no score line of its own
+    # The judge saw the response escaped (see Template.escape); it may repeat either form.
+    tails = {response.strip()[-80:], template.escape(response).strip()[-80:]}
+    return any(len(tail) >= 8 and output.rstrip().endswith(tail) for tail in tails)
 
 
 def pair_outcome(ab: float | None, ba: float | None) -> str:
