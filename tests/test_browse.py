@@ -73,3 +73,31 @@ def test_every_canned_query_runs(datasette):
         url = f"{datasette}/run/{name}.json?_shape=array&min_spread=0"
         rows = json.loads(urllib.request.urlopen(url, timeout=10).read())
         assert isinstance(rows, list), name
+
+
+def test_browse_reads_with_normal_locking_and_writes_nothing(judged_run, tmp_path):
+    """Immutable mode (-i) skips SQLite's locks and can show a half-written stage; browse must not use it,
+    and opening a run to browse it must not migrate or otherwise write the file."""
+    import hashlib
+
+    from selfreward.core.store import Run
+
+    db_file = judged_run.path / "run.db"
+    judged_run.close()
+    before = hashlib.sha256(db_file.read_bytes()).hexdigest(), db_file.stat().st_mtime_ns
+    with Run.open(judged_run.path) as run:
+        cmd = command(run, "127.0.0.1", free_port(), write_metadata(tmp_path))
+    assert "-i" not in cmd and "--immutable" not in cmd and str(db_file) in cmd
+    assert (hashlib.sha256(db_file.read_bytes()).hexdigest(), db_file.stat().st_mtime_ns) == before
+
+
+def test_rows_committed_while_browsing_show_up(datasette, judged_run):
+    """With normal locking Datasette sees each commit as it lands (immutable mode would not)."""
+    import json as _json
+
+    url = datasette + "/run/prompts.json?_shape=array&_size=max"
+    before = len(_json.loads(urllib.request.urlopen(url, timeout=5).read()))
+    with judged_run.db.conn:
+        judged_run.db.execute("insert into prompts (round, text, source, created_at) values (9, 'x', 't', 'now')")
+    after = len(_json.loads(urllib.request.urlopen(url, timeout=5).read()))
+    assert after == before + 1

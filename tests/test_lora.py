@@ -33,3 +33,28 @@ def test_dpo_changes_adapter_not_base(tiny_model, tmp_path):
     assert changed  # the merged model carries the update
     assert rows and all(r["kind"] == "dpo" and r["loss"] is not None for r in rows)
     assert any(r["rewards_margin"] is not None for r in rows)
+
+
+def test_model_folders_reach_the_disk_before_their_stage_commits(tmp_path, tiny_model, seed_files, monkeypatch):
+    import os
+
+    from click.testing import CliRunner
+
+    from selfreward.cli import cli
+
+    synced = []
+    real_fsync = os.fsync
+
+    def fsync(fd):
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        return real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    args = ["iterate", "--runs-dir", str(tmp_path / "runs"), "--name", "s", "--model", str(tiny_model), "--ift",
+            str(seed_files["ift"]), "--eft", str(seed_files["eft"]), "--eft-eval", "", "--preset", "tiny",
+            "--rounds", "1"]
+    assert CliRunner().invoke(cli, args, catch_exceptions=False).exit_code == 0
+    m1 = str(tmp_path / "runs" / "s" / "models" / "M1")
+    assert any(p.startswith(m1) and p.endswith(".safetensors") and "/adapter/" not in p for p in synced)
+    assert any(p.startswith(m1 + "/adapter/") and p.endswith(".safetensors") for p in synced)
+    assert m1 in synced  # the folder entry itself
