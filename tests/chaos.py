@@ -25,13 +25,14 @@ POINTS = [
     "r1:eval_M1:generated#1", "r1:finish",
     "r2:self_instruct:generated#1", "r2:self_instruct:mid-commit",
     "r2:candidates:generated#1", "r2:candidates:mid-commit",
-    "r2:judge:start", "r2:judge:mid-commit",
+    "r2:judge:generated#2", "r2:judge:mid-commit",
     "r2:pairs:mid-commit",
     "r2:dpo:step#1", "r2:dpo:merge", "r2:dpo:mid-commit",
     "r2:eval_M2:generated#2", "r2:finish",
 ]
 # What CI runs: one of each kind (mid-generation, mid-SFT, mid-merge, mid-judging, mid-commit, mid-DPO).
-CI_POINTS = ["r1:eval_M0:generated#1", "r1:sft:merge", "r2:judge:mid-commit", "r2:dpo:step#1"]
+CI_POINTS = ["r1:eval_M0:generated#1", "r1:sft:merge", "r2:judge:generated#2", "r2:judge:mid-commit",
+             "r2:dpo:step#1"]
 
 JUDGE_OUTPUTS = ["Relevant and complete.\nScore: 4", "Partly relevant.\nScore: 1", "I cannot decide.",
                  "Mostly there.\nScore: 3", "Score: 7", "Good answer.\nScore: 5"]
@@ -86,7 +87,7 @@ SNAPSHOT = {
 
 def snapshot(run_dir: Path) -> dict[str, list[tuple]]:
     db = sqlite_utils.Database(run_dir / "run.db")
-    out = {table: [tuple(r) for r in db.execute(f"select {cols} from {table} order by 1, 2, 3")]
+    out = {table: sorted((tuple(r) for r in db.execute(f"select {cols} from {table}")), key=repr)
            for table, cols in SNAPSHOT.items()}
     db.close()
     return out

@@ -71,32 +71,34 @@ class CheckpointedEngine:
                                      done[k]["error"], done[k]["retries"], done[k]["usage"]) for k in row]
         todo = [i for i, row in enumerate(out) if row[0] is None]
 
-        def keep(local: int, completions: list[Completion], chunk: list[int]) -> None:
-            i = chunk[local]
-            out[i] = completions
-            self.checkpoint.put_many([{"key": keys[i][j], "text": x.text, "n_tokens": x.n_tokens,
-                                       "finish_reason": x.finish_reason, "error": x.error, "retries": x.retries,
-                                       "usage": x.usage} for j, x in enumerate(completions)])
+        def keep(indices: list[int], results: list[list[Completion]]) -> None:
+            rows = []
+            for i, completions in zip(indices, results):
+                out[i] = completions
+                rows += [{"key": keys[i][j], "text": x.text, "n_tokens": x.n_tokens, "finish_reason": x.finish_reason,
+                          "error": x.error, "retries": x.retries, "usage": x.usage} for j, x in enumerate(completions)]
+            self.checkpoint.put_many(rows)
             failpoints.hit("generated")
 
         if self.seeds_per_request:
-            chunks, seeds = [todo], [sampling.seed]
+            # Each prompt is kept the moment it is done: its samples do not depend on the others.
+            self.inner.generate([prompts[i] for i in todo], n, sampling, desc=desc,
+                                on_done=lambda local, cs: keep([todo[local]], [cs]))
         else:
+            # Kept only as whole chunks: a resumed stage must form the same chunks, with the same seeds.
             size = self.inner.chunk_prompts(n)
             chunks = [todo[s : s + size] for s in range(0, len(todo), size)]
-            # Seeded by the chunk's first prompt (not by where the model lives), so a chunk samples
-            # alike whether or not a resume preceded it, in any run folder.
-            seeds = [(sampling.seed + int(hashlib.sha256(json.dumps(prompts[c[0]], sort_keys=True,
-                      ensure_ascii=False).encode()).hexdigest()[:8], 16)) % (2**31) for c in chunks]
-        finished = len(prompts) - len(todo)
-        for chunk, seed in zip(chunks, seeds):
-            if not chunk:
-                continue
-            self.inner.generate([prompts[i] for i in chunk], n,
-                                Sampling(sampling.temperature, sampling.top_p, sampling.max_new_tokens, seed),
-                                desc=f"{desc} [{finished}/{len(prompts)}]",
-                                on_done=lambda local, cs, chunk=chunk: keep(local, cs, chunk))
-            finished += len(chunk)
+            finished = len(prompts) - len(todo)
+            for chunk in chunks:
+                # Seeded by the chunk's first prompt (not by where the model lives), so a chunk samples
+                # alike whether or not a resume preceded it, in any run folder.
+                first = json.dumps(prompts[chunk[0]], sort_keys=True, ensure_ascii=False)
+                seed = (sampling.seed + int(hashlib.sha256(first.encode()).hexdigest()[:8], 16)) % (2**31)
+                results = self.inner.generate([prompts[i] for i in chunk], n,
+                                              Sampling(sampling.temperature, sampling.top_p, sampling.max_new_tokens,
+                                                       seed), desc=f"{desc} [{finished}/{len(prompts)}]")
+                keep(chunk, results)
+                finished += len(chunk)
         if on_done:
             for i, row in enumerate(out):
                 on_done(i, row)

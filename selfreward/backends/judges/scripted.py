@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 
 from selfreward.backends.engines import Completion
+from selfreward.core import failpoints
 from selfreward.errors import SelfRewardError
 
 
@@ -47,6 +48,7 @@ class ScriptedEngine:
             out.append(row)
             if on_done:
                 on_done(i, row)
+            failpoints.hit("generated")  # the crash test can kill the process mid-judging
         return out
 
     def chunk_prompts(self, n: int) -> int:
