@@ -21,8 +21,9 @@ from selfreward.cli import cli
 from selfreward.core.store import Run
 
 
-class FaultProxy:
-    """Forwards POSTs to `upstream`, misbehaving on a seeded schedule. Counts what it did."""
+class FaultProxy(ScriptedServer):
+    """Forwards POSTs to `upstream`, misbehaving on a seeded schedule. Counts what it did.
+    (Started and stopped like the ScriptedServer it stands in front of.)"""
 
     def __init__(self, upstream: str, seed: int = 7, timeout_s: float = 1.0):
         self.rng, self.lock = random.Random(seed), threading.Lock()
@@ -83,14 +84,6 @@ class FaultProxy:
     def count(self, what: str) -> None:
         with self.lock:
             self.counts[what] += 1
-
-    def __enter__(self):
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.httpd.shutdown()
-        self.httpd.server_close()
 
 
 def test_the_loop_survives_a_faulty_api_and_accounts_for_every_judgment(tmp_path, tiny_model, seed_files):
