@@ -122,9 +122,6 @@ def kill_and_resume(point: str, workdir: Path, model: Path, inputs: dict, baseli
     if killed.returncode != -signal.SIGKILL:
         return [f"{point}: expected a SIGKILL, got exit {killed.returncode} (point never reached?): "
                 f"{killed.stderr[-500:]}"]
-    if not (runs / name / "run.db").exists():
-        # Killed before the run folder was renamed into place: the rerun starts afresh.
-        pass
     rerun = iterate(cmd)
     if rerun.returncode != 0:
         return [f"{point}: the rerun failed (exit {rerun.returncode}): {rerun.stderr[-1500:]}"]
