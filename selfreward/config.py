@@ -41,7 +41,7 @@ class Config:
     judge_model: str = _f("", "For judge='pairrm' or 'reward-model': a hub id or local folder (pairrm defaults to llm-blender/PairRM-hf).")
     judge_script: str = _f("", "For judge='scripted': a JSON file holding a list of raw judge outputs, used in order and cycled.")
     gen_batch_size: int = _f(16, "Sequences generated per forward batch (transformers engine).")
-    load_in_4bit: str = _f("auto", "Load the base in 4-bit for training (QLoRA): 'auto' (on CUDA), 'yes', 'no'.")
+    load_in_4bit: str = _f("auto", "Load the base in 4-bit (nf4, bitsandbytes) for training (QLoRA): 'auto' (on CUDA), 'yes' (CUDA or CPU), 'no'. The adapter is always merged into a full-precision reload of the base.")
     # --- openai engine (judge='api'): any OpenAI-compatible server ---
     api_base: str = _f("", "Base URL of an OpenAI-compatible server (vLLM, SGLang, llama.cpp's server, a hosted API), e.g. http://127.0.0.1:8000/v1.")
     api_model: str = _f("", "The model name to ask the server for.")
@@ -98,9 +98,17 @@ class Config:
     sft_max_eft: int = _f(0, "Use at most this many EFT examples for SFT (0 = all).")
     max_length: int = _f(2048, "Token limit for one training sequence (prompt + response).")
     eval_eft_size: int = _f(0, "Held-out EFT examples judged by M0 and each new M_t to measure parse rate (0 = all).")
-    # --- DPO (rounds t >= 2) ---
-    dpo_beta: float = _f(0.1, "DPO beta.")
-    dpo_loss_type: str = _f("sigmoid", "TRL DPO loss_type: sigmoid, ipo, robust, hinge, ...")
+    # --- training M_t from M_{t-1} (rounds t >= 2) ---
+    train_method: str = _f("dpo", "How M_t (t >= 2) is trained from M_{t-1} on the round's pairs: 'dpo' (TRL DPOTrainer, loss dpo_loss_type, reference M_{t-1}), or 'simpo' (TRL's CPO trainer with loss_type='simpo' and cpo_alpha=0: reference-free SimPO, no reference model in memory).")
+    report_to: str = _f("none", "Experiment tracking for every trainer, passed to TRL: 'none', or a comma list of tensorboard, wandb, trackio, mlflow, ... (the package must be installed). Each logged run is named <run>-r<t>-<method>; TensorBoard logs go to runs/<name>/tensorboard. run.db stays the record.")
+    # --- DPO ---
+    dpo_beta: float = _f(0.1, "DPO beta (for loss 'ipo' the regularisation tau).")
+    dpo_loss_type: str = _f("sigmoid", "TRL DPO loss_type: sigmoid, ipo, robust, hinge (and TRL's others), or a comma list to sum several, e.g. 'sigmoid,sft'.")
+    dpo_label_smoothing: float = _f(0.0, "DPO label smoothing: the assumed rate of flipped preference labels, for loss 'robust' (cDPO with 'sigmoid'); in [0, 0.5).")
+    dpo_ld_alpha: float = _f(1.0, "LD-DPO length desensitisation alpha in [0, 1]: 1.0 is plain DPO; lower values down-weight the tokens of the longer response beyond the shared length (Liu et al. 2024 use 0.3-0.8).")
+    # --- SimPO (train_method='simpo') ---
+    simpo_beta: float = _f(2.0, "SimPO beta: the scale of the length-normalised log-probability reward (the SimPO paper uses 2.0-2.5).")
+    simpo_gamma: float = _f(0.5, "SimPO target reward margin gamma.")
     dpo_learning_rate: float = _f(1e-6, "DPO peak learning rate (cosine decay to dpo_learning_rate_end).")
     dpo_learning_rate_end: float = _f(1e-7, "DPO final learning rate.")
     dpo_batch_size: int = _f(16, "DPO batch size in pairs (per step, reached by gradient accumulation).")
@@ -263,6 +271,7 @@ def validate(c: Config) -> None:
     for key in ("candidate_temperature", "judge_temperature", "instruct_temperature"):
         if getattr(c, key) < 0:
             raise SelfRewardError(f"config key '{key}' must be >= 0")
+    check_training(c)
     if c.load_in_4bit not in ("auto", "yes", "no"):
         raise SelfRewardError("load_in_4bit must be 'auto', 'yes' or 'no'")
     if c.api_concurrency <= 0 or c.api_timeout <= 0 or c.api_max_retries < 0 or c.api_backoff < 0:
@@ -284,6 +293,45 @@ def validate(c: Config) -> None:
     check_api_settings(c)
     if c.judge == "scripted" and not c.judge_script:
         raise SelfRewardError("judge 'scripted' needs judge_script: a JSON file with a list of raw judge outputs")
+
+
+TRAIN_METHODS = ("dpo", "simpo")
+# TRL 1.16's DPO losses (DPOTrainer.dpo_loss); a comma list sums several.
+DPO_LOSS_TYPES = ("sigmoid", "ipo", "robust", "hinge", "exo_pair", "nca_pair", "bco_pair", "sppo_hard", "aot",
+                  "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm")
+# transformers' reporting integrations and the module each needs.
+TRACKERS = {"tensorboard": "tensorboard", "wandb": "wandb", "trackio": "trackio", "mlflow": "mlflow",
+            "comet_ml": "comet_ml", "clearml": "clearml", "dvclive": "dvclive", "swanlab": "swanlab",
+            "neptune": "neptune", "codecarbon": "codecarbon", "dagshub": "dagshub", "azure_ml": "azureml"}
+
+
+def loss_types(c: Config) -> list[str]:
+    return [x.strip() for x in c.dpo_loss_type.split(",") if x.strip()]
+
+
+def trackers(c: Config) -> list[str]:
+    return [] if c.report_to.strip() in ("", "none") else [x.strip() for x in c.report_to.split(",") if x.strip()]
+
+
+def check_training(c: Config) -> None:
+    import importlib.util
+
+    if c.train_method not in TRAIN_METHODS:
+        raise SelfRewardError(f"unknown train_method '{c.train_method}'; choose one of: {', '.join(TRAIN_METHODS)}")
+    unknown = [x for x in loss_types(c) if x not in DPO_LOSS_TYPES] or ([] if loss_types(c) else ["(empty)"])
+    if unknown:
+        raise SelfRewardError(f"unknown dpo_loss_type {', '.join(unknown)}; choose from: {', '.join(DPO_LOSS_TYPES)}")
+    if not 0.0 <= c.dpo_label_smoothing < 0.5:
+        raise SelfRewardError(f"dpo_label_smoothing must lie in [0, 0.5), got {c.dpo_label_smoothing}")
+    if not 0.0 <= c.dpo_ld_alpha <= 1.0:
+        raise SelfRewardError(f"dpo_ld_alpha must lie in [0, 1] (1 = plain DPO), got {c.dpo_ld_alpha}")
+    if c.dpo_beta <= 0 or c.simpo_beta <= 0:
+        raise SelfRewardError("dpo_beta and simpo_beta must be positive")
+    for name in trackers(c):
+        if name not in TRACKERS:
+            raise SelfRewardError(f"unknown report_to '{name}'; choose 'none' or from: {', '.join(TRACKERS)}")
+        if importlib.util.find_spec(TRACKERS[name]) is None:
+            raise SelfRewardError(f"report_to '{name}' needs the {TRACKERS[name]} package: pip install {name}")
 
 
 def check_api_settings(c: Config) -> None:

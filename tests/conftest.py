@@ -26,8 +26,9 @@ def _isolated_cache(tmp_path_factory, monkeypatch):
         monkeypatch.setenv("SELFREWARD_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
 
 
-def build_tiny_model(path: Path, seed: int = 0) -> Path:
-    """A 2-layer Llama (hidden 32) and a byte-level BPE tokenizer trained in-process."""
+def build_tiny_model(path: Path, seed: int = 0, hidden: int = 32) -> Path:
+    """A 2-layer Llama (hidden 32) and a byte-level BPE tokenizer trained in-process. 4-bit
+    tests ask for hidden 64: bitsandbytes' CPU kernel packs weights in blocks of 64 inputs."""
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
@@ -43,7 +44,7 @@ def build_tiny_model(path: Path, seed: int = 0) -> Path:
                                    bos_token=None)
     fast.chat_template = CHAT_TEMPLATE
     torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=len(fast), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+    config = LlamaConfig(vocab_size=len(fast), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
                          eos_token_id=fast.eos_token_id, pad_token_id=fast.pad_token_id, bos_token_id=None,
                          tie_word_embeddings=True)

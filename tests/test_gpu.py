@@ -32,7 +32,7 @@ def test_qlora_dpo_merges_into_16bit(tiny_model, tmp_path):
 
     cfg = resolve({}, {"preset": "tiny", "load_in_4bit": "yes"})
     pairs = [{"prompt": "say hi", "chosen": "hi there", "rejected": "bad"}] * 2
-    rows, adapter = dpo(str(tiny_model), pairs, cfg, tmp_path / "M2", round=2)
+    rows, adapter, info = dpo(str(tiny_model), pairs, cfg, tmp_path / "M2", round=2)
     assert rows and adapter.is_dir()
     merged = load_model(str(tmp_path / "M2"))
     assert merged.dtype == torch.bfloat16  # merged into 16-bit weights, not a 4-bit base

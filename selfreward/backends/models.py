@@ -105,19 +105,20 @@ def load_tokenizer(path: str):
 
 
 def load_model(path: str, four_bit: bool = False, dtype=None):
-    """A causal LM for generation or training; 4-bit (bitsandbytes) only on CUDA."""
+    """A causal LM for generation or training. `four_bit`: nf4 with double quantization and
+    bf16 compute (bitsandbytes), on CUDA or on CPU (bitsandbytes >= 0.48 has a CPU backend)."""
     import torch
     from transformers import AutoModelForCausalLM
 
     kwargs = {}
     if four_bit:
-        from transformers import BitsAndBytesConfig  # needs the gpu extra (bitsandbytes)
+        from transformers import BitsAndBytesConfig
 
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=torch.bfloat16,
         )
-        kwargs["device_map"] = {"": 0}
+        kwargs["device_map"] = {"": 0 if device() == "cuda" else "cpu"}
     else:
         kwargs["dtype"] = dtype or (torch.bfloat16 if device() == "cuda" else torch.float32)
     try:
@@ -130,20 +131,52 @@ def load_model(path: str, four_bit: bool = False, dtype=None):
 
 
 def use_4bit(setting: str) -> bool:
+    """'yes': 4-bit wherever bitsandbytes is installed (CUDA or CPU); 'auto': on CUDA only,
+    where it saves the memory that matters; 'no': never."""
     if setting == "no":
         return False
-    cuda = device() == "cuda"
-    if setting == "yes" and not cuda:
-        raise SelfRewardError("load_in_4bit='yes' needs a CUDA GPU (bitsandbytes)")
-    return cuda
+    if setting == "auto" and device() != "cuda":
+        return False
+    if importlib.util.find_spec("bitsandbytes") is None:
+        if setting == "auto":
+            return False
+        raise SelfRewardError("load_in_4bit='yes' needs bitsandbytes: pip install 'bitsandbytes>=0.48' "
+                              "(make install puts it in .venv)")
+    return True
 
 
-def merge_adapter(base_path: str, adapter_path: Path, out: Path) -> None:
-    """Merge a LoRA adapter into full 16/32-bit weights of its base (never into a 4-bit base)."""
+def sequence_logps(model, tokenizer, pairs: list[dict]) -> list[float]:
+    """Summed log-probability of each pair's chosen and of its rejected response given its prompt
+    (chat template applied), in the order chosen_0, rejected_0, chosen_1, ...: what DPO compares."""
+    import torch
+
+    out = []
+    model.eval()
+    dev = next(model.parameters()).device
+    with torch.no_grad():
+        for p in pairs:
+            prompt = tokenizer.apply_chat_template([{"role": "user", "content": p["prompt"]}], tokenize=False,
+                                                   add_generation_prompt=True)
+            start = len(tokenizer(prompt, add_special_tokens=False)["input_ids"])
+            for key in ("chosen", "rejected"):
+                chat = [{"role": "user", "content": p["prompt"]}, {"role": "assistant", "content": p[key]}]
+                ids = tokenizer(tokenizer.apply_chat_template(chat, tokenize=False), add_special_tokens=False,
+                                return_tensors="pt")["input_ids"].to(dev)
+                logits = model(input_ids=ids).logits.float()
+                logp = torch.log_softmax(logits[0, :-1], dim=-1).gather(1, ids[0, 1:, None])[:, 0]
+                out.append(float(logp[start - 1:].sum()))
+    return out
+
+
+def merge_adapter(base_path: str, adapter_path: Path, out: Path, probe=None):
+    """Merge a LoRA adapter into a full-precision reload of its base (never into 4-bit weights:
+    the merged model has no quantization_config and no quantized tensors). `probe(model)`, if
+    given, runs on the merged model before it is saved, and its result is returned."""
     from peft import PeftModel
 
     base = load_model(base_path, four_bit=False)
     merged = PeftModel.from_pretrained(base, str(adapter_path)).merge_and_unload()
+    result = probe(merged) if probe else None
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     merged.save_pretrained(tmp)
@@ -153,6 +186,7 @@ def merge_adapter(base_path: str, adapter_path: Path, out: Path) -> None:
     failpoints.hit("merge")
     shutil.rmtree(out, ignore_errors=True)
     os.replace(tmp, out)
+    return result
 
 
 def fsync_tree(folder: Path) -> None:

@@ -147,6 +147,16 @@ def m006_item_failures(db: sqlite_utils.Database):
     db["generation_checkpoint"].add_column("retries", int)
 
 
+@migrations()
+def m007_training_methods(db: sqlite_utils.Database):
+    # Each training method logs its own metrics (SimPO's nll, LD-DPO's weights, ...): all of them, as JSON.
+    db["training_steps"].add_column("metrics", str)
+    # How a model was trained (method, loss, 4-bit or not, steps) and, for a merged adapter, the mean
+    # absolute change in held-out log-probabilities that merging into full precision made (nats).
+    db["models"].add_column("detail", str)
+    db["models"].add_column("merge_gap", float)
+
+
 def take_lock(path: Path, wait: bool = False, quiet: bool = False):
     """The run's lock (an flock on runs/<name>/.lock): one writer per run."""
     fh = open(path / ".lock", "w")

@@ -1,5 +1,7 @@
-"""Training: SFT for M1 and DPO for M_t (t >= 2), both with a LoRA adapter
-(QLoRA on CUDA), then merged into full-precision weights for the next round.
+"""Training: SFT for M1, then M_t (t >= 2) from M_{t-1} by the configured method
+(DPO with TRL's loss types and LD-DPO, or reference-free SimPO), always with a
+LoRA adapter, on a 4-bit base where load_in_4bit says so (QLoRA, CUDA or CPU),
+then merged into a full-precision reload of the base for the next round.
 
 Only the optimisation step is delegated to TRL's trainers; everything they log
 comes back as rows for the `training_steps` table.
@@ -8,22 +10,29 @@ comes back as rows for the `training_steps` table.
 from __future__ import annotations
 
 import gc
+import json
+import math
+import os
 import shutil
 from pathlib import Path
 
 from transformers import TrainerCallback
 from transformers.trainer_callback import ProgressCallback
 
+from selfreward.config import loss_types, trackers
 from selfreward.core import failpoints
-from selfreward.backends.models import load_model, load_tokenizer, merge_adapter, use_4bit
+from selfreward.backends.models import load_model, load_tokenizer, merge_adapter, sequence_logps, use_4bit
 
 LOG_KEYS = {"loss": "loss", "learning_rate": "learning_rate", "grad_norm": "grad_norm",
             "rewards/margins": "rewards_margin", "rewards/accuracies": "rewards_accuracy",
             "rewards/chosen": "rewards_chosen", "rewards/rejected": "rewards_rejected"}
+# Held-out pairs on which the 4-bit model with its adapter is compared with the merged model.
+MERGE_PROBE_PAIRS = 8
 
 
 class LogRows(TrainerCallback):
-    """Collects each logged step as a row; the stage commits them with its outputs."""
+    """Collects each logged step as a row; the stage commits them with its outputs. The common
+    columns are filled where the method logs them; `metrics` keeps everything it logged."""
 
     def __init__(self, round: int, kind: str):
         self.round, self.kind, self.rows = round, kind, []
@@ -32,6 +41,8 @@ class LogRows(TrainerCallback):
         if logs and "loss" in logs:
             row = {"round": self.round, "kind": self.kind, "step": state.global_step, "epoch": logs.get("epoch")}
             row.update({col: logs.get(key) for key, col in LOG_KEYS.items()})
+            numbers = {k: v for k, v in logs.items() if isinstance(v, (int, float)) and k != "epoch"}
+            row["metrics"] = json.dumps(numbers, sort_keys=True)
             self.rows.append(row)
 
 
@@ -63,7 +74,9 @@ def lora_config(cfg):
                       target_modules="all-linear", task_type="CAUSAL_LM")
 
 
-def _common_args(cfg, out: str, lr: float, lr_end: float, batch: int, epochs: float) -> dict:
+def _common_args(cfg, out: str, lr: float, lr_end: float, batch: int, epochs: float, tag: str = "") -> dict:
+    """TrainingArguments shared by every trainer. `tag` names the logged run of an experiment
+    tracker (report_to): <run>-r<t>-<method>."""
     import torch
 
     from transformers import TrainingArguments
@@ -77,7 +90,8 @@ def _common_args(cfg, out: str, lr: float, lr_end: float, batch: int, epochs: fl
         output_dir=out, num_train_epochs=epochs, learning_rate=lr,
         lr_scheduler_type="cosine_with_min_lr", lr_scheduler_kwargs={"min_lr": lr_end},
         per_device_train_batch_size=micro, gradient_accumulation_steps=max(1, batch // micro),
-        max_length=cfg.max_length, logging_steps=1, save_strategy="no", report_to=[], seed=cfg.seed,
+        max_length=cfg.max_length, logging_steps=1, save_strategy="no", seed=cfg.seed,
+        report_to=trackers(cfg), run_name=tag or None,
         bf16=cuda, disable_tqdm=False, dataloader_num_workers=0, dataloader_pin_memory=cuda,
         # Recomputing activations saves GPU memory for big models; a 135M model on CPU only pays the time.
         **{recompute: cuda},
@@ -87,12 +101,16 @@ def _common_args(cfg, out: str, lr: float, lr_end: float, batch: int, epochs: fl
 
 
 def _load_for_training(base_path: str, cfg):
+    """The model to train. On a 4-bit base, peft casts the norms to fp32 and makes the inputs
+    require grads; activation recomputation only on CUDA, where memory is what 4-bit buys."""
+    import torch
+
     four_bit = use_4bit(cfg.load_in_4bit)
     model = load_model(base_path, four_bit=four_bit)
     if four_bit:
         from peft import prepare_model_for_kbit_training
 
-        model = prepare_model_for_kbit_training(model)
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=torch.cuda.is_available())
     return model
 
 
@@ -105,20 +123,89 @@ def scratch(out: Path) -> Path:
     return work
 
 
-def _train_and_merge(trainer, base_path: str, out: Path) -> Path:
-    """Train, keep the adapter, free the trainer, then merge into a freshly loaded base:
-    out/ (merged weights) and out/adapter. Callers pass the trainer without keeping a
-    name for it, so the training copy of the model is gone before the merge copy loads."""
+def _tracking(cfg, out: Path):
+    """TensorBoard writes under the trainer's scratch folder unless told otherwise: point it at
+    runs/<name>/tensorboard/<model>, which outlives the stage."""
+    if "tensorboard" in trackers(cfg) and "TENSORBOARD_LOGGING_DIR" not in os.environ:
+        return {"TENSORBOARD_LOGGING_DIR": str(out.parent.parent / "tensorboard" / out.name)}
+    return {}
+
+
+def _train_and_merge(trainer, base_path: str, out: Path, probe: list[dict] | None = None) -> tuple[Path, dict]:
+    """Train, keep the adapter, free the trainer, then merge into a freshly loaded full-precision
+    base: out/ (merged weights) and out/adapter. Callers pass the trainer without keeping a name
+    for it, so the training copy of the model is gone before the merge copy loads.
+
+    With `probe` (held-out pairs), the log-probabilities of their chosen and rejected responses
+    are computed under the trained model (4-bit base + adapter, or full base + adapter) and under
+    the merged model; `merge_gap` is the mean absolute difference (nats): what merging into full
+    precision changed about what DPO sees."""
     _quiet(trainer).train()
     tmp = Path(trainer.args.output_dir) / "adapter"
     trainer.model.save_pretrained(tmp)
+    trained = sequence_logps(trainer.model, trainer.processing_class, probe) if probe else None
     del trainer
     gc.collect()
-    merge_adapter(base_path, tmp, out)
+    merged = merge_adapter(base_path, tmp, out,
+                           probe=(lambda m: sequence_logps(m, load_tokenizer(base_path), probe)) if probe else None)
     adapter = out / "adapter"
     shutil.rmtree(adapter, ignore_errors=True)
     shutil.move(str(tmp), adapter)
-    return adapter
+    info = {}
+    if probe:
+        info = {"merge_gap": sum(abs(a - b) for a, b in zip(trained, merged)) / len(trained),
+                "merge_probe_pairs": len(probe)}
+    return adapter, info
+def heldout_pairs(cfg, limit: int = MERGE_PROBE_PAIRS) -> list[dict]:
+    """Pairs no trainer sees: per instruction of the held-out EFT file, its best- and its
+    worst-scored response (distinct scores). Empty when there is no held-out file."""
+    from selfreward.data import read_eft
+
+    if not cfg.eft_eval or not Path(cfg.eft_eval).is_file():
+        return []
+    by_prompt: dict[str, list[dict]] = {}
+    for row in read_eft(cfg.eft_eval):
+        by_prompt.setdefault(row["instruction"], []).append(row)
+    pairs = []
+    for prompt, rows in by_prompt.items():
+        best, worst = max(rows, key=lambda r: r["score"]), min(rows, key=lambda r: r["score"])
+        if best["score"] > worst["score"]:
+            pairs.append({"prompt": prompt, "chosen": best["response"], "rejected": worst["response"]})
+    return pairs[:limit]
+
+
+def _fit(kind: str, cfg, base_path: str, out: Path, round: int, build) -> tuple[list[dict], Path, dict]:
+    """Load, train, merge: (logged rows, adapter folder, info for the models row).
+    `build(model, work_dir, callbacks)` makes the trainer."""
+    logs = LogRows(round, kind)
+    work = scratch(out)
+    env = _tracking(cfg, out)
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        four_bit = use_4bit(cfg.load_in_4bit)
+        adapter, info = _train_and_merge(build(_load_for_training(base_path, cfg), str(work), [logs]),
+                                         base_path, out, heldout_pairs(cfg))
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        shutil.rmtree(work, ignore_errors=True)
+    losses = [r["loss"] for r in logs.rows if r["loss"] is not None]
+    if not losses or not all(math.isfinite(x) for x in losses):
+        from selfreward.errors import SelfRewardError
+
+        raise SelfRewardError(f"{kind} training of {out.name} logged no finite loss ({losses[-3:]}); "
+                              f"lower the learning rate")
+    info.update(method=kind, four_bit=four_bit, steps=len(logs.rows), final_loss=losses[-1])
+    return logs.rows, adapter, info
+
+
+def _tag(out: Path, round: int, method: str) -> str:
+    """The name of a logged run in an experiment tracker: <run>-r<t>-<method>."""
+    return f"{out.parent.parent.name}-r{round}-{method}"
 
 
 def sft(base_path: str, ift: list[dict], eft: list[tuple[str, str]], cfg, out: Path, round: int = 1):
@@ -134,46 +221,75 @@ def sft(base_path: str, ift: list[dict], eft: list[tuple[str, str]], cfg, out: P
              "completion": [{"role": "assistant", "content": r["response"]}]} for r in ift]
     rows += [{"prompt": [{"role": "user", "content": p}], "completion": [{"role": "assistant", "content": t}]}
              for p, t in eft]
-    logs = LogRows(round, "sft")
-    work = scratch(out)
-    try:
-        tmp = str(work)
-        args = SFTConfig(**_common_args(cfg, tmp, cfg.sft_learning_rate, cfg.sft_learning_rate_end,
-                                        cfg.sft_batch_size, cfg.sft_epochs),
+
+    def build(model, work, callbacks):
+        args = SFTConfig(**_common_args(cfg, work, cfg.sft_learning_rate, cfg.sft_learning_rate_end,
+                                        cfg.sft_batch_size, cfg.sft_epochs, _tag(out, round, "sft")),
                          completion_only_loss=True, dataset_num_proc=None)
-        adapter = _train_and_merge(
-            SFTTrainer(model=_load_for_training(base_path, cfg), args=args, train_dataset=Dataset.from_list(rows),
-                       processing_class=load_tokenizer(base_path), peft_config=lora_config(cfg), callbacks=[logs]),
-            base_path, out)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-    return logs.rows, adapter
+        return SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows),
+                          processing_class=load_tokenizer(base_path), peft_config=lora_config(cfg),
+                          callbacks=callbacks)
+
+    return _fit("sft", cfg, base_path, out, round, build)
+
+
+def method_label(cfg) -> str:
+    """What trains M_t, as status and the report show it: 'dpo', 'dpo:ipo', 'dpo ld=0.5', 'simpo'."""
+    if cfg.train_method == "simpo":
+        return "simpo"
+    label = "dpo" if loss_types(cfg) == ["sigmoid"] else "dpo:" + "+".join(loss_types(cfg))
+    return label + (f" ld={cfg.dpo_ld_alpha:g}" if cfg.dpo_ld_alpha < 1.0 else "")
+
+
+def preference(base_path: str, pairs: list[dict], cfg, out: Path, round: int):
+    """M_t from M_{t-1} on the round's pairs, by cfg.train_method:
+
+    - dpo: TRL's DPOTrainer with the loss types of dpo_loss_type (and LD-DPO's ld_alpha
+      below 1). The reference is M_{t-1} itself (the adapter switched off), as the paper
+      trains from M_{t-1} against M_{t-1}.
+    - simpo: TRL's CPO trainer with loss_type='simpo' and cpo_alpha=0. TRL's default
+      cpo_alpha=1 adds a behaviour-cloning NLL term (CPO-SimPO); 0 is SimPO itself, which is
+      reference-free: no reference pass, no reference model in memory.
+    """
+    from datasets import Dataset
+
+    data = Dataset.from_list([{"prompt": [{"role": "user", "content": p["prompt"]}],
+                               "chosen": [{"role": "assistant", "content": p["chosen"]}],
+                               "rejected": [{"role": "assistant", "content": p["rejected"]}]} for p in pairs])
+
+    def common(work):
+        return _common_args(cfg, work, cfg.dpo_learning_rate, cfg.dpo_learning_rate_end, cfg.dpo_batch_size,
+                            cfg.dpo_epochs, _tag(out, round, cfg.train_method))
+
+    def build_dpo(model, work, callbacks):
+        from trl import DPOConfig, DPOTrainer
+
+        args = DPOConfig(**common(work), beta=cfg.dpo_beta, loss_type=loss_types(cfg),
+                         label_smoothing=cfg.dpo_label_smoothing,
+                         ld_alpha=cfg.dpo_ld_alpha if cfg.dpo_ld_alpha < 1.0 else None, dataset_num_proc=None)
+        return DPOTrainer(model=model, ref_model=None, args=args, train_dataset=data,
+                          processing_class=load_tokenizer(base_path), peft_config=lora_config(cfg),
+                          callbacks=callbacks)
+
+    def build_simpo(model, work, callbacks):
+        from trl.experimental.cpo import CPOConfig, CPOTrainer
+
+        args = CPOConfig(**common(work), loss_type="simpo", cpo_alpha=0.0, beta=cfg.simpo_beta,
+                         simpo_gamma=cfg.simpo_gamma, dataset_num_proc=None)
+        return CPOTrainer(model=model, args=args, train_dataset=data, processing_class=load_tokenizer(base_path),
+                          peft_config=lora_config(cfg), callbacks=callbacks)
+
+    build = {"dpo": build_dpo, "simpo": build_simpo}[cfg.train_method]
+    rows, adapter, info = _fit(cfg.train_method, cfg, base_path, out, round, build)
+    info["label"] = method_label(cfg)
+    return rows, adapter, info
 
 
 def dpo(base_path: str, pairs: list[dict], cfg, out: Path, round: int):
-    """M_t = DPO(M_{t-1}) on the round's pairs; the reference is M_{t-1} itself
-    (the adapter switched off), as the paper trains from M_{t-1} against M_{t-1}."""
-    from datasets import Dataset
-    from trl import DPOConfig, DPOTrainer
+    """DPO whatever cfg.train_method says (the entry point of tests and benchmarks)."""
+    import dataclasses
 
-    rows = [{"prompt": [{"role": "user", "content": p["prompt"]}],
-             "chosen": [{"role": "assistant", "content": p["chosen"]}],
-             "rejected": [{"role": "assistant", "content": p["rejected"]}]} for p in pairs]
-    logs = LogRows(round, "dpo")
-    work = scratch(out)
-    try:
-        tmp = str(work)
-        args = DPOConfig(**_common_args(cfg, tmp, cfg.dpo_learning_rate, cfg.dpo_learning_rate_end,
-                                        cfg.dpo_batch_size, cfg.dpo_epochs),
-                         beta=cfg.dpo_beta, loss_type=[cfg.dpo_loss_type], dataset_num_proc=None)
-        adapter = _train_and_merge(
-            DPOTrainer(model=_load_for_training(base_path, cfg), ref_model=None, args=args,
-                       train_dataset=Dataset.from_list(rows), processing_class=load_tokenizer(base_path),
-                       peft_config=lora_config(cfg), callbacks=[logs]),
-            base_path, out)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-    return logs.rows, adapter
+    return preference(base_path, pairs, dataclasses.replace(cfg, train_method="dpo"), out, round)
 
 
 # --- stages ---
@@ -196,15 +312,16 @@ def run_sft(ctx, t: int) -> None:
     base = ctx.run.model_path("M0")
     with ctx.stage(t, "sft") as commit:
         out = ctx.run.path / "models" / "M1"
-        logs, adapter = sft(base, ift, eft_pairs, cfg, out, round=t)
+        logs, adapter, info = sft(base, ift, eft_pairs, cfg, out, round=t)
         commit.insert_all("training_steps", logs)
-        commit.insert_all("models", [_model_row(ctx.run, "M1", t, "sft-lora", "M0", out, adapter,
-                                                f"SFT on {len(ift)} IFT + {len(eft)} EFT")])
-        commit.detail = {"ift": len(ift), "eft": len(eft), "steps": len(logs)}
+        commit.insert_all("models", [_model_row(ctx.run, "M1", t, _kind(info), "M0", out, adapter,
+                                                f"SFT on {len(ift)} IFT + {len(eft)} EFT", info)])
+        commit.detail = {"ift": len(ift), "eft": len(eft), **_stage_detail(info)}
 
 
 def run_dpo(ctx, t: int) -> None:
-    """Round t >= 2: M_t = DPO(M_{t-1}) on the round's kept pairs."""
+    """Round t >= 2: M_t from M_{t-1} on the round's kept pairs, by cfg.train_method.
+    (The stage keeps its first name, 'dpo', whatever the method: run folders resume by it.)"""
     if ctx.run.stage_done(t, "dpo"):
         return
     pairs = ctx.run.rows(
@@ -223,14 +340,24 @@ def run_dpo(ctx, t: int) -> None:
             commit.detail = {"pairs": 0}
             return
         out = ctx.run.path / "models" / name
-        logs, adapter = dpo(ctx.run.model_path(parent["name"]), pairs, ctx.cfg, out, round=t)
+        logs, adapter, info = preference(ctx.run.model_path(parent["name"]), pairs, ctx.cfg, out, round=t)
         commit.insert_all("training_steps", logs)
-        commit.insert_all("models", [_model_row(ctx.run, name, t, "dpo-lora", parent["name"], out, adapter,
-                                                f"DPO on {len(pairs)} pairs")])
-        commit.detail = {"pairs": len(pairs), "steps": len(logs)}
+        commit.insert_all("models", [_model_row(ctx.run, name, t, _kind(info), parent["name"], out, adapter,
+                                                f"{info['label']} on {len(pairs)} pairs", info)])
+        commit.detail = {"pairs": len(pairs), **_stage_detail(info)}
 
 
-def _model_row(run, name, t, kind, parent, path: Path, adapter, note) -> dict:
+def _kind(info: dict) -> str:
+    """models.kind: the method and the adapter, e.g. 'sft-lora', 'dpo-lora', 'simpo-qlora'."""
+    return f"{info['method']}-{'qlora' if info['four_bit'] else 'lora'}"
+
+
+def _stage_detail(info: dict) -> dict:
+    keep = ("label", "steps", "four_bit", "merge_gap")
+    return {k: info[k] for k in keep if k in info}
+
+
+def _model_row(run, name, t, kind, parent, path: Path, adapter, note, info: dict | None = None) -> dict:
     from selfreward.backends.models import fsync_tree, weights_sha
     from selfreward.core.store import now
 
@@ -238,4 +365,5 @@ def _model_row(run, name, t, kind, parent, path: Path, adapter, note) -> dict:
         fsync_tree(path)
     return {"name": name, "round": t, "kind": kind, "parent": parent, "path": run.relative(path),
             "adapter_path": run.relative(adapter) if adapter else None, "note": note, "created_at": now(),
-            "sha256": weights_sha(path)}
+            "sha256": weights_sha(path), "detail": json.dumps(info or {}, sort_keys=True),
+            "merge_gap": (info or {}).get("merge_gap")}
