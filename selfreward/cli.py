@@ -14,7 +14,7 @@ import click
 from selfreward import __version__
 from selfreward.backends.engines import ENGINES, POLICY_ENGINES
 from selfreward.backends.judges import JUDGES, MODES
-from selfreward.config import FIELDS, RENAMED, coerce, help_text, load_toml, resolve
+from selfreward.config import FIELDS, RENAMED, TRAIN_METHODS, coerce, help_text, load_toml, resolve
 from selfreward.errors import SelfRewardError
 
 
@@ -100,11 +100,13 @@ def _number(key: str, raw: str):
               help="OpenAI-compatible base URL for --judge api; key from $OPENAI_API_KEY (see api_key_env).")
 @click.option("--api-model", "--judge-api-model", "api_model", help="Model name at the server, for --judge api.")
 @click.option("--judge-script", type=click.Path(), help="JSON list of raw outputs for --judge scripted.")
+@click.option("--train-method", type=click.Choice(list(TRAIN_METHODS)),
+              help="How M_t (t >= 2) is trained: dpo (loss from dpo_loss_type) or simpo (reference-free).")
 @click.option("--seed", type=int, help="Random seed.")
 @click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="Any config key (repeatable).")
 @click.option("--help-config", is_flag=True, help="List every config key with its default and exit.")
 def iterate(name, runs_dir, rounds, model, ift, eft, eft_eval, preset, config_file, engine, judge, judge_mode,
-            judge_model, api_base, api_model, judge_script, seed, sets, help_config):
+            judge_model, api_base, api_model, judge_script, train_method, seed, sets, help_config):
     """Run the loop until the run has M_<rounds>; resume it if it stopped.
 
     Round 1 trains M1 = SFT(M0) on the seed IFT+EFT data. Each later round t
@@ -121,6 +123,8 @@ def iterate(name, runs_dir, rounds, model, ift, eft, eft_eval, preset, config_fi
         selfreward iterate --name mine --model ./my-model --ift ift.jsonl --eft eft.jsonl
         selfreward iterate --name t --preset tiny --set n_candidates=2 --set judge_samples=1
         selfreward iterate --name ext --judge api --api-base http://127.0.0.1:8000/v1 --api-model qwen
+        selfreward iterate --name q --set load_in_4bit=yes --set dpo_loss_type=ipo    # QLoRA, IPO
+        selfreward iterate --name s --train-method simpo --set report_to=tensorboard
     """
     if help_config:
         click.echo(help_text())
@@ -132,7 +136,7 @@ def iterate(name, runs_dir, rounds, model, ift, eft, eft_eval, preset, config_fi
 
     flags = {"model": model, "ift": ift, "eft": eft, "eft_eval": eft_eval, "preset": preset, "engine": engine,
              "judge": judge, "judge_mode": judge_mode, "judge_model": judge_model, "api_base": api_base,
-             "api_model": api_model, "judge_script": judge_script, "seed": seed}
+             "api_model": api_model, "judge_script": judge_script, "train_method": train_method, "seed": seed}
     cli_values = {k: coerce(k, v) for k, v in flags.items() if v is not None}
     cli_values.update(_parse_sets(sets))
     for key in ("ift", "eft", "eft_eval", "judge_script"):

@@ -9,6 +9,7 @@ state, no display needed, and matplotlib is only imported when a report is made.
 from __future__ import annotations
 
 import html
+import json
 import os
 from collections import defaultdict
 from pathlib import Path
@@ -51,10 +52,11 @@ def build_report(run: Run, out_dir: str | Path | None = None) -> Path:
             + (f"finished in {fmt('wall_s', r['wall_s'])}" if r["done"] else "in progress") + "</li>"
             for r in summary) + "</ul>")
         parts.append("<p class=note>Round 1 trains M1 = SFT(M0) on the seed data; every later round t "
-                     "samples and judges candidates with M<sub>t-1</sub> and trains M<sub>t</sub> with DPO.</p>")
+                     "samples and judges candidates with M<sub>t-1</sub> and trains M<sub>t</sub> from its pairs "
+                     "(DPO, or the method in the train column).</p>")
     else:
         parts.append(f"<p class=empty>No rounds yet: {NO_DATA}.</p>")
-    for section in (_scores, _pairs, _lengths, _training, _judge_quality):
+    for section in (_scores, _pairs, _lengths, _training, _models, _judge_quality):
         parts.append(section(run, out))
     page = ("<!DOCTYPE html>\n<html lang=en><head><meta charset=utf-8>"
             f"<title>selfreward report: {_e(name)}</title><style>{CSS}</style></head><body>\n"
@@ -180,13 +182,14 @@ def _training(run: Run, out: Path) -> str:
              "chosen out-rewards rejected).</p>"]
     if not rows:
         return "\n".join(html_ + [f"<p class=empty>{NO_DATA}</p>"])
-    panels = [("sft", "loss", "SFT loss"), ("dpo", "loss", "DPO loss"),
-              ("dpo", "rewards_margin", "DPO reward margin"), ("dpo", "rewards_accuracy", "DPO reward accuracy")]
+    pref = ("dpo", "simpo")
+    panels = [(("sft",), "loss", "SFT loss"), (pref, "loss", "DPO / SimPO loss"),
+              (pref, "rewards_margin", "reward margin"), (pref, "rewards_accuracy", "reward accuracy")]
     fig, axes = _figure(4, width=4.5, height=3.2, cols=2)
-    for ax, (kind, key, title) in zip(axes, panels):
+    for ax, (kinds, key, title) in zip(axes, panels):
         series: dict[int, list] = defaultdict(list)
         for r in rows:
-            if r["kind"] == kind and r[key] is not None:
+            if r["kind"] in kinds and r[key] is not None:
                 series[r["round"]].append((r["step"], r[key]))
         for t, points in sorted(series.items()):
             ax.plot([s for s, _ in points], [v for _, v in points], ".-", color=_colour(t), label=f"round {t}")
@@ -199,6 +202,26 @@ def _training(run: Run, out: Path) -> str:
         ax.set_xlabel("step")
     _save(fig, out / "training.png")
     return "\n".join(html_ + [_img("training.png", "SFT and DPO training curves")])
+
+
+def _models(run: Run, out: Path) -> str:
+    """Every model of the run with how it was made: method, 4-bit or not, and the merge gap."""
+    rows = run.rows("select name, kind, parent, note, detail, merge_gap, sha256 from models order by created_at")
+    html_ = ["<h2>Models</h2>",
+             "<p class=note>How each model was made. <em>merge gap</em>: the mean absolute difference, in nats, "
+             "between the log-probabilities that the trained model (base + adapter, 4-bit for QLoRA) and the "
+             "merged full-precision model give the chosen and rejected answers of held-out pairs.</p>"]
+    if not rows:
+        return "\n".join(html_ + [f"<p class=empty>{NO_DATA}</p>"])
+    body = []
+    for r in rows:
+        detail = json.loads(r["detail"] or "{}")
+        body.append([r["name"], r["kind"] or "", r["parent"] or "", detail.get("label", ""),
+                     "yes" if detail.get("four_bit") else "no",
+                     "-" if r["merge_gap"] is None else f"{r['merge_gap']:.4f}", r["note"] or "",
+                     (r["sha256"] or "")[:12]])
+    return "\n".join(html_ + [_table([["model", "kind", "parent", "method", "4-bit", "merge gap", "note",
+                                       "sha256"]] + body)])
 
 
 def _judge_quality(run: Run, out: Path) -> str:

@@ -3,6 +3,7 @@ full judging record (`show`)."""
 
 from __future__ import annotations
 
+import json
 import textwrap
 
 from selfreward.errors import SelfRewardError
@@ -21,10 +22,10 @@ def round_summary(run: Run) -> list[dict]:
                           "where round=? and judge not like 'human:%'", [t])[0]
         pairs = {row["status"]: row["n"] for row in
                  run.rows("select status, count(*) n from pairs where round=? group by status", [t])}
-        kind = "sft" if t == 1 else "dpo"
+        kind = _method(run, t)
         train = run.rows(
             "select avg(loss) loss, avg(rewards_margin) margin, avg(rewards_accuracy) acc, count(*) steps "
-            "from training_steps where round=? and kind=?", [t, kind])[0]
+            "from training_steps where round=? and kind in ('sft', 'dpo', 'simpo')", [t])[0]
         lengths = run.rows(
             "select avg(c.n_tokens) chosen, avg(r.n_tokens) rejected from pairs x "
             "join candidates c on c.id = x.chosen_id join candidates r on r.id = x.rejected_id "
@@ -42,6 +43,7 @@ def round_summary(run: Run) -> list[dict]:
             "pairs_kept": pairs.get("kept", 0), "dropped_tie": pairs.get("tie", 0),
             "dropped_unscored": pairs.get("unscored", 0),
             "train": kind, "train_steps": train["steps"], "loss": train["loss"],
+            "merge_gap": _one(run, "select max(merge_gap) from models where name=?", [f"M{t}"]),
             "reward_margin": train["margin"], "reward_acc": train["acc"],
             "chosen_len": lengths["chosen"], "rejected_len": lengths["rejected"],
             "eft_parse_rate": parse[0] if parse else None,
@@ -50,11 +52,23 @@ def round_summary(run: Run) -> list[dict]:
     return out
 
 
+def _method(run: Run, t: int) -> str:
+    """How M_t was trained, as its models row says: 'dpo', 'dpo:ipo', 'simpo', with '+4bit' for QLoRA."""
+    row = run.db.execute("select kind, detail from models where name=?", [f"M{t}"]).fetchone()
+    if row is None:  # not trained yet
+        return "sft" if t == 1 else run.config_values().get("train_method", "dpo")
+    detail = json.loads(row[1] or "{}")
+    if row[0] == "copy":
+        return "copy"
+    return detail.get("label", row[0].split("-")[0]) + ("+4bit" if detail.get("four_bit") else "")
+
+
 COLUMNS = [("round", "round"), ("model", "model"), ("prompts", "prompts"), ("candidates", "cands"),
            ("judgments", "judged"), ("parse_rate", "parse%"), ("mean_score", "score"),
            ("pairs_kept", "kept"), ("dropped_tie", "tie"), ("dropped_unscored", "unscored"),
            ("train", "train"), ("loss", "loss"), ("reward_margin", "margin"), ("reward_acc", "acc"),
-           ("chosen_len", "len+"), ("rejected_len", "len-"), ("eft_parse_rate", "EFT parse%"),
+           ("merge_gap", "merge gap"), ("chosen_len", "len+"), ("rejected_len", "len-"),
+           ("eft_parse_rate", "EFT parse%"),
            ("wall_s", "wall")]
 
 
@@ -81,6 +95,8 @@ def fmt(key: str, value) -> str:
     if key in ("chosen_len", "rejected_len", "a_mean_tokens", "b_mean_tokens"):
         return f"{value:.0f}"
     if isinstance(value, float):
+        if key == "merge_gap":
+            return f"{value:.2g}"
         return f"{value:.3f}" if key in ("loss", "reward_margin") else f"{value:.2f}"
     return str(value)
 
