@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import re
 import sys
@@ -18,12 +19,21 @@ from selfreward.config import FIELDS, RENAMED, TRAIN_METHODS, coerce, help_text,
 from selfreward.errors import SelfRewardError
 
 
+# bitsandbytes on CPU looks for a faster 4-bit kernel on the hub (the `kernels` package) and says so on every
+# import when it cannot have it; its own kernel is used instead, which is what the README's figures measure.
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+
+
 def _quiet_libraries() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     import transformers
 
     transformers.logging.set_verbosity_error()
     transformers.logging.disable_progress_bar()  # weight-loading bars; ours stay
+    import warnings
+
+    # TRL's GRPO/RLOO check vLLM's version on import even where they generate without it (CPU).
+    warnings.filterwarnings("ignore", message="TRL currently supports vLLM versions")
 
 
 def _run_path(run: str, runs_dir: str) -> Path:

@@ -99,8 +99,14 @@ class Config:
     max_length: int = _f(2048, "Token limit for one training sequence (prompt + response).")
     eval_eft_size: int = _f(0, "Held-out EFT examples judged by M0 and each new M_t to measure parse rate (0 = all).")
     # --- training M_t from M_{t-1} (rounds t >= 2) ---
-    train_method: str = _f("dpo", "How M_t (t >= 2) is trained from M_{t-1} on the round's pairs: 'dpo' (TRL DPOTrainer, loss dpo_loss_type, reference M_{t-1}), or 'simpo' (TRL's CPO trainer with loss_type='simpo' and cpo_alpha=0: reference-free SimPO, no reference model in memory).")
+    train_method: str = _f("dpo", "How M_t (t >= 2) is trained from M_{t-1}: 'dpo' (TRL DPOTrainer on the round's pairs, loss dpo_loss_type, reference M_{t-1}), 'simpo' (TRL's CPO trainer with loss_type='simpo' and cpo_alpha=0: reference-free SimPO), or online RL in place of candidates/judging/pairs/DPO: 'grpo' or 'rloo' (the policy samples n_candidates answers per prompt, the configured judge scores them, KL to M_{t-1}).")
     report_to: str = _f("none", "Experiment tracking for every trainer, passed to TRL: 'none', or a comma list of tensorboard, wandb, trackio, mlflow, ... (the package must be installed). Each logged run is named <run>-r<t>-<method>; TensorBoard logs go to runs/<name>/tensorboard. run.db stays the record.")
+    # --- online RL (train_method='grpo' or 'rloo') ---
+    rl_beta: float = _f(0.04, "KL coefficient to the reference M_{t-1} (> 0: online RL keeps the policy near M_{t-1}).")
+    rl_learning_rate: float = _f(1e-6, "Online RL peak learning rate (cosine decay to rl_learning_rate_end).")
+    rl_learning_rate_end: float = _f(1e-7, "Online RL final learning rate.")
+    rl_prompts_per_step: int = _f(4, "Prompts per optimiser step in online RL, each with n_candidates sampled answers.")
+    rl_epochs: float = _f(1.0, "Online RL passes over the round's prompts.")
     # --- DPO ---
     dpo_beta: float = _f(0.1, "DPO beta (for loss 'ipo' the regularisation tau).")
     dpo_loss_type: str = _f("sigmoid", "TRL DPO loss_type: sigmoid, ipo, robust, hinge (and TRL's others), or a comma list to sum several, e.g. 'sigmoid,sft'.")
@@ -142,6 +148,8 @@ PRESETS: dict[str, dict] = {
         "eval_eft_size": 18,
         "dpo_learning_rate": 5e-5,
         "dpo_learning_rate_end": 5e-6,
+        "rl_learning_rate": 5e-5,
+        "rl_learning_rate_end": 5e-6,
         "dpo_batch_size": 4,
         "dpo_epochs": 2.0,
     },
@@ -162,6 +170,8 @@ PRESETS: dict[str, dict] = {
         "eval_eft_size": 3,
         "dpo_learning_rate": 5e-5,
         "dpo_learning_rate_end": 5e-6,
+        "rl_learning_rate": 5e-5,
+        "rl_learning_rate_end": 5e-6,
         "dpo_batch_size": 2,
         "dpo_epochs": 1.0,
         "micro_batch_size": 2,
@@ -295,7 +305,8 @@ def validate(c: Config) -> None:
         raise SelfRewardError("judge 'scripted' needs judge_script: a JSON file with a list of raw judge outputs")
 
 
-TRAIN_METHODS = ("dpo", "simpo")
+TRAIN_METHODS = ("dpo", "simpo", "grpo", "rloo")
+ONLINE_METHODS = ("grpo", "rloo")
 # TRL 1.16's DPO losses (DPOTrainer.dpo_loss); a comma list sums several.
 DPO_LOSS_TYPES = ("sigmoid", "ipo", "robust", "hinge", "exo_pair", "nca_pair", "bco_pair", "sppo_hard", "aot",
                   "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm")
@@ -327,6 +338,10 @@ def check_training(c: Config) -> None:
         raise SelfRewardError(f"dpo_ld_alpha must lie in [0, 1] (1 = plain DPO), got {c.dpo_ld_alpha}")
     if c.dpo_beta <= 0 or c.simpo_beta <= 0:
         raise SelfRewardError("dpo_beta and simpo_beta must be positive")
+    if c.rl_beta <= 0:
+        raise SelfRewardError(f"rl_beta must be positive (the KL penalty to M_t-1), got {c.rl_beta}")
+    if c.rl_prompts_per_step <= 0 or c.rl_epochs <= 0:
+        raise SelfRewardError("rl_prompts_per_step and rl_epochs must be positive")
     for name in trackers(c):
         if name not in TRACKERS:
             raise SelfRewardError(f"unknown report_to '{name}'; choose 'none' or from: {', '.join(TRACKERS)}")

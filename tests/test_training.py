@@ -167,3 +167,63 @@ def test_each_method_completes_two_rounds_of_the_loop(tmp_path, tiny_model, seed
     assert label in result.output  # the summary's train column
     status = CliRunner().invoke(cli, ["status", "m", "--runs-dir", str(runs), "--json"])
     assert json.loads(status.output)["rounds"][1]["train"] == label
+
+
+def test_judge_reward_averages_parsed_scores_and_gives_none_never_zero():
+    """The online reward: the mean of a completion's parsed judge samples, None when none parsed."""
+    from selfreward.backends.judges import Group, GroupResult, Verdict
+    from selfreward.core.stages.online import JudgeReward
+    from selfreward.prompts import Parsed
+
+    class Judge:
+        name, template_sha = "fake", None
+
+        def __init__(self):
+            self.seen = []
+
+        def judge_groups(self, groups: list[Group], samples: int, seed: int):
+            self.seen.append([(g.instruction, list(g.responses)) for g in groups])
+            scores = {"good": [4.0, 2.0], "odd": [None, 5.0], "mute": [None, None]}
+            return [GroupResult([[Verdict(str(s), Parsed(s, "", None if s is not None else "no score"))
+                                  for s in scores[r]] for r in g.responses]) for g in groups]
+
+    judge = Judge()
+    reward = JudgeReward(judge, 2, 0, "M1+grpo", max_tokens=3)
+    completions = [[{"role": "assistant", "content": t}] for t in ("good", "odd", "mute", "good")]
+    out = reward(prompts=[None] * 4, completions=completions, prompt_id=[7, 7, 9, 9],
+                 instruction=["a", "a", "b", "b"], completion_ids=[[1], [1, 2, 3], [1], [1, 2]])
+    assert out == [3.0, 5.0, None, 3.0]
+    assert judge.seen == [[("a", ["good", "odd"]), ("b", ["mute", "good"])]]  # one group per prompt
+    assert [c["finish_reason"] for c in reward.candidates] == ["stop", "length", "stop", "stop"]
+    assert [len(v) for v in reward.verdicts] == [2, 2, 2, 2]
+
+
+@pytest.mark.parametrize("method", ["grpo", "rloo"])
+def test_online_rl_completes_two_rounds_and_stores_what_it_judged(tmp_path, tiny_model, seed_files, judge_script,
+                                                                   method):
+    runs = tmp_path / "runs"
+    args = ["iterate", "--runs-dir", str(runs), "--name", "rl", "--model", str(tiny_model), "--ift",
+            str(seed_files["ift"]), "--eft", str(seed_files["eft"]), "--eft-eval", "", "--preset", "tiny",
+            "--judge", "scripted", "--judge-script", str(judge_script), "--rounds", "2", "--train-method", method]
+    result = CliRunner().invoke(cli, args, catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    db = sqlite_utils.Database(runs / "rl" / "run.db")
+    m1, m2 = db["models"].get("M1"), db["models"].get("M2")
+    assert m2["kind"] == f"{method}-lora" and json.loads(m2["detail"])["method"] == method
+    before = load_file(next((runs / "rl" / m1["path"]).glob("*.safetensors")))
+    after = load_file(next((runs / "rl" / m2["path"]).glob("*.safetensors")))
+    assert any(not torch.equal(before[k], after[k]) for k in before)  # the policy moved
+    prompts = db["prompts"].count_where("round = 2")
+    cands = list(db["candidates"].rows_where("round = 2"))
+    assert prompts and len(cands) == prompts * 2  # n_candidates samples per prompt, stored as candidates
+    assert all(c["model"].startswith(f"M1+{method}@") for c in cands)
+    judgments = list(db["judgments"].rows_where("round = 2"))
+    assert len(judgments) == len(cands) * 2 and {j["candidate_id"] for j in judgments} == {c["id"] for c in cands}
+    assert all((j["score"] is None) == (j["reason"] is not None) for j in judgments)
+    steps = list(db["training_steps"].rows_where("round = 2"))
+    assert steps and all(s["kind"] == method and math.isfinite(s["loss"]) and s["kl"] is not None for s in steps)
+    assert not db["pairs"].count_where("round = 2")  # online RL makes no pairs
+    stages = {s["stage"] for s in db["stages"].rows_where("round = 2")}
+    assert {"self_instruct", "rl"} <= stages and not {"candidates", "judge", "pairs", "dpo"} & stages
+    verify = CliRunner().invoke(cli, ["verify", "rl", "--runs-dir", str(runs)])
+    assert verify.exit_code == 0, verify.output

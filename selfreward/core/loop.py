@@ -1,5 +1,6 @@
 """The Self-Rewarding loop. Round 1 makes M1 = SFT(M0); each round t >= 2 makes
-M_t from M_{t-1}: self-instruct -> candidates -> judge -> pairs -> DPO."""
+M_t from M_{t-1}: self-instruct -> candidates -> judge -> pairs -> DPO (or SimPO);
+with train_method 'grpo' or 'rloo': self-instruct -> online RL, rewarded by the judge."""
 
 from __future__ import annotations
 
@@ -8,7 +9,8 @@ from pathlib import Path
 from selfreward.core import failpoints
 from selfreward.core.context import Context
 from selfreward.backends.models import resolve_source, weights_sha
-from selfreward.core.stages import candidates, evaluate, judging, pairs, self_instruct, train
+from selfreward.config import ONLINE_METHODS
+from selfreward.core.stages import candidates, evaluate, judging, online, pairs, self_instruct, train
 from selfreward.core.store import now
 
 
@@ -23,6 +25,9 @@ def iterate(ctx: Context, rounds: int) -> list[int]:
         if t == 1:
             evaluate.run(ctx, t, "M0")          # how well does the base judge? (parse rate)
             train.run_sft(ctx, t)               # M1 = SFT(M0) on IFT + EFT
+        elif ctx.cfg.train_method in ONLINE_METHODS:
+            self_instruct.run(ctx, t)           # M_{t-1} writes new prompts
+            online.run(ctx, t)                  # M_t = GRPO/RLOO(M_{t-1}): sample, judge, update, online
         else:
             self_instruct.run(ctx, t)           # M_{t-1} writes new prompts
             candidates.run(ctx, t)              # ... answers each N times

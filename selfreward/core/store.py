@@ -151,6 +151,9 @@ def m006_item_failures(db: sqlite_utils.Database):
 def m007_training_methods(db: sqlite_utils.Database):
     # Each training method logs its own metrics (SimPO's nll, LD-DPO's weights, ...): all of them, as JSON.
     db["training_steps"].add_column("metrics", str)
+    # Online RL (GRPO, RLOO): the mean judge reward of the step's samples and the KL to M_{t-1}.
+    db["training_steps"].add_column("reward", float)
+    db["training_steps"].add_column("kl", float)
     # How a model was trained (method, loss, 4-bit or not, steps) and, for a merged adapter, the mean
     # absolute change in held-out log-probabilities that merging into full precision made (nats).
     db["models"].add_column("detail", str)

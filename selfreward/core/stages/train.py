@@ -25,7 +25,8 @@ from selfreward.backends.models import load_model, load_tokenizer, merge_adapter
 
 LOG_KEYS = {"loss": "loss", "learning_rate": "learning_rate", "grad_norm": "grad_norm",
             "rewards/margins": "rewards_margin", "rewards/accuracies": "rewards_accuracy",
-            "rewards/chosen": "rewards_chosen", "rewards/rejected": "rewards_rejected"}
+            "rewards/chosen": "rewards_chosen", "rewards/rejected": "rewards_rejected",
+            "reward": "reward", "kl": "kl"}
 # Held-out pairs on which the 4-bit model with its adapter is compared with the merged model.
 MERGE_PROBE_PAIRS = 8
 

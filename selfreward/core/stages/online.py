@@ -1,0 +1,139 @@
+"""Stage 'rl' (train_method 'grpo' or 'rloo'): online RL in place of the round's
+candidates, judging, pairs and DPO.
+
+The policy (M_{t-1} plus a LoRA adapter) samples n_candidates answers to each of
+the round's prompts; the configured judge scores every answer (the mean of its
+parsed samples; an answer none of whose judgments parse gets no reward, which
+TRL turns into a zero advantage, never a score of 0); TRL's GRPO or RLOO
+trainer updates the adapter with a KL penalty to M_{t-1} (the adapter switched
+off). Every sampled answer is stored as a candidate and every judgment as a
+judgment, in the one transaction that also records M_t, so auditors see the
+online data like any other round's.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from selfreward.backends.judges import Group
+from selfreward.core.stages.judging import judgment_row, judging_detail
+from selfreward.core.stages.train import _common_args, _fit, _kind, _model_row, _stage_detail, _tag, lora_config
+from selfreward.core.store import now
+
+
+class JudgeReward:
+    """A TRL reward function backed by the run's judge. It keeps what it saw, for the store."""
+
+    def __init__(self, judge, samples: int, seed: int, model: str, max_tokens: int):
+        self.judge, self.samples, self.seed, self.model, self.max_tokens = judge, samples, seed, model, max_tokens
+        self.candidates: list[dict] = []        # candidate rows, without ids yet
+        self.verdicts: list[list] = []          # per candidate, its judge samples
+        self.__name__ = "judge"                 # TRL logs each reward function by name
+
+    def __call__(self, prompts, completions, prompt_id, instruction, completion_ids=None, trainer_state=None, **_):
+        step = trainer_state.global_step if trainer_state is not None else 0
+        texts = [c[-1]["content"] if isinstance(c, list) else c for c in completions]
+        # Consecutive completions of one prompt form one group (TRL samples num_generations per prompt).
+        spans: list[tuple[int, int]] = []
+        for i, pid in enumerate(prompt_id):
+            if spans and prompt_id[spans[-1][0]] == pid:
+                spans[-1] = (spans[-1][0], i + 1)
+            else:
+                spans.append((i, i + 1))
+        groups = [Group(instruction[a], texts[a:b]) for a, b in spans]
+        results = self.judge.judge_groups(groups, self.samples, self.seed + len(self.candidates))
+        rewards: list[float | None] = []
+        for (a, b), result in zip(spans, results):
+            for i, verdicts in zip(range(a, b), result.verdicts):
+                scores = [v.parsed.score for v in verdicts if v.parsed.score is not None]
+                rewards.append(sum(scores) / len(scores) if scores else None)
+                n = len(completion_ids[i]) if completion_ids is not None else None
+                self.candidates.append({"prompt_id": prompt_id[i], "text": texts[i], "model": f"{self.model}@{step}",
+                                        "n_tokens": n,
+                                        "finish_reason": None if n is None else
+                                        "length" if n >= self.max_tokens else "stop"})
+                self.verdicts.append(verdicts)
+        return rewards
+
+
+def run(ctx, t: int) -> None:
+    if ctx.run.stage_done(t, "rl"):
+        return
+    cfg = ctx.cfg
+    prompts = ctx.run.rows("select id, text from prompts where round = ? order by id", [t])
+    parent = ctx.run.model(f"M{t - 1}")
+    name = f"M{t}"
+    with ctx.stage(t, "rl") as commit:
+        if not prompts:
+            row = _model_row(ctx.run, name, t, "copy", parent["name"], Path(parent["path"]), None,
+                             "no prompts this round: M_t = M_{t-1}")
+            commit.insert_all("models", [row])
+            commit.detail = {"prompts": 0}
+            return
+        judge = ctx.judge(parent["name"])  # the self judge is M_{t-1}, served beside the trainer
+        seed = ctx.seed(t, "rl")
+        reward = JudgeReward(judge, cfg.judge_samples, seed, f"{parent['name']}+{cfg.train_method}",
+                             cfg.candidate_max_new_tokens)
+        out = ctx.run.path / "models" / name
+        logs, adapter, info = online(ctx.run.model_path(parent["name"]), prompts, reward, cfg, out, t)
+        info["label"] = cfg.train_method
+        stamp, provenance = now(), ctx.judge_provenance(parent["name"], seed)
+        counts: dict[int, int] = {}
+
+        def write(db):
+            rows = []
+            for cand, verdicts in zip(reward.candidates, reward.verdicts):
+                idx = counts[cand["prompt_id"]] = counts.get(cand["prompt_id"], -1) + 1
+                cid = db["candidates"].insert({"round": t, "prompt_id": cand["prompt_id"], "idx": idx,
+                                               "text": cand["text"], "n_tokens": cand["n_tokens"],
+                                               "finish_reason": cand["finish_reason"],
+                                               "model": cand["model"]}).last_pk
+                rows += [judgment_row(t, cid, k, judge, v, stamp, provenance) for k, v in enumerate(verdicts)]
+            db["judgments"].insert_all(rows)
+
+        commit.add(write)
+        commit.insert_all("training_steps", logs)
+        commit.insert_all("models", [_model_row(ctx.run, name, t, _kind(info), parent["name"], out, adapter,
+                                                f"{cfg.train_method} on {len(prompts)} prompts x "
+                                                f"{cfg.n_candidates} samples", info)])
+        scored = sum(any(v.parsed.score is not None for v in vs) for vs in reward.verdicts)
+        commit.detail = {"prompts": len(prompts), "samples": len(reward.candidates), "rewarded": scored,
+                         **judging_detail([{"score": v.parsed.score, "reason": v.parsed.reason,
+                                            "retries": v.retries} for vs in reward.verdicts for v in vs], []),
+                         **_stage_detail(info)}
+
+
+def online(base_path: str, prompts: list[dict], reward: JudgeReward, cfg, out: Path, round: int):
+    """GRPO or RLOO from base_path on the prompts, rewarded by `reward`: (rows, adapter, info)."""
+    import torch
+    from datasets import Dataset
+
+    from selfreward.backends.models import load_tokenizer
+
+    data = Dataset.from_list([{"prompt": [{"role": "user", "content": p["text"]}], "prompt_id": p["id"],
+                               "instruction": p["text"]} for p in prompts])
+    g = cfg.n_candidates
+    per_step = min(cfg.rl_prompts_per_step, len(prompts))
+
+    def build(model, work, callbacks):
+        if cfg.train_method == "grpo":
+            from trl import GRPOConfig as Config, GRPOTrainer as Trainer
+        else:
+            from trl import RLOOConfig as Config, RLOOTrainer as Trainer
+        common = _common_args(cfg, work, cfg.rl_learning_rate, cfg.rl_learning_rate_end, g * per_step,
+                              cfg.rl_epochs, _tag(out, round, cfg.train_method))
+        # One prompt's group of samples per micro-batch, `per_step` prompts per optimiser step.
+        common.update(per_device_train_batch_size=g, gradient_accumulation_steps=per_step)
+        common.pop("max_length")
+        cuda = torch.cuda.is_available()
+        vllm = cfg.engine == "vllm" and cuda  # TRL's colocated vLLM generation needs CUDA
+        extra = dict(use_vllm=True, vllm_mode="colocate",
+                     vllm_gpu_memory_utilization=min(0.3, cfg.vllm_gpu_memory_utilization)) if vllm else {}
+        args = Config(**common, num_generations=g, max_completion_length=cfg.candidate_max_new_tokens,
+                      temperature=cfg.candidate_temperature, top_p=cfg.candidate_top_p, beta=cfg.rl_beta,
+                      **extra)
+        return Trainer(model=model, reward_funcs=[reward], args=args, train_dataset=data,
+                       processing_class=load_tokenizer(base_path), peft_config=lora_config(cfg),
+                       callbacks=callbacks)
+
+    return _fit(cfg.train_method, cfg, base_path, out, round, build)
