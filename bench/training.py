@@ -1,0 +1,196 @@
+"""Training cost of SFT and DPO steps per setting on this machine, as ratios against
+today's demo settings (fp32, micro-batch 1) measured in the same run, on the
+embedded SmolLM2-135M-Instruct.
+
+    .venv/bin/python bench/training.py                 # 32 examples a variant (about 20 min on 2 CPU cores)
+    .venv/bin/python bench/training.py --quick         # 8 examples a variant: checks that everything runs
+    .venv/bin/python bench/training.py --json out.json --variants dpo-fp32-mb1,dpo-qlora-mb1
+
+Each variant trains in its own process (so one's memory cannot hide another's),
+from the embedded model, one epoch, on the same data: SFT on the demo's mix of IFT
+examples and rendered EFT judgments (batch 8), DPO on pairs from the seed EFT file
+(per instruction its best- against its worst-scored response; batch 4). Measured:
+seconds per training sequence (the first step, which pays for lazy
+initialisation, is left out), the peak resident memory while training (sampled)
+and of the whole process (ru_maxrss, merge included), the losses, and the merge
+gap on held-out pairs (how much merging the adapter into full-precision weights
+moved the held-out log-probabilities; for QLoRA it includes the 4-bit rounding of
+the base).
+
+Variants: fp32 or bf16 autocast (train_precision), micro-batch 1 or 4 (reached
+batch sizes stay the same), QLoRA (nf4 base, bitsandbytes' CPU kernel), and the
+reference-free SimPO and IPO beside DPO.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+# name -> (stage, config overrides). Each stage's first entry is its baseline: today's demo settings
+# (fp32, micro-batch 1).
+VARIANTS = {
+    "sft-fp32-mb1": ("sft", {"train_precision": "fp32", "micro_batch_size": 1}),
+    "sft-bf16-mb1": ("sft", {"train_precision": "bf16", "micro_batch_size": 1}),
+    "sft-fp32-mb4": ("sft", {"train_precision": "fp32", "micro_batch_size": 4}),
+    "sft-bf16-mb4": ("sft", {"train_precision": "bf16", "micro_batch_size": 4}),
+    "sft-qlora-mb1": ("sft", {"train_precision": "fp32", "micro_batch_size": 1, "load_in_4bit": "yes"}),
+    "dpo-fp32-mb1": ("dpo", {"train_precision": "fp32", "micro_batch_size": 1}),
+    "dpo-bf16-mb1": ("dpo", {"train_precision": "bf16", "micro_batch_size": 1}),
+    "dpo-bf16-mb4": ("dpo", {"train_precision": "bf16", "micro_batch_size": 4}),
+    "dpo-qlora-mb1": ("dpo", {"train_precision": "fp32", "micro_batch_size": 1, "load_in_4bit": "yes"}),
+    "dpo-qlora-bf16-mb1": ("dpo", {"train_precision": "bf16", "micro_batch_size": 1, "load_in_4bit": "yes"}),
+    "simpo-fp32-mb1": ("dpo", {"train_precision": "fp32", "micro_batch_size": 1, "train_method": "simpo"}),
+    "ipo-fp32-mb1": ("dpo", {"train_precision": "fp32", "micro_batch_size": 1, "dpo_loss_type": "ipo"}),
+}
+
+
+def seed_pairs() -> list[dict]:
+    from selfreward.config import SEED_DIR
+    from selfreward.data import read_eft
+
+    by_prompt: dict[str, list[dict]] = {}
+    for row in read_eft(SEED_DIR / "eft_train.jsonl"):
+        by_prompt.setdefault(row["instruction"], []).append(row)
+    pairs = []
+    for prompt, rows in by_prompt.items():
+        best, worst = max(rows, key=lambda r: r["score"]), min(rows, key=lambda r: r["score"])
+        if best["score"] > worst["score"]:
+            pairs.append({"prompt": prompt, "chosen": best["response"], "rejected": worst["response"]})
+    return pairs
+
+
+def sft_data(n: int) -> tuple[list[dict], list[tuple[str, str]]]:
+    """The demo's SFT data (IFT and rendered EFT, as the sft stage builds it), n examples in all."""
+    from selfreward.config import SEED_DIR
+    from selfreward.data import eft_target, read_eft, read_ift
+    from selfreward.prompts import load_template
+
+    template = load_template("additive_judge")
+    ift = read_ift(SEED_DIR / "ift_train.jsonl")[: n // 4]
+    eft = [(template.render(instruction=r["instruction"], response=r["response"]), eft_target(r))
+           for r in read_eft(SEED_DIR / "eft_train.jsonl")[: n - len(ift)]]
+    return ift, eft
+
+
+def child(variant: str, n: int, out: str) -> None:
+    """One variant in this process: prints one JSON line."""
+    from transformers import TrainerCallback
+
+    from selfreward.backends.models import resolve_source
+    from selfreward.config import resolve
+    from selfreward.core.stages import train
+
+    from selfreward.core.store import PeakMemory
+
+    stamps: list[float] = []
+    memory = PeakMemory(0.05)
+    train_peak = {}
+
+    class Clock(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            memory.peak = memory._proc.memory_info().rss  # the steps' peak, not the load's
+
+        def on_step_end(self, args, state, control, **kwargs):
+            stamps.append(time.perf_counter())
+
+        def on_train_end(self, args, state, control, **kwargs):
+            train_peak["rss"] = memory.peak  # before the merge reloads the base at full precision
+
+    real_quiet = train._quiet
+    train._quiet = lambda trainer: real_quiet(trainer).add_callback(Clock()) or trainer
+    stage, overrides = VARIANTS[variant]
+    cfg = resolve({}, {"preset": "demo", "seed": 0, "sft_epochs": 1.0, "dpo_epochs": 1.0, **overrides})
+    base = resolve_source("embedded")
+    target = Path(out) / "runs" / "b" / "models" / "M2"
+    t0 = time.perf_counter()
+    with memory:
+        if stage == "sft":
+            rows, _, info = train.sft(base, *sft_data(n), cfg, target)
+        else:
+            rows, _, info = train.preference(base, seed_pairs()[:n], cfg, target, round=2)
+    total = time.perf_counter() - t0
+    batch = cfg.sft_batch_size if stage == "sft" else cfg.dpo_batch_size
+    steps = [b - a for a, b in zip(stamps, stamps[1:])]
+    losses = [r["loss"] for r in rows]
+    print(json.dumps({"variant": variant, "stage": stage, "steps": len(stamps), "batch": batch,
+                      "s_per_seq": sum(steps) / len(steps) / batch if steps else None,
+                      "losses": losses,
+                      "total_s": total, "train_peak_mib": train_peak["rss"] / 2**20,
+                      "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                      "merge_gap": info.get("merge_gap"),
+                      "four_bit": info["four_bit"]}))
+
+
+def run_variant(name: str, quick: bool) -> dict:
+    print(f"training {name} ...", file=sys.stderr, flush=True)
+    proc = subprocess.run([sys.executable, __file__, "--child", name] + (["--quick"] if quick else []),
+                          capture_output=True, text=True, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
+    if proc.returncode != 0:
+        sys.exit(f"error: {name} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def table(results: list[dict]) -> str:
+    """One block per stage; ratios against the stage's first variant (its baseline)."""
+    lines = [f"{'variant':20} {'steps':>5} {'s/seq':>6} {'speed x':>8} {'train MiB':>10} {'memory x':>9} "
+             f"{'process MiB':>12} {'mean loss':>10} {'last loss':>10} {'merge gap':>10}"]
+    for stage in ("sft", "dpo"):
+        rows = [r for r in results if r["stage"] == stage]
+        if not rows:
+            continue
+        base = rows[0]
+        for r in rows:
+            speed = base["s_per_seq"] / r["s_per_seq"] if r["s_per_seq"] else float("nan")
+            gap = "-" if r["merge_gap"] is None else f"{r['merge_gap']:.4f}"
+            lines.append(f"{r['variant']:20} {r['steps']:5d} {r['s_per_seq']:6.2f} {speed:8.2f} "
+                         f"{r['train_peak_mib']:10.0f} {r['train_peak_mib'] / base['train_peak_mib']:9.2f} "
+                         f"{r['peak_rss_mib']:12.0f} {sum(r['losses']) / len(r['losses']):10.3f} "
+                         f"{r['losses'][-1]:10.3f} {gap:>10}")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="8 examples a variant: checks that everything runs")
+    ap.add_argument("--variants", default=",".join(VARIANTS), help="comma list of: " + ", ".join(VARIANTS))
+    ap.add_argument("--json", help="also write the results here")
+    ap.add_argument("--child", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    n = 8 if args.quick else 32
+    if args.child:
+        child(args.child, n, tempfile.mkdtemp(prefix="bench-train-"))
+        return
+    names = [m.strip() for m in args.variants.split(",") if m.strip()]
+    unknown = [m for m in names if m not in VARIANTS]
+    if unknown:
+        sys.exit(f"error: unknown variant {', '.join(unknown)}; choose from {', '.join(VARIANTS)}")
+    results = [run_variant(name, args.quick) for name in names]
+    print(f"\ntraining on the embedded SmolLM2-135M, {n} examples a variant (SFT: batch 8 sequences; DPO: batch 4 "
+          f"pairs), one epoch, LoRA r16; {platform.machine()}, {os.cpu_count()} cores, "
+          f"{datetime.date.today()}\n")
+    print(table(results))
+    print("\ns/seq: seconds per training sequence (SFT example or DPO pair), first step left out. train MiB: peak "
+          "resident memory from the first to the last step (sampled every 50 ms); process MiB: the whole process, "
+          "merge included (the merge reloads the base at full precision). speed x, memory x: against the first "
+          "variant of the stage, measured in this run; speed above 1 is faster. Same data, seed and learning rate "
+          "in every variant of a stage, so the losses compare.")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"when": datetime.datetime.now().isoformat(timespec="seconds"),
+                                               "examples": n, "results": results}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
