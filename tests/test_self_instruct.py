@@ -1,4 +1,4 @@
-from selfreward.core.stages.self_instruct import _tokens, parse_instruction, reject_reason, rouge_l
+from selfreward.core.stages.self_instruct import DedupePool, _tokens, parse_instruction, reject_reason, rouge_l
 
 
 def test_rouge_l():
@@ -14,7 +14,7 @@ def test_parse_instruction_stops_at_next_item():
 
 
 def test_filters():
-    pool = [_tokens("Write a short poem about the sea")]
+    pool = DedupePool([_tokens("Write a short poem about the sea")])
     kw = dict(min_words=4, max_words=150, threshold=0.7)
     assert reject_reason("Write poem", pool, **kw) == "too_short"
     assert reject_reason(" ".join(["word"] * 151), pool, **kw) == "too_long"

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import random
 import re
+from collections import Counter
+
+import numpy as np
 
 from selfreward.data import read_ift
 from selfreward.backends.engines import Engine, Sampling
@@ -22,7 +25,7 @@ def _tokens(text: str) -> list[str]:
 
 
 def rouge_l(a: list[str], b: list[str]) -> float:
-    """ROUGE-L F-measure of two token lists (longest common subsequence)."""
+    """ROUGE-L F-measure of two token lists (longest common subsequence). The reference for `DedupePool`."""
     if not a or not b:
         return 0.0
     prev = [0] * (len(b) + 1)
@@ -31,11 +34,124 @@ def rouge_l(a: list[str], b: list[str]) -> float:
         for j, y in enumerate(b):
             cur.append(prev[j] + 1 if x == y else max(prev[j + 1], cur[j]))
         prev = cur
-    lcs = prev[-1]
+    return _f_measure(prev[-1], len(a), len(b))
+
+
+def _f_measure(lcs: int, len_a: int, len_b: int) -> float:
+    # Shared by rouge_l and DedupePool so that both compare the very same float with the threshold.
     if lcs == 0:
         return 0.0
-    p, r = lcs / len(a), lcs / len(b)
+    p, r = lcs / len_a, lcs / len_b
     return 2 * p * r / (p + r)
+
+
+def _lcs_length(masks: dict[str, int], m: int, b: list[str]) -> int:
+    """LCS length of a (m tokens, given as masks: token -> bit i set where a[i] is that token) and b,
+    bit-parallel (Allison & Dix 1986; Crochemore et al. 2001): one big-int step per token of b."""
+    full = (1 << m) - 1
+    v = full
+    for y in b:
+        u = v & masks.get(y, 0)
+        v = ((v + u) | (v - u)) & full
+    return m - v.bit_count()
+
+
+class _Postings:
+    """The pool entries that hold one token, with how often they hold it, in arrays that grow by doubling."""
+
+    __slots__ = ("ids", "counts", "n")
+
+    def __init__(self):
+        self.ids, self.counts, self.n = np.empty(4, np.int32), np.empty(4, np.int32), 0
+
+    def append(self, i: int, count: int) -> None:
+        if self.n == len(self.ids):
+            self.ids, self.counts = np.resize(self.ids, 2 * self.n), np.resize(self.counts, 2 * self.n)
+        self.ids[self.n], self.counts[self.n] = i, count
+        self.n += 1
+
+
+class DedupePool:
+    """The pooled instructions' tokens, indexed so that `near_duplicate(toks, threshold)` gives exactly
+    `any(rouge_l(toks, other) > threshold for other in pool)` without scoring every pair.
+
+    Why the prefilter can never drop a true match. With L = LCS(a, b), rouge_l's F (beta 1) is
+    2PR/(P+R) with P = L/|a|, R = L/|b|, which is 2L/(|a|+|b|). A common subsequence pairs equal
+    tokens one to one, so L <= c = sum over tokens t of min(count of t in a, count in b), the bag
+    overlap, and c <= min(|a|, |b|). Hence F > theta implies
+      (i)  2 min(|a|,|b|)/(|a|+|b|) > theta, i.e. theta |a|/(2-theta) < |b| < (2-theta) |a|/theta
+           for 0 < theta < 2: only entries of about the same length can match; and
+      (ii) 2c/(|a|+|b|) > theta, which implies (i).
+    For theta >= 0 a match needs L >= 1, so c >= 1: the entries sharing no token with a (never in
+    the inverted index's postings of a's tokens) cannot match. The stage compares the float
+    2*p*r/(p+r), which is within a relative 1e-15 of 2L/(|a|+|b|) (a few roundings); the prefilter
+    keeps every entry with 2c/(|a|+|b|) > theta - 1e-9, so a float rounding at an exact tie (L = 7,
+    |a|+|b| = 20, theta = 0.7) still reaches the exact check, which computes L exactly (bit-parallel
+    LCS) and the same float as rouge_l. A negative threshold matches any entry (F >= 0.0 > theta);
+    a NaN one matches none, on both paths.
+    """
+
+    def __init__(self, pool_tokens=()):
+        self.tokens: list[list[str]] = []
+        self._lens = np.empty(64, np.int32)
+        self._postings: dict[str, _Postings] = {}
+        for toks in pool_tokens:
+            self.add(toks)
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    def add(self, toks: list[str]) -> None:
+        i = len(self.tokens)
+        if i == len(self._lens):
+            self._lens = np.resize(self._lens, 2 * i)
+        self._lens[i] = len(toks)
+        self.tokens.append(toks)
+        for t, count in Counter(toks).items():
+            postings = self._postings.get(t)
+            if postings is None:
+                postings = self._postings[t] = _Postings()
+            postings.append(i, count)
+
+    def near_duplicate(self, toks: list[str], threshold: float) -> bool:
+        n = len(self.tokens)
+        if threshold < 0:
+            return n > 0
+        if not toks or not n:
+            return False
+        # Bag overlap c with every entry that shares a token: once per entry for a token that a holds
+        # once, min(count in a, count in entry) for the others.
+        single, overlap = [], None
+        for t, q in Counter(toks).items():
+            postings = self._postings.get(t)
+            if postings is None:
+                continue
+            if q == 1:
+                single.append(postings.ids[:postings.n])
+                continue
+            if overlap is None:
+                overlap = np.zeros(n, np.int64)
+            overlap[postings.ids[:postings.n]] += np.minimum(postings.counts[:postings.n], q)
+        if single:
+            counted = np.bincount(np.concatenate(single), minlength=n)
+            overlap = counted if overlap is None else overlap + counted
+        if overlap is None:
+            return False
+        la = len(toks)
+        sums = la + self._lens[:n]
+        candidates = np.flatnonzero((overlap > 0) & (2 * overlap > (threshold - 1e-9) * sums))
+        if not len(candidates):
+            return False
+        # Highest bound first: a true duplicate usually ends the search at once.
+        candidates = candidates[np.argsort(-(overlap[candidates] / sums[candidates]), kind="stable")]
+        masks: dict[str, int] = {}
+        for k, x in enumerate(toks):
+            masks[x] = masks.get(x, 0) | (1 << k)
+        for i in candidates.tolist():
+            other = self.tokens[i]
+            if _f_measure(_lcs_length(masks, la, other), la, len(other)) > threshold:
+                return True
+        return False
 
 
 def parse_instruction(continuation: str) -> str:
@@ -44,8 +160,7 @@ def parse_instruction(continuation: str) -> str:
     return " ".join(text.split()).strip()
 
 
-def reject_reason(task: str, pool_tokens: list[list[str]], min_words: int, max_words: int,
-                  threshold: float) -> str | None:
+def reject_reason(task: str, pool: DedupePool, min_words: int, max_words: int, threshold: float) -> str | None:
     words = task.split()
     if len(words) < min_words:
         return "too_short"
@@ -56,8 +171,7 @@ def reject_reason(task: str, pool_tokens: list[list[str]], min_words: int, max_w
         return "blacklist"
     if not task[0].isalnum():
         return "bad_start"
-    toks = _tokens(task)
-    if any(rouge_l(toks, other) > threshold for other in pool_tokens):
+    if pool.near_duplicate(_tokens(task), threshold):
         return "near_duplicate"
     return None
 
@@ -77,7 +191,7 @@ def self_instruct(engine: Engine, template: Template, ift: list[str], generated:
                   sampling: Sampling, cfg) -> tuple[list[str], dict]:
     """Up to `want` new tasks, and counts of what each filter dropped."""
     rng = random.Random(sampling.seed)
-    pool_tokens = [_tokens(t) for t in ift + generated]
+    pool = DedupePool(_tokens(t) for t in ift + generated)
     kept: list[str] = []
     counts: dict[str, int] = {"generated": 0}
     budget = want * cfg.instruct_max_attempts
@@ -97,10 +211,10 @@ def self_instruct(engine: Engine, template: Template, ift: list[str], generated:
                 counts["failed"] = counts.get("failed", 0) + 1
                 continue
             task = parse_instruction(completion.text)
-            reason = reject_reason(task, pool_tokens, cfg.min_words, cfg.max_words, cfg.rouge_threshold)
+            reason = reject_reason(task, pool, cfg.min_words, cfg.max_words, cfg.rouge_threshold)
             if reason is None and len(kept) < want:
                 kept.append(task)
-                pool_tokens.append(_tokens(task))
+                pool.add(_tokens(task))
             else:
                 counts[reason or "surplus"] = counts.get(reason or "surplus", 0) + 1
     counts["kept"] = len(kept)
