@@ -335,6 +335,15 @@ def _judge_overrides(kw: dict) -> dict:
     return overrides
 
 
+def _policy(run, name: str) -> dict:
+    """A policy model of the run (M_t); a reward model is named as such, with how to use it."""
+    model = run.model(name)
+    if model["kind"] == "reward-model":
+        raise SelfRewardError(f"{name} is a reward model, not a policy; use it as a judge: "
+                              f"--judge reward-model --judge-model {model['path']}")
+    return model
+
+
 @cli.group(name="eval", cls=Group)
 def eval_group():
     """Measure judges and models; results are stored in run.db (eval_metrics, head2head).
@@ -379,9 +388,10 @@ def eval_judge_cmd(run, models, dataset, limit, samples, verbosity, canaries, as
     with Run.open(_run_path(run, runs_dir), writer=True) as r:
         overrides = _judge_overrides(judge_kw)
         check_judge(dataclasses.replace(r.config(), **overrides))
-        names = models.split(",") if models else [m["name"] for m in r.rows("select name from models order by round")]
+        names = models.split(",") if models else [m["name"] for m in r.rows(
+            "select name from models where kind != 'reward-model' order by round")]
         for name in names:
-            r.model(name)  # fails clearly on a model the run does not have
+            _policy(r, name)  # fails clearly on a model the run does not have
         _quiet_libraries()
         rows = eval_judge(r, overrides, names, dataset or r.config().eft_eval, limit, samples, verbosity, canaries)
     if as_json:
@@ -419,7 +429,7 @@ def head2head_cmd(run, model_a, model_b, prompts, limit, as_json, runs_dir, **ju
         overrides = _judge_overrides(judge_kw)
         check_judge(dataclasses.replace(r.config(), **overrides))
         for name in (model_a, model_b):
-            r.model(name)
+            _policy(r, name)
         _quiet_libraries()
         result = head2head(r, overrides, model_a, model_b, prompts or str(SEED_DIR / "ift_heldout.jsonl"), limit)
     if as_json:
@@ -428,6 +438,66 @@ def head2head_cmd(run, model_a, model_b, prompts, limit, as_json, runs_dir, **ju
     from selfreward.inspection.report import H2H_COLUMNS, table
 
     click.echo(table([result], H2H_COLUMNS))
+
+
+@cli.command(name="train-rm")
+@click.argument("run")
+@click.option("--from", "source", default="pairs", show_default=True, metavar="pairs|FILE",
+              help="'pairs': the run's kept preference pairs (every round); or a ranked or flat EFT JSONL file: "
+                   "every better/worse pair within each prompt.")
+@click.option("--base", help="Model of the run whose body the reward model starts from (default: the newest M_t).")
+@click.option("--name", help="Name of the new model (default: RM<t> after its base M_t).")
+@click.option("--epochs", type=click.FloatRange(0, min_open=True), help="Passes over the pairs (default: the run's "
+              "dpo_epochs).")
+@click.option("--lr", type=click.FloatRange(0, min_open=True), default=1e-4, show_default=True,
+              help="Peak learning rate (cosine decay to a tenth of it).")
+@click.option("--batch-size", type=click.IntRange(1),
+              help="Pairs per optimiser step (default: the run's dpo_batch_size).")
+@click.option("--held-out", type=click.Path(), help="Ranked or flat EFT JSONL to measure it on as a judge "
+              "(default: the run's eft_eval, where it exists).")
+@click.option("--runs-dir", default="runs", show_default=True, type=click.Path(file_okay=False))
+def train_rm_cmd(run, source, base, name, epochs, lr, batch_size, held_out, runs_dir):
+    """Train a Bradley-Terry reward model from a run: the policy's body (the
+    newest M_t unless --base) under a fresh one-logit head, with a LoRA
+    adapter, by TRL's RewardTrainer, on the run's kept pairs or on the
+    better/worse pairs of a ranked file. The merged model is saved as
+    runs/<run>/models/<name>/ and recorded in the models table (kind
+    reward-model) with its training steps; its Table-4 judge metrics on
+    held-out data are printed and stored in eval_metrics. It is a judge at
+    once: --judge reward-model --judge-model runs/<run>/models/<name>.
+
+    \b
+    Example:
+        selfreward train-rm demo                              # -> runs/demo/models/RM3
+        selfreward train-rm demo --from data/oasst/eft_eval.jsonl --name RM-oasst --epochs 1
+        selfreward train-rm demo --base M1 --lr 5e-5 --held-out data/oasst/eft_eval.jsonl
+        selfreward eval judge demo --judge reward-model --judge-model runs/demo/models/RM3
+    """
+    from selfreward.core.rewardmodel import train_rm
+    from selfreward.core.store import Run
+
+    with Run.open(_run_path(run, runs_dir), writer=True) as r:
+        _quiet_libraries()
+        result = train_rm(r, source, base=base, name=name, epochs=epochs, lr=lr, batch=batch_size,
+                          held_out=held_out)
+    evaluated = result["eval"]
+    if evaluated:
+        from selfreward.inspection.report import EVAL_COLUMNS, table
+
+        click.echo(table([evaluated], EVAL_COLUMNS))
+    held = (f"held-out pairwise accuracy {_percent(evaluated.get('pairwise_accuracy'))} "
+            f"on {Path(result['held_out']).name}") if evaluated else "no held-out data"
+    if evaluated and source != "pairs" and Path(source).resolve() == Path(result["held_out"]).resolve():
+        held += " (the training file itself: not held out)"
+    click.echo(f"{result['name']} (from {result['base']}): {result['pairs']} pairs, {result['steps']} steps, "
+               f"final loss {result['final_loss']:.3f}, train accuracy {_percent(result['train_accuracy'])}, "
+               f"{held} -> {result['path']}")
+
+
+def _percent(value) -> str:
+    from selfreward.inspection.report import fmt
+
+    return fmt("pairwise_accuracy", value)
 
 
 # --- data ---

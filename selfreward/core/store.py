@@ -160,6 +160,13 @@ def m007_training_methods(db: sqlite_utils.Database):
     db["models"].add_column("merge_gap", float)
 
 
+@migrations()
+def m008_reward_models(db: sqlite_utils.Database):
+    # `train-rm` may train several reward models from one M_t: their steps say which model they trained.
+    # (Rows of the loop's training leave it NULL: theirs is M_<round>.)
+    db["training_steps"].add_column("model", str)
+
+
 def take_lock(path: Path, wait: bool = False, quiet: bool = False):
     """The run's lock (an flock on runs/<name>/.lock): one writer per run."""
     fh = open(path / ".lock", "w")

@@ -33,14 +33,15 @@ def _store(run: Run, kind: str, judge: str, model: str, dataset: str, metrics: d
 
 
 def eval_judge(run: Run, overrides: dict, models: list[str], dataset: str, limit: int, samples: int,
-               verbosity: bool, canaries: bool = True) -> list[dict]:
-    """Table-4 metrics of the configured judge on a ranked set; for the self judge, once per model."""
+               verbosity: bool, canaries: bool = True, label: str = "-") -> list[dict]:
+    """Table-4 metrics of the configured judge on a ranked set; for the self judge, once per model.
+    Another judge's metrics are stored under the model name `label` (a reward model of the run)."""
     cfg = dataclasses.replace(run.config(), **overrides)
     groups = load_eval_set(dataset)[: limit or None]
     # closing: the engine (a vLLM server's process group, say) ends on every way out.
     with closing(Context(run, cfg)) as ctx:
         out = []
-        for model in models if cfg.judge == "self" else ["-"]:
+        for model in models if cfg.judge == "self" else [label]:
             judge = ctx.judge(model)
             t0 = time.perf_counter()
             scores, results = judge_scores(judge, groups, seed=cfg.seed, samples=samples)
