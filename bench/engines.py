@@ -4,6 +4,7 @@ SmolLM2-135M-Instruct.
 
     .venv/bin/python bench/engines.py                  # full sizes (tens of minutes on 2 CPU cores)
     .venv/bin/python bench/engines.py --quick          # smoke run at tiny sizes
+    .venv/bin/python bench/engines.py --medium         # make bench's sizes (about 6 minutes)
     .venv/bin/python bench/engines.py --json bench.json --skip-bare
 
 Blocks (progress goes to stderr, the table to stdout):
@@ -69,6 +70,8 @@ class Sizes:
 
 
 FULL = Sizes(prompts=32, samples=4, gen_tokens=64, answers=36, judge_samples=3, judge_tokens=128)
+# `make bench` (bench/all.py): big enough for stable ratios, small enough for its 15-minute budget.
+MEDIUM = Sizes(prompts=16, samples=4, gen_tokens=64, answers=12, judge_samples=3, judge_tokens=128)
 QUICK = Sizes(prompts=8, samples=2, gen_tokens=16, answers=6, judge_samples=1, judge_tokens=32)
 
 
@@ -382,6 +385,9 @@ def main() -> None:
                     help=f"smoke-run sizes: {QUICK.prompts} prompts x {QUICK.samples} samples, {QUICK.gen_tokens} "
                          f"new tokens; {QUICK.answers} EFT answers x {QUICK.judge_samples} sample, "
                          f"{QUICK.judge_tokens} new tokens")
+    ap.add_argument("--medium", action="store_true",
+                    help=f"make bench's sizes: {MEDIUM.prompts} prompts x {MEDIUM.samples} samples; {MEDIUM.answers} "
+                         f"EFT answers x {MEDIUM.judge_samples} samples")
     ap.add_argument("--json", type=Path, metavar="PATH", help="also write the results as JSON to PATH")
     ap.add_argument("--skip-bare", action="store_true", help="leave out bare vLLM (and the overhead line)")
     ap.add_argument("--bare-job", type=Path, help=argparse.SUPPRESS)  # the bare vLLM subprocess
@@ -396,7 +402,7 @@ def main() -> None:
               "machine": machine(), "versions": versions()}
     workdir = Path(tempfile.mkdtemp(prefix="bench-engines-"))
     try:
-        report.update(run(QUICK if args.quick else FULL, args.skip_bare, workdir))
+        report.update(run(QUICK if args.quick else MEDIUM if args.medium else FULL, args.skip_bare, workdir))
     except SelfRewardError as e:
         sys.exit(f"error: {e}\n(vLLM logs kept in {workdir})")
     except BaseException:

@@ -119,6 +119,7 @@ class Config:
     dpo_learning_rate_end: float = _f(1e-7, "DPO final learning rate.")
     dpo_batch_size: int = _f(16, "DPO batch size in pairs (per step, reached by gradient accumulation).")
     dpo_epochs: float = _f(1.0, "DPO epochs over the round's pairs.")
+    train_precision: str = _f("auto", "Training arithmetic: 'fp32', 'bf16' (autocast; weights and the merge stay full precision), or 'auto' (bf16 on CUDA and on CPUs with AVX-512 BF16 or AMX, fp32 elsewhere).")
     micro_batch_size: int = _f(4, "Sequences per forward pass while training; batch sizes are reached by accumulation.")
     # --- LoRA ---
     lora_r: int = _f(16, "LoRA rank (all linear layers).")
@@ -282,6 +283,8 @@ def validate(c: Config) -> None:
         if getattr(c, key) < 0:
             raise SelfRewardError(f"config key '{key}' must be >= 0")
     check_training(c)
+    if c.train_precision not in ("auto", "fp32", "bf16"):
+        raise SelfRewardError("train_precision must be 'auto', 'fp32' or 'bf16'")
     if c.load_in_4bit not in ("auto", "yes", "no"):
         raise SelfRewardError("load_in_4bit must be 'auto', 'yes' or 'no'")
     if c.api_concurrency <= 0 or c.api_timeout <= 0 or c.api_max_retries < 0 or c.api_backoff < 0:

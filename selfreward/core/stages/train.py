@@ -93,12 +93,28 @@ def _common_args(cfg, out: str, lr: float, lr_end: float, batch: int, epochs: fl
         per_device_train_batch_size=micro, gradient_accumulation_steps=max(1, batch // micro),
         max_length=cfg.max_length, logging_steps=1, save_strategy="no", seed=cfg.seed,
         report_to=trackers(cfg), run_name=tag or None,
-        bf16=cuda, disable_tqdm=False, dataloader_num_workers=0, dataloader_pin_memory=cuda,
+        bf16=use_bf16(cfg.train_precision), use_cpu=not cuda, disable_tqdm=False, dataloader_num_workers=0, dataloader_pin_memory=cuda,
         # Recomputing activations saves GPU memory for big models; a 135M model on CPU only pays the time.
         **{recompute: cuda},
         # A handful of steps: warmup would eat them all.
         warmup_steps=0,
     )
+
+
+def use_bf16(setting: str) -> bool:
+    """bf16 autocast: on CUDA, and on CPUs with native bf16 matrix instructions (AVX-512 BF16, AMX),
+    where it runs the matmuls of a step in about half the time of fp32 (bench/training.py)."""
+    import torch
+
+    if setting != "auto":
+        return setting == "bf16"
+    if torch.cuda.is_available():
+        return torch.cuda.is_bf16_supported()
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return " avx512_bf16" in flags or " amx_bf16" in flags
 
 
 def _load_for_training(base_path: str, cfg):
@@ -144,7 +160,10 @@ def _train_and_merge(trainer, base_path: str, out: Path, probe: list[dict] | Non
     _quiet(trainer).train()
     tmp = Path(trainer.args.output_dir) / "adapter"
     trainer.model.save_pretrained(tmp)
-    trained = sequence_logps(trainer.model, trainer.processing_class, probe) if probe else None
+    # Without the bf16 autocast wrapper that mixed-precision training puts on forward: the gap measures
+    # the weights (4-bit base + adapter against the merged full-precision model), not the arithmetic.
+    trained = sequence_logps(trainer.accelerator.unwrap_model(trainer.model, keep_fp32_wrapper=False),
+                             trainer.processing_class, probe) if probe else None
     del trainer
     gc.collect()
     merged = merge_adapter(base_path, tmp, out,
