@@ -31,8 +31,7 @@ test: install
 	$(BIN)/pytest -q
 
 bench: install
-	$(BIN)/python bench/engines.py
-	$(BIN)/python bench/training.py
+	$(BIN)/python bench/all.py
 
 clean:
 	rm -rf $(VENV) *.egg-info
