@@ -36,3 +36,25 @@ def test_qlora_dpo_merges_into_16bit(tiny_model, tmp_path):
     assert rows and adapter.is_dir()
     merged = load_model(str(tmp_path / "M2"))
     assert merged.dtype == torch.bfloat16  # merged into 16-bit weights, not a 4-bit base
+
+
+def test_grpo_generates_with_trls_colocated_vllm_on_cuda(tiny_model, tmp_path):
+    """With the vllm engine on CUDA, online RL samples through TRL's colocated vLLM."""
+    pytest.importorskip("vllm", reason="the gpu extra is not installed: pip install -e '.[gpu]'")
+    from selfreward.config import resolve
+    from selfreward.core.stages import online as online_module
+    from selfreward.backends.judges import GroupResult, Verdict
+    from selfreward.prompts import Parsed
+
+    class Judge:
+        name, template_sha = "fake", None
+
+        def judge_groups(self, groups, samples, seed):
+            return [GroupResult([[Verdict("Score: 3", Parsed(3.0, "", None))] for _ in g.responses])
+                    for g in groups]
+
+    cfg = resolve({}, {"preset": "tiny", "train_method": "grpo", "engine": "vllm", "eft_eval": ""})
+    reward = online_module.JudgeReward(Judge(), 1, 0, "M1+grpo", cfg.candidate_max_new_tokens)
+    prompts = [{"id": 1, "text": "say hi"}, {"id": 2, "text": "name a colour"}]
+    rows, adapter, info = online_module.online(str(tiny_model), prompts, reward, cfg, tmp_path / "r" / "models" / "M2", 2)
+    assert rows and adapter.is_dir() and len(reward.candidates) == 2 * cfg.n_candidates
