@@ -67,6 +67,8 @@ def run(ctx, t: int) -> None:
     with ctx.stage(t, "rl") as commit:
         if not prompts:
             return copy_parent(ctx.run, commit, t, parent, "prompts")
+        if cfg.judge != "self":
+            ctx.release()  # self-instruct's engine is not needed by any other judge: free it for training
         judge = ctx.judge(parent["name"])  # the self judge is M_{t-1}, served beside the trainer
         seed = ctx.seed(t, "rl")
         reward = JudgeReward(judge, cfg.judge_samples, seed, f"{parent['name']}+{cfg.train_method}",
