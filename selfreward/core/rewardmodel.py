@@ -21,11 +21,10 @@ import re
 import shutil
 from itertools import combinations
 from pathlib import Path
-from unittest import mock
 
 from selfreward.backends.models import device, load_tokenizer
 from selfreward.core import failpoints
-from selfreward.core.stages.train import LogRows, _common_args, _model_row, _quiet, _tracking, scratch
+from selfreward.core.stages.train import LogRows, _common_args, _model_row, _quiet, scratch, tracking
 from selfreward.errors import SelfRewardError
 
 KIND = "reward-model"      # models.kind
@@ -124,7 +123,7 @@ def train_reward_model(base_path: str, pairs: list[dict], cfg, out: Path, *, rou
     logs = RewardLogRows(round, out.name)
     work = scratch(out)
     try:
-        with mock.patch.dict(os.environ, _tracking(cfg, out)):  # TensorBoard logs outlive the scratch folder
+        with tracking(cfg, out):  # TensorBoard logs outlive the scratch folder
             # The run's lora_dropout applies (TRL would switch every dropout off by default).
             args = RewardConfig(**_common_args(cfg, str(work), lr, lr / 10, batch, epochs, tag),
                                 disable_dropout=False, dataset_num_proc=None)

@@ -14,6 +14,7 @@ import json
 import math
 import os
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
 
 from transformers import TrainerCallback
@@ -136,12 +137,23 @@ def scratch(out: Path) -> Path:
     return work
 
 
-def _tracking(cfg, out: Path):
-    """TensorBoard writes under the trainer's scratch folder unless told otherwise: point it at
-    runs/<name>/tensorboard/<model>, which outlives the stage."""
+@contextmanager
+def tracking(cfg, out: Path):
+    """TensorBoard writes under the trainer's scratch folder unless told otherwise: while training,
+    point it at runs/<name>/tensorboard/<model>, which outlives the stage."""
+    env = {}
     if "tensorboard" in trackers(cfg) and "TENSORBOARD_LOGGING_DIR" not in os.environ:
-        return {"TENSORBOARD_LOGGING_DIR": str(out.parent.parent / "tensorboard" / out.name)}
-    return {}
+        env = {"TENSORBOARD_LOGGING_DIR": str(out.parent.parent / "tensorboard" / out.name)}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def _train_and_merge(trainer, base_path: str, out: Path, probe: list[dict] | None = None) -> tuple[Path, dict]:
@@ -200,19 +212,12 @@ def _fit(kind: str, cfg, base_path: str, out: Path, round: int, build) -> tuple[
     `build(model, work_dir, callbacks)` makes the trainer."""
     logs = LogRows(round, kind)
     work = scratch(out)
-    env = _tracking(cfg, out)
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
     try:
         four_bit = use_4bit(cfg.load_in_4bit)
-        adapter, info = _train_and_merge(build(_load_for_training(base_path, cfg), str(work), [logs]),
-                                         base_path, out, heldout_pairs(cfg))
+        with tracking(cfg, out):
+            adapter, info = _train_and_merge(build(_load_for_training(base_path, cfg), str(work), [logs]),
+                                             base_path, out, heldout_pairs(cfg))
     finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
         shutil.rmtree(work, ignore_errors=True)
     losses = [r["loss"] for r in logs.rows if r["loss"] is not None]
     if not losses or not all(math.isfinite(x) for x in losses):
