@@ -35,7 +35,6 @@ import argparse
 import datetime
 import itertools
 import json
-import os
 import platform
 import random
 import sys

@@ -13,7 +13,7 @@ from pathlib import Path
 import click
 
 from selfreward import __version__
-from selfreward.backends.engines import ENGINES, POLICY_ENGINES
+from selfreward.backends.engines import POLICY_ENGINES
 from selfreward.backends.judges import JUDGES, MODES
 from selfreward.config import FIELDS, RENAMED, TRAIN_METHODS, coerce, help_text, load_toml, resolve
 from selfreward.errors import SelfRewardError

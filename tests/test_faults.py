@@ -7,13 +7,11 @@ reason, and the stored retry counts add up to the requests the proxy saw."""
 from __future__ import annotations
 
 import http.client
-import json
 import random
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-import pytest
 from click.testing import CliRunner
 from test_api_judge import ScriptedServer
 

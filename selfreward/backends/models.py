@@ -168,19 +168,23 @@ def sequence_logps(model, tokenizer, pairs: list[dict]) -> list[float]:
     return out
 
 
-def merge_adapter(base_path: str, adapter_path: Path, out: Path, probe=None):
+def merge_adapter(base_path: str, adapter_path: Path, out: Path, probe=None, load=None):
     """Merge a LoRA adapter into a full-precision reload of its base (never into 4-bit weights:
-    the merged model has no quantization_config and no quantized tensors). `probe(model)`, if
-    given, runs on the merged model before it is saved, and its result is returned."""
+    the merged model has no quantization_config and no quantized tensors) and write it, with the
+    base's tokenizer, to `out` (via out.tmp, renamed into place). `load(path)` loads the base
+    (default: the causal LM at full precision; a reward model passes its classifier loader).
+    `probe(model, tokenizer)`, if given, runs on the merged model before it is saved, and its
+    result is returned."""
     from peft import PeftModel
 
-    base = load_model(base_path, four_bit=False)
+    base = (load or (lambda path: load_model(path, four_bit=False)))(base_path)
     merged = PeftModel.from_pretrained(base, str(adapter_path)).merge_and_unload()
-    result = probe(merged) if probe else None
+    tokenizer = load_tokenizer(base_path)
+    result = probe(merged, tokenizer) if probe else None
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     merged.save_pretrained(tmp)
-    load_tokenizer(base_path).save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
     from selfreward.core import failpoints
 
     failpoints.hit("merge")

@@ -16,15 +16,14 @@ steps in `training_steps` (kind 'reward'), and its held-out judge metrics in
 from __future__ import annotations
 
 import gc
-import os
 import re
 import shutil
 from itertools import combinations
 from pathlib import Path
 
-from selfreward.backends.models import device, load_tokenizer
-from selfreward.core import failpoints
-from selfreward.core.stages.train import LogRows, _common_args, _model_row, _quiet, scratch, tracking
+from selfreward.backends.models import device, load_tokenizer, merge_adapter
+from selfreward.core.stages.train import (LogRows, _common_args, _model_row, _quiet, final_loss, lora_config, scratch,
+                                          tracking)
 from selfreward.errors import SelfRewardError
 
 KIND = "reward-model"      # models.kind
@@ -76,8 +75,9 @@ def ranked_pairs(path: str | Path) -> list[dict]:
 
 # --- training ---
 
-def load_classifier(path: str):
-    """The policy's body under a fresh one-logit score head, on the device."""
+def load_classifier(path: str, pad_token_id: int | None = None):
+    """The policy's body under a fresh one-logit score head, on the device. The head reads each
+    sequence's last token that is not padding, so it needs the tokenizer's pad id."""
     import torch
     from transformers import AutoModelForSequenceClassification
     from trl.trainer.reward_trainer import suppress_seqcls_warning
@@ -90,14 +90,9 @@ def load_classifier(path: str):
     except (OSError, ValueError) as e:
         raise SelfRewardError(f"cannot load '{path}' with a sequence-classification head: "
                               f"{str(e).splitlines()[0]}") from None
+    if pad_token_id is not None:
+        model.config.pad_token_id = pad_token_id
     return model.to(device())
-
-
-def lora_config(cfg):
-    from peft import LoraConfig
-
-    return LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                      target_modules="all-linear", task_type="SEQ_CLS")
 
 
 def train_reward_model(base_path: str, pairs: list[dict], cfg, out: Path, *, round: int, epochs: float,
@@ -106,8 +101,6 @@ def train_reward_model(base_path: str, pairs: list[dict], cfg, out: Path, *, rou
     weights and tokenizer; the adapter in out/adapter). Returns (logged step rows, info).
     Always on a full-precision body (load_in_4bit is the policy's setting): the merged head and
     body are what the judge loads."""
-    import math
-
     from datasets import Dataset
     from transformers import set_seed
     from trl import RewardConfig, RewardTrainer
@@ -117,9 +110,7 @@ def train_reward_model(base_path: str, pairs: list[dict], cfg, out: Path, *, rou
                                "rejected": [{"role": "assistant", "content": p["rejected"]}]} for p in pairs])
     tokenizer = load_tokenizer(base_path)
     set_seed(cfg.seed)  # the score head starts from random weights
-    model = load_classifier(base_path)
-    # The head reads each sequence's last token that is not padding.
-    model.config.pad_token_id = tokenizer.pad_token_id
+    model = load_classifier(base_path, tokenizer.pad_token_id)
     logs = RewardLogRows(round, out.name)
     work = scratch(out)
     try:
@@ -128,7 +119,7 @@ def train_reward_model(base_path: str, pairs: list[dict], cfg, out: Path, *, rou
             args = RewardConfig(**_common_args(cfg, str(work), lr, lr / 10, batch, epochs, tag),
                                 disable_dropout=False, dataset_num_proc=None)
             trainer = RewardTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer,
-                                    peft_config=lora_config(cfg), callbacks=[logs])
+                                    peft_config=lora_config(cfg, "SEQ_CLS"), callbacks=[logs])
             used = len(trainer.train_dataset)  # RewardTrainer drops pairs longer than max_length
             if not used:
                 raise SelfRewardError(f"all {len(pairs)} pairs are longer than max_length={cfg.max_length} tokens; "
@@ -138,34 +129,19 @@ def train_reward_model(base_path: str, pairs: list[dict], cfg, out: Path, *, rou
             trainer.model.save_pretrained(adapter)
             del trainer, model
             gc.collect()
-        _merge(base_path, adapter, out, tokenizer.pad_token_id)
+        merge_adapter(base_path, adapter, out, load=lambda path: load_classifier(path, tokenizer.pad_token_id))
+        shutil.move(str(adapter), out / "adapter")
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    losses = [r["loss"] for r in logs.rows if r["loss"] is not None]
-    if not losses or not all(math.isfinite(x) for x in losses):
+    try:
+        loss = final_loss(logs.rows, f"reward model {out.name}", "lower --lr")
+    except SelfRewardError:
         shutil.rmtree(out, ignore_errors=True)
-        raise SelfRewardError(f"reward model {out.name} logged no finite loss ({losses[-3:]}); lower --lr")
-    info = {"method": STEP_KIND, "four_bit": False, "steps": len(logs.rows), "final_loss": losses[-1],
+        raise
+    info = {"method": STEP_KIND, "four_bit": False, "steps": len(logs.rows), "final_loss": loss,
             "pairs": used, "pairs_too_long": len(pairs) - used, "epochs": epochs, "learning_rate": lr,
             "batch_size": batch}
     return logs.rows, info
-
-
-def _merge(base_path: str, adapter: Path, out: Path, pad_token_id: int) -> None:
-    """As models.merge_adapter, for a classifier: reload the body (any head: the adapter carries the
-    trained one), merge, write out.tmp, and rename it into place with the adapter inside."""
-    from peft import PeftModel
-
-    merged = PeftModel.from_pretrained(load_classifier(base_path), str(adapter)).merge_and_unload()
-    merged.config.pad_token_id = pad_token_id
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    merged.save_pretrained(tmp)
-    load_tokenizer(base_path).save_pretrained(tmp)  # with its pad token, which the judge pads with
-    shutil.move(str(adapter), tmp / "adapter")
-    failpoints.hit("merge")
-    shutil.rmtree(out, ignore_errors=True)
-    os.replace(tmp, out)
 
 
 def accuracy(folder: Path, pairs: list[dict]) -> float:

@@ -69,11 +69,12 @@ def _quiet(trainer):
     return trainer
 
 
-def lora_config(cfg):
+def lora_config(cfg, task_type: str = "CAUSAL_LM"):
+    """The run's LoRA on every linear layer; a reward model asks for SEQ_CLS (its head trained whole)."""
     from peft import LoraConfig
 
     return LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                      target_modules="all-linear", task_type="CAUSAL_LM")
+                      target_modules="all-linear", task_type=task_type)
 
 
 def _common_args(cfg, out: str, lr: float, lr_end: float, batch: int, epochs: float, tag: str = "") -> dict:
@@ -114,12 +115,11 @@ def use_bf16(setting: str) -> bool:
     return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
 
 
-def _load_for_training(base_path: str, cfg):
+def _load_for_training(base_path: str, four_bit: bool):
     """The model to train. On a 4-bit base, peft casts the norms to fp32 and makes the inputs
     require grads; activation recomputation only on CUDA, where memory is what 4-bit buys."""
     import torch
 
-    four_bit = use_4bit(cfg.load_in_4bit)
     model = load_model(base_path, four_bit=four_bit)
     if four_bit:
         from peft import prepare_model_for_kbit_training
@@ -174,8 +174,7 @@ def _train_and_merge(trainer, base_path: str, out: Path, probe: list[dict] | Non
                              trainer.processing_class, probe) if probe else None
     del trainer
     gc.collect()
-    merged = merge_adapter(base_path, tmp, out,
-                           probe=(lambda m: sequence_logps(m, load_tokenizer(base_path), probe)) if probe else None)
+    merged = merge_adapter(base_path, tmp, out, probe=(lambda m, tok: sequence_logps(m, tok, probe)) if probe else None)
     adapter = out / "adapter"
     shutil.rmtree(adapter, ignore_errors=True)
     shutil.move(str(tmp), adapter)
@@ -184,6 +183,8 @@ def _train_and_merge(trainer, base_path: str, out: Path, probe: list[dict] | Non
         info = {"merge_gap": sum(abs(a - b) for a, b in zip(trained, merged)) / len(trained),
                 "merge_probe_pairs": len(probe)}
     return adapter, info
+
+
 def heldout_pairs(cfg, limit: int = MERGE_PROBE_PAIRS) -> list[dict]:
     """Pairs no trainer sees: per instruction of the held-out EFT file, its best- and its
     worst-scored response (distinct scores). Empty when there is no held-out file."""
@@ -196,14 +197,13 @@ def heldout_pairs(cfg, limit: int = MERGE_PROBE_PAIRS) -> list[dict]:
 
 def best_worst_pairs(rows: list[dict]) -> list[dict]:
     """Per instruction of scored EFT rows, its best- against its worst-scored response (distinct scores)."""
-    by_prompt: dict[str, list[dict]] = {}
-    for row in rows:
-        by_prompt.setdefault(row["instruction"], []).append(row)
+    from selfreward.inspection.metrics import groups_from_eft
+
     pairs = []
-    for prompt, group in by_prompt.items():
-        best, worst = max(group, key=lambda r: r["score"]), min(group, key=lambda r: r["score"])
-        if best["score"] > worst["score"]:
-            pairs.append({"prompt": prompt, "chosen": best["response"], "rejected": worst["response"]})
+    for g in groups_from_eft(rows):
+        best, worst = g.preference.index(max(g.preference)), g.preference.index(min(g.preference))
+        if g.preference[best] > g.preference[worst]:
+            pairs.append({"prompt": g.instruction, "chosen": g.responses[best], "rejected": g.responses[worst]})
     return pairs
 
 
@@ -215,18 +215,23 @@ def _fit(kind: str, cfg, base_path: str, out: Path, round: int, build) -> tuple[
     try:
         four_bit = use_4bit(cfg.load_in_4bit)
         with tracking(cfg, out):
-            adapter, info = _train_and_merge(build(_load_for_training(base_path, cfg), str(work), [logs]),
+            adapter, info = _train_and_merge(build(_load_for_training(base_path, four_bit), str(work), [logs]),
                                              base_path, out, heldout_pairs(cfg))
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    losses = [r["loss"] for r in logs.rows if r["loss"] is not None]
-    if not losses or not all(math.isfinite(x) for x in losses):
-        from selfreward.errors import SelfRewardError
-
-        raise SelfRewardError(f"{kind} training of {out.name} logged no finite loss ({losses[-3:]}); "
-                              f"lower the learning rate")
-    info.update(method=kind, four_bit=four_bit, steps=len(logs.rows), final_loss=losses[-1])
+    info.update(method=kind, four_bit=four_bit, steps=len(logs.rows),
+                final_loss=final_loss(logs.rows, f"{kind} training of {out.name}", "lower the learning rate"))
     return logs.rows, adapter, info
+
+
+def final_loss(rows: list[dict], what: str, hint: str) -> float:
+    """The last logged loss; a training that logged none, or a non-finite one, is an error."""
+    from selfreward.errors import SelfRewardError
+
+    losses = [r["loss"] for r in rows if r["loss"] is not None]
+    if not losses or not all(math.isfinite(x) for x in losses):
+        raise SelfRewardError(f"{what} logged no finite loss ({losses[-3:]}); {hint}")
+    return losses[-1]
 
 
 def _tag(out: Path, round: int, method: str) -> str:
