@@ -321,6 +321,9 @@ def judge_options(f):
                      help="OpenAI-compatible base URL for --judge api; key from $OPENAI_API_KEY."),
         click.option("--api-model", "--judge-api-model", "api_model", help="Model name at the server."),
         click.option("--judge-script", type=click.Path(), help="JSON list of raw outputs (scripted judge)."),
+        click.option("--judge-logprobs", type=click.Choice(["auto", "yes", "no"]),
+                     help="Also read each score's token probabilities and report the metrics of the expected "
+                          "(logprob-weighted) scores beside the parsed ones (E columns)."),
         click.option("--runs-dir", default="runs", show_default=True, type=click.Path(file_okay=False)),
     ]
     for option in reversed(options):
@@ -372,7 +375,9 @@ def eval_judge_cmd(run, models, dataset, limit, samples, verbosity, canaries, as
     """Judge quality against human rankings (the paper's Table 4): pairwise
     accuracy (judge ties shown apart), 5-best %, exact-match %, Spearman and
     Kendall tau per prompt, plus parse rate, position inconsistency (pairwise
-    mode), the verbosity probe and judgments per second.
+    mode), the verbosity probe and judgments per second. Where the judge reads
+    score probabilities (judge_logprobs), the E columns give pairwise accuracy,
+    ties and Spearman of the expected (logprob-weighted) scores side by side.
 
     \b
     Example:

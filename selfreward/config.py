@@ -87,8 +87,15 @@ class Config:
     judge_temperature: float = _f(0.7, "Sampling temperature for the judge.")
     judge_top_p: float = _f(0.9, "Top-p for the judge.")
     judge_max_new_tokens: int = _f(256, "Token limit for one judgment.")
+    judge_logprobs: str = _f("auto", "Logprob-weighted scores (G-Eval): after each additive judgment that parsed, read the probabilities of the score tokens 0..5 with its rationale and 'Score: ' as the prefix (one forward pass, or one max_tokens=1 request), and store their expected value beside the parsed score. 'auto' (the self and scripted judges: on; the api judge: off, as it costs a request each), 'yes', 'no'.")
     # --- pairs ---
+    pair_score: str = _f("parsed", "Which score builds pairs: 'parsed' (the judge's written score) or 'expected' (the logprob-weighted score; a judgment whose score did not parse stays unscored under both).")
     length_rho: float = _f(0.0, "Meta-Rewarding length control rho: 0 is the plain max/min rule; larger prefers short chosen and long rejected.")
+    # --- the judge's own training (Meta-Rewarding, CREAM) ---
+    meta_rewarding: str = _f("no", "Meta-Rewarding (Wu et al. 2024): per prompt, the candidate whose judgments vary most has its judgments compared pairwise by a meta-judge (both orders); an Elo ranks them and the best against the worst judgment is a judge-preference pair, trained in the same DPO step as the actor pairs. 'yes' or 'no'.")
+    meta_max_prompts: int = _f(0, "Meta-Rewarding: at most this many prompts per round get judge pairs (those whose judgments vary most; 0 = all).")
+    meta_judge_max_new_tokens: int = _f(256, "Token limit for one meta-judgment.")
+    consistency: str = _f("no", "CREAM (ICLR 2025): rank each prompt's candidates with the current and the previous round's judge; C = (Kendall tau + 1) / 2 weights the pair's DPO loss C*DPO(y+, y-) + (1-C)*DPO(y-, y+). 'yes' or 'no'.")
     # --- SFT (round 1) ---
     sft_epochs: float = _f(1.0, "SFT epochs over IFT+EFT for M1.")
     sft_learning_rate: float = _f(5.5e-6, "SFT peak learning rate (cosine decay to sft_learning_rate_end).")
@@ -304,6 +311,7 @@ def validate(c: Config) -> None:
     if not 0 < c.vllm_gpu_memory_utilization <= 1:
         raise SelfRewardError("vllm_gpu_memory_utilization must lie in (0, 1]")
     check_api_settings(c)
+    check_judge_training(c)
     if c.judge == "scripted" and not c.judge_script:
         raise SelfRewardError("judge 'scripted' needs judge_script: a JSON file with a list of raw judge outputs")
 
@@ -317,6 +325,33 @@ DPO_LOSS_TYPES = ("sigmoid", "ipo", "robust", "hinge", "exo_pair", "nca_pair", "
 TRACKERS = {"tensorboard": "tensorboard", "wandb": "wandb", "trackio": "trackio", "mlflow": "mlflow",
             "comet_ml": "comet_ml", "clearml": "clearml", "dvclive": "dvclive", "swanlab": "swanlab",
             "neptune": "neptune", "codecarbon": "codecarbon", "dagshub": "dagshub", "azure_ml": "azureml"}
+
+
+def read_logprobs(c: Config) -> bool:
+    """Does the configured judge read score probabilities (judge_logprobs)?"""
+    if c.judge not in ("self", "api", "scripted") or c.judge_mode == "pairwise" or c.judge_logprobs == "no":
+        return False
+    return c.judge_logprobs == "yes" or c.judge != "api"
+
+
+def check_judge_training(c: Config) -> None:
+    for key, allowed in (("judge_logprobs", ("auto", "yes", "no")), ("pair_score", ("parsed", "expected")),
+                         ("meta_rewarding", ("yes", "no")), ("consistency", ("yes", "no"))):
+        if getattr(c, key) not in allowed:
+            raise SelfRewardError(f"{key} must be {', '.join(repr(a) for a in allowed[:-1])} or {allowed[-1]!r}, "
+                                  f"got {getattr(c, key)!r}")
+    if c.pair_score == "expected" and not read_logprobs(c):
+        raise SelfRewardError("pair_score 'expected' needs score probabilities: an additive or reference LLM judge "
+                              "(self, scripted, or api with judge_logprobs=yes) and judge_logprobs not 'no'")
+    if c.meta_max_prompts < 0 or c.meta_judge_max_new_tokens <= 0:
+        raise SelfRewardError("meta_max_prompts must be >= 0 and meta_judge_max_new_tokens positive")
+    online = c.train_method in ONLINE_METHODS
+    if c.meta_rewarding == "yes" and (c.judge != "self" or c.judge_mode == "pairwise" or online):
+        raise SelfRewardError("meta_rewarding needs the self judge in additive or reference mode and an offline "
+                              "train_method (dpo or simpo): it trains the policy's own judging")
+    if c.consistency == "yes" and (c.judge != "self" or c.train_method != "dpo"):
+        raise SelfRewardError("consistency (CREAM) needs the self judge (the previous round's model judges too) "
+                              "and train_method 'dpo' (it weights the DPO loss)")
 
 
 def loss_types(c: Config) -> list[str]:

@@ -36,6 +36,7 @@ class Parsed:
     score: float | None
     rationale: str
     reason: str | None = None
+    at: int | None = None  # where the score's value starts in the text (additive parser), for its probabilities
 
 
 # --- finding the judge's own final label ---
@@ -125,7 +126,7 @@ def parse_additive(text: str, truncated: bool = False) -> Parsed:
         return Parsed(None, rationale, f"non-integer score {value}: additive points are whole numbers")
     if not 0 <= value <= 5:
         return Parsed(None, rationale, f"score {v.group('value')} outside 0..5")
-    return Parsed(float(value), rationale)
+    return Parsed(float(value), rationale, at=m.end() + v.start("value"))
 
 
 # --- the pairwise parser ---

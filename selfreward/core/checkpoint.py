@@ -59,6 +59,9 @@ class CheckpointedEngine:
         self.inner, self.checkpoint = inner, checkpoint
         self.name, self.model_path = inner.name, inner.model_path
         self.seeds_per_request = inner.seeds_per_request
+        if hasattr(inner, "choice_probs"):
+            # Read again on a resume rather than kept: one forward pass (or one-token request) each.
+            self.choice_probs = inner.choice_probs
 
     def generate(self, prompts: list[Prompt], n: int, sampling: Sampling, desc: str = "generate", on_done=None):
         params = (sampling.temperature, sampling.top_p, sampling.max_new_tokens, sampling.seed)

@@ -108,7 +108,7 @@ def m003_evals(db: sqlite_utils.Database):
     )
 
 
-APPEND_ONLY = ("candidates", "judgments", "pairs", "comparisons")
+APPEND_ONLY = ("candidates", "judgments", "pairs", "comparisons")  # m009 adds meta_judgments, judge_pairs
 
 
 @migrations()
@@ -165,6 +165,39 @@ def m008_reward_models(db: sqlite_utils.Database):
     # `train-rm` may train several reward models from one M_t: their steps say which model they trained.
     # (Rows of the loop's training leave it NULL: theirs is M_<round>.)
     db["training_steps"].add_column("model", str)
+
+
+@migrations()
+def m009_judge_training(db: sqlite_utils.Database):
+    # Logprob-weighted scores (G-Eval): the probabilities of the score tokens 0..5 where the judge wrote
+    # its score, and their expected value, beside the parsed score.
+    db["judgments"].add_column("expected_score", float)
+    db["judgments"].add_column("score_probs", str)
+    db["eft_eval"].add_column("expected_score", float)
+    # Which score built a round's pairs, CREAM's consistency per pair, and each pair's kind:
+    # 'actor' (instruction -> responses) or 'judge' (Meta-Rewarding: judge prompt -> judgments).
+    db["pairs"].add_column("score_kind", str)
+    db["pairs"].add_column("consistency", float)
+    # Meta-Rewarding: a meta-judge compares two judgments of one candidate, in both orders.
+    db["meta_judgments"].create(
+        {"id": int, "round": int, "candidate_id": int, "a_id": int, "b_id": int, "order": str, "winner": str,
+         "rationale": str, "raw": str, "reason": str, "n_tokens": int, "finish_reason": str, "judge": str,
+         "template_sha": str, "created_at": str},
+        pk="id", foreign_keys=[("candidate_id", "candidates", "id"), ("a_id", "judgments", "id"),
+                               ("b_id", "judgments", "id")])
+    db["meta_judgments"].create_index(["round"])
+    # The judge-preference pairs: per candidate, its best- and worst-rated judgment by Elo.
+    db["judge_pairs"].create(
+        {"id": int, "round": int, "candidate_id": int, "status": str, "chosen_id": int, "rejected_id": int,
+         "chosen_elo": float, "rejected_elo": float, "n_judgments": int, "score_spread": float, "reason": str},
+        pk="id", foreign_keys=[("candidate_id", "candidates", "id")])
+    db["judge_pairs"].create_index(["round"])
+    for table in ("meta_judgments", "judge_pairs"):
+        for action in ("UPDATE", "DELETE"):
+            db.execute(f"""
+                CREATE TRIGGER {table}_no_{action.lower()} BEFORE {action} ON {table}
+                BEGIN SELECT RAISE(ABORT, '{table} are append-only: {action} refused'); END""")
+    db["meta_judgments"].enable_fts(["rationale", "raw"], create_triggers=True)
 
 
 def take_lock(path: Path, wait: bool = False, quiet: bool = False):

@@ -72,9 +72,11 @@ def verify(run: Run, counts: dict | None = None) -> list[str]:
             problems.append(f"round {t}: unknown pairing rule {sorted(p['rule'] for p in stored)[:1]}")
             continue
         cands = run.rows("select id, prompt_id, text from candidates where round = ?", [t])
-        judgments = run.rows("select candidate_id, score from judgments where round = ? "
+        judgments = run.rows("select candidate_id, score, expected_score from judgments where round = ? "
                              "and judge not like 'human:%'", [t])
-        expected = {p["prompt_id"]: p for p in build_pairs(cands, judgments, float(m.group(1)))}
+        kind = {p["score_kind"] for p in stored} - {None}  # NULL: written before pair_score existed
+        key = "expected_score" if kind == {"expected"} else "score"
+        expected = {p["prompt_id"]: p for p in build_pairs(cands, judgments, float(m.group(1)), key)}
         for p in stored:
             e = expected.pop(p["prompt_id"], None)
             if e is None:

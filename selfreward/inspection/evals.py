@@ -14,7 +14,7 @@ from selfreward.core.context import Context
 from selfreward.data import read_ift
 from selfreward.backends.engines import Sampling
 from selfreward.backends.judges import Group
-from selfreward.inspection.metrics import (finite, injection_probe, judge_scores, load_eval_set, quality_metrics,
+from selfreward.inspection.metrics import (expected_metrics, finite, injection_probe, judge_scores, load_eval_set, quality_metrics,
                                            verbosity_probe)
 from selfreward.core.store import Run, now
 
@@ -47,6 +47,7 @@ def eval_judge(run: Run, overrides: dict, models: list[str], dataset: str, limit
             scores, results = judge_scores(judge, groups, seed=cfg.seed, samples=samples)
             elapsed = time.perf_counter() - t0
             metrics = quality_metrics(groups, scores, results)
+            metrics.update(expected_metrics(groups, results))
             metrics["judgments_per_s"] = metrics["n_responses"] * samples / elapsed if elapsed else math.nan
             if verbosity:
                 metrics.update(verbosity_probe(judge, groups, seed=cfg.seed))

@@ -90,6 +90,32 @@ def judge_scores(judge, groups: list[EvalGroup], seed: int, samples: int = 1):
     return scores, results
 
 
+def expected_scores(results) -> list[list[float | None]]:
+    """Mean logprob-weighted score per response over its samples whose score parsed and whose
+    probabilities were read (None otherwise), in the shape of judge_scores' scores."""
+    out = []
+    for result in results:
+        per = []
+        for verdicts in result.verdicts:
+            xs = [v.expected for v in verdicts if v.parsed.score is not None and v.expected is not None]
+            per.append(sum(xs) / len(xs) if xs else None)
+        out.append(per)
+    return out
+
+
+EXPECTED = ("pairwise_accuracy", "pairwise_ties", "spearman", "kendall_tau", "gold_mae")
+
+
+def expected_metrics(groups: list[EvalGroup], results) -> dict[str, float]:
+    """The Table-4 metrics again on the expected (logprob-weighted) scores, named expected_*, with
+    expected_coverage: the share of responses that have one. Empty when the judge read none."""
+    scores = expected_scores(results)
+    if not any(x is not None for s in scores for x in s):
+        return {}
+    m = quality_metrics(groups, scores)
+    return {"expected_coverage": m["parse_rate"], **{f"expected_{k}": m[k] for k in EXPECTED if k in m}}
+
+
 def quality_metrics(groups: list[EvalGroup], scores: list[list[float | None]], results=None) -> dict[str, float]:
     """Parse rate, pairwise accuracy (judge ties apart), 5-best, exact match, Spearman, Kendall."""
     from scipy.stats import kendalltau, rankdata, spearmanr

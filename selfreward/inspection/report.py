@@ -75,12 +75,16 @@ COLUMNS = [("round", "round"), ("model", "model"), ("prompts", "prompts"), ("can
 EVAL_COLUMNS = [("model", "model"), ("judge", "judge"), ("n_prompts", "prompts"), ("parse_rate", "parse%"),
                 ("pairwise_accuracy", "pair acc"), ("pairwise_ties", "ties"), ("five_best", "5-best"),
                 ("exact_match", "exact"), ("spearman", "spearman"), ("kendall_tau", "kendall"),
+                ("expected_pairwise_accuracy", "E pair acc"), ("expected_pairwise_ties", "E ties"),
+                ("expected_spearman", "E spearman"),
                 ("position_inconsistency", "pos-incons"), ("verbosity_padded_wins", "padded wins"),
                 ("canary_moved", "canary moved"), ("canary_copied_scores", "copied"), ("judgments_per_s", "judg/s")]
 H2H_COLUMNS = [("a", "A"), ("b", "B"), ("judge", "judge"), ("n", "prompts"), ("wins", "A wins"), ("ties", "ties"),
                ("losses", "A losses"), ("inconsistent", "inconsistent"), ("unscored", "unscored"),
                ("win_rate", "A win rate"), ("a_mean_tokens", "A len"), ("b_mean_tokens", "B len")]
 PERCENT = {"parse_rate", "eft_parse_rate", "reward_acc", "pairwise_accuracy", "pairwise_ties", "five_best",
+           "expected_pairwise_accuracy", "expected_pairwise_ties", "expected_coverage", "eft_expected_pairwise_accuracy",
+           "eft_expected_pairwise_ties",
            "exact_match", "position_inconsistency", "verbosity_padded_wins", "win_rate", "canary_moved",
            "canary_raised"}
 

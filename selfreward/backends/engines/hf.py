@@ -7,7 +7,7 @@ import math
 import torch
 from tqdm.auto import tqdm
 
-from selfreward.backends.engines import Completion, OnDone, Prompt, Sampling, failed
+from selfreward.backends.engines import Completion, OnDone, Prompt, Sampling, context_ids, failed
 from selfreward.backends.models import load_model, load_tokenizer
 
 
@@ -75,6 +75,41 @@ class TransformersEngine:
             bar.update(len(batch))
         bar.close()
         return out  # type: ignore[return-value]
+
+    @torch.inference_mode()
+    def choice_probs(self, prompts: list[Prompt], outputs: list[str], cuts: list[int],
+                     choices: tuple[str, ...]) -> list[dict[str, float] | None]:
+        """One forward pass per item over the prompt and the answer up to the token that holds
+        outputs[i][cuts[i]]; the next-token probabilities of each choice's tokens (see Engine)."""
+        ids_of = self._choice_ids(choices)
+        contexts = [context_ids(self.tokenizer, self.render(p), o, c) for p, o, c in zip(prompts, outputs, cuts)]
+        out: list[dict[str, float] | None] = [None] * len(contexts)
+        todo = sorted((i for i, c in enumerate(contexts) if c), key=lambda i: -len(contexts[i]))
+        pad = self.tokenizer.pad_token_id
+        for start in range(0, len(todo), self.batch_size):
+            batch = todo[start : start + self.batch_size]
+            width = max(len(contexts[i]) for i in batch)
+            # Left padding: every row's last position is its own next-token position.
+            ids = torch.tensor([[pad] * (width - len(contexts[i])) + contexts[i] for i in batch])
+            mask = torch.tensor([[0] * (width - len(contexts[i])) + [1] * len(contexts[i]) for i in batch])
+            positions = (mask.cumsum(-1) - 1).clamp(min=0)  # as if each row were alone
+            logits = self.model(input_ids=ids.to(self.model.device), attention_mask=mask.to(self.model.device),
+                                position_ids=positions.to(self.model.device)).logits
+            probs = torch.softmax(logits[:, -1].float(), dim=-1).cpu()
+            for row, i in zip(probs, batch):
+                out[i] = {c: float(row[ids_of[c]].sum()) for c in choices}
+        return out
+
+    def _choice_ids(self, choices: tuple[str, ...]) -> dict[str, list[int]]:
+        """Token ids per choice: every vocabulary entry that decodes to the choice, spaces aside."""
+        if getattr(self, "_choices", (None,))[0] != choices:
+            ids = {c: [] for c in choices}
+            for token_id in range(len(self.tokenizer)):
+                text = self.tokenizer.decode([token_id]).strip()
+                if text in ids:
+                    ids[text].append(token_id)
+            self._choices = (choices, ids)
+        return self._choices[1]
 
     def chunk_prompts(self, n: int) -> int:
         # About four forward batches between checkpoints, in whole batches: a chunk that left

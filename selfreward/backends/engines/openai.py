@@ -30,9 +30,11 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 
 from tqdm.auto import tqdm
 
-from selfreward.backends.engines import Completion, OnDone, Prompt, Sampling, failed
+from selfreward.backends.engines import Completion, OnDone, Prompt, Sampling, failed, sum_choices
 from selfreward.errors import SelfRewardError
 
+# How many of the most likely first tokens a server returns when asked for probabilities.
+TOP_LOGPROBS = 20
 RETRYABLE_STATUS = {408, 409, 429, 500, 502, 503, 504}
 FATAL_STATUS = {401, 403, 404}
 
@@ -112,8 +114,15 @@ class OpenAIEngine:
                   "max_tokens": sampling.max_new_tokens}
         if self.send_seed:
             kwargs["seed"] = seed
+        chat = _is_chat(prompt)
+        if sampling.top_logprobs:
+            kwargs.update({"logprobs": True, "top_logprobs": sampling.top_logprobs} if chat
+                          else {"logprobs": sampling.top_logprobs})
+        if chat and prompt and prompt[-1]["role"] == "assistant":
+            # Continue the answer written so far (vLLM's and SGLang's chat extension).
+            kwargs["extra_body"] = {"continue_final_message": True, "add_generation_prompt": False}
         try:
-            if isinstance(prompt, str):
+            if not chat:  # a raw string or token ids: the completions endpoint
                 r = self.client.completions.create(prompt=prompt, **kwargs)
             else:
                 r = self.client.chat.completions.create(messages=prompt, **kwargs)
@@ -123,7 +132,7 @@ class OpenAIEngine:
         if not isinstance(choices, list) or not choices:
             raise Garbage("no choices")
         choice = choices[0]
-        text = choice.text if isinstance(prompt, str) else (choice.message.content if choice.message else None)
+        text = choice.text if not chat else (choice.message.content if choice.message else None)
         if not isinstance(text, str):
             text = ""  # an empty answer is the item's own output: the judge's parser says "empty output"
         usage = r.usage
@@ -131,7 +140,8 @@ class OpenAIEngine:
         return Completion(text.strip(), n_tokens, "length" if choice.finish_reason == "length" else "stop",
                           retries=retries,
                           usage={"prompt_tokens": usage.prompt_tokens, "completion_tokens": usage.completion_tokens}
-                          if usage else None)
+                          if usage else None,
+                          top_logprobs=_first_top_logprobs(choice, chat) if sampling.top_logprobs else None)
 
     def check_reachable(self) -> None:
         """Fail at once, in one line, when nothing listens at base_url (instead of after the retries)."""
@@ -183,12 +193,39 @@ class OpenAIEngine:
             bar.close()
         return out  # type: ignore[return-value]
 
+    def choice_probs(self, prompts: list[Prompt], outputs: list[str], cuts: list[int],
+                     choices: tuple[str, ...]) -> list[dict[str, float] | None]:
+        """Any server: the answer so far as an assistant turn to continue, one new token, and its
+        top log-probabilities (needs a server that continues a final message, as vLLM and SGLang do)."""
+        asks = [[*p, {"role": "assistant", "content": o[:c]}] if _is_chat(p) else p + o[:c]
+                for p, o, c in zip(prompts, outputs, cuts)]
+        return self.read_probs(asks, choices)
+
+    def read_probs(self, asks: list[Prompt], choices: tuple[str, ...]) -> list[dict[str, float] | None]:
+        outs = self.generate(asks, 1, Sampling(0.0, 1.0, 1, 0, top_logprobs=TOP_LOGPROBS), desc="score probabilities")
+        return [sum_choices(o[0].top_logprobs, choices) if o[0].top_logprobs else None for o in outs]
+
     def chunk_prompts(self, n: int) -> int:
         # Seeds are per request and each finished prompt is reported through on_done: no chunking.
         return 1 << 30
 
     def close(self) -> None:
         self.client.close()
+
+
+def _is_chat(prompt: Prompt) -> bool:
+    return isinstance(prompt, list) and bool(prompt) and isinstance(prompt[0], dict)
+
+
+def _first_top_logprobs(choice, chat: bool) -> dict[str, float] | None:
+    """token -> log-probability at the first new token, from either endpoint's reply."""
+    logprobs = getattr(choice, "logprobs", None)
+    try:
+        if chat:
+            return {t.token: t.logprob for t in logprobs.content[0].top_logprobs}
+        return dict(logprobs.top_logprobs[0])
+    except (AttributeError, IndexError, TypeError):
+        return None
 
 
 class Garbage(Exception):

@@ -30,7 +30,7 @@ import sys
 import time
 from pathlib import Path
 
-from selfreward.backends.engines import OnDone, Prompt, Sampling
+from selfreward.backends.engines import OnDone, Prompt, Sampling, context_ids
 from selfreward.backends.engines.openai import OpenAIEngine
 from selfreward.errors import SelfRewardError
 
@@ -176,6 +176,23 @@ class VLLMEngine(OpenAIEngine):
             raise SelfRewardError(f"the vLLM server stopped (exit {self.server.proc.returncode}): "
                                   f"{last_error(self.server.log_path)} (log: {self.server.log_path})")
         return super().generate(prompts, n, sampling, desc, on_done)
+
+    def choice_probs(self, prompts: list[Prompt], outputs: list[str], cuts: list[int],
+                     choices: tuple[str, ...]) -> list[dict[str, float] | None]:
+        """Exact token ids (this engine knows the model's tokenizer): the prompt through the chat
+        template and the answer up to the token that holds the cut, sent to /completions."""
+        from selfreward.backends.models import load_tokenizer
+
+        if getattr(self, "_tokenizer", None) is None:
+            self._tokenizer = load_tokenizer(self.model_path)
+        tok = self._tokenizer
+
+        def rendered(p: Prompt) -> str:
+            return p if isinstance(p, str) else tok.apply_chat_template(p, tokenize=False, add_generation_prompt=True)
+
+        asks = [context_ids(tok, rendered(p), o, c) for p, o, c in zip(prompts, outputs, cuts)]
+        read = iter(self.read_probs([a for a in asks if a], choices))
+        return [next(read) if a else None for a in asks]
 
     def close(self) -> None:
         super().close()

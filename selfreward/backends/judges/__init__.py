@@ -20,6 +20,7 @@ from typing import Callable
 from selfreward.backends.engines import Engine, Sampling
 from selfreward.backends.judges.base import Comparison, Group, GroupResult, Judge, PointwiseJudge, Verdict
 from selfreward.backends.judges.llm import MODES, LLMJudge
+from selfreward.config import read_logprobs
 from selfreward.errors import SelfRewardError
 
 DEFAULT_PAIRRM = "llm-blender/PairRM-hf"
@@ -35,11 +36,13 @@ def judge_sampling(cfg) -> Sampling:
 
 
 def _self(cfg, engine_for: EngineFor, label: str) -> Judge:
-    return LLMJudge(engine_for("policy"), judge_sampling(cfg), cfg.judge_mode, f"self:{label}")
+    return LLMJudge(engine_for("policy"), judge_sampling(cfg), cfg.judge_mode, f"self:{label}",
+                    logprobs=read_logprobs(cfg))
 
 
 def _api(cfg, engine_for: EngineFor, label: str) -> Judge:
-    return LLMJudge(engine_for("api"), judge_sampling(cfg), cfg.judge_mode, f"api:{cfg.api_model}")
+    return LLMJudge(engine_for("api"), judge_sampling(cfg), cfg.judge_mode, f"api:{cfg.api_model}",
+                    logprobs=read_logprobs(cfg))
 
 
 def _pairrm(cfg, engine_for: EngineFor, label: str) -> Judge:
@@ -59,7 +62,8 @@ def _reward_model(cfg, engine_for: EngineFor, label: str) -> Judge:
 def _scripted(cfg, engine_for: EngineFor, label: str) -> Judge:
     from selfreward.backends.judges.scripted import ScriptedEngine
 
-    return LLMJudge(ScriptedEngine.from_file(cfg.judge_script), judge_sampling(cfg), cfg.judge_mode, "scripted")
+    return LLMJudge(ScriptedEngine.from_file(cfg.judge_script), judge_sampling(cfg), cfg.judge_mode, "scripted",
+                    logprobs=read_logprobs(cfg))
 
 
 JUDGES: dict[str, Callable[..., Judge]] = {"self": _self, "api": _api, "pairrm": _pairrm,

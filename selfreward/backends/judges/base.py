@@ -29,6 +29,8 @@ class Verdict:
     usage: dict | None = None  # API token usage: prompt_tokens, completion_tokens
     retries: int = 0           # requests repeated before this answer (openai engine)
     finish_reason: str | None = None  # "stop", "length" (cut off at the token limit) or "error"
+    probs: dict | None = None  # next-token probabilities of the scores "0".."5" after the rationale
+    expected: float | None = None  # their expected value (normalised over 0..5): the logprob-weighted score
 
 
 @dataclass(frozen=True)

@@ -9,9 +9,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 from itertools import combinations
 
-from selfreward.backends.engines import Completion, Engine, Sampling
+from selfreward.backends.engines import SCORE_CHOICES, Completion, Engine, Sampling
 from selfreward.backends.judges.base import Comparison, Group, GroupResult, Verdict
 from selfreward.errors import SelfRewardError
 from selfreward.prompts import Parsed, Template, load_template
@@ -25,13 +26,15 @@ class LLMJudge:
     openai engine's (api), or a script's. Each judge prompt is one user turn."""
 
     def __init__(self, engine: Engine, sampling: Sampling, mode: str = "additive", name: str = "self",
-                 template: Template | None = None):
+                 template: Template | None = None, logprobs: bool = False):
         if mode not in MODES:
             raise SelfRewardError(f"unknown judge mode '{mode}'; choose one of: {', '.join(MODES)}")
         self.engine, self.sampling, self.mode = engine, sampling, mode
         self.template = template or load_template(MODES[mode])
         self.template_sha = self.template.sha256
         self.name = name if mode == "additive" else f"{name}/{mode}"
+        # Scores read as probabilities too (G-Eval), where the engine can: never for pairwise verdicts.
+        self.logprobs = logprobs and mode != "pairwise" and hasattr(engine, "choice_probs")
 
     def complete(self, prompts: list[str], n: int, seed: int) -> list[list[Completion]]:
         s = Sampling(self.sampling.temperature, self.sampling.top_p, self.sampling.max_new_tokens, seed)
@@ -43,8 +46,27 @@ class LLMJudge:
         if self.mode == "reference" and any(not g.reference for g in groups):
             raise SelfRewardError("judge mode 'reference' needs a reference answer for every prompt")
         prompts = [self._render(g, r) for g in groups for r in g.responses]
-        flat = iter(self.complete(prompts, samples, seed))
-        return [GroupResult([[self._verdict(o, r) for o in next(flat)] for r in g.responses]) for g in groups]
+        responses = [r for g in groups for r in g.responses]
+        verdicts = [[self._verdict(o, r) for o in outs] for outs, r in zip(self.complete(prompts, samples, seed),
+                                                                           responses)]
+        if self.logprobs:
+            verdicts = self._with_probs(prompts, verdicts)
+        flat = iter(verdicts)
+        return [GroupResult([next(flat) for _ in g.responses]) for g in groups]
+
+    def _with_probs(self, prompts: list[str], verdicts: list[list[Verdict]]) -> list[list[Verdict]]:
+        """Each parsed verdict with the probabilities of the score tokens where its score stands,
+        read with its rationale and 'Score: ' as the prefix, and their expected value."""
+        items = [(i, k) for i, vs in enumerate(verdicts) for k, v in enumerate(vs) if v.parsed.at is not None]
+        if not items:
+            return verdicts
+        probs = self.engine.choice_probs([[{"role": "user", "content": prompts[i]}] for i, _ in items],
+                                         [verdicts[i][k].raw for i, k in items],
+                                         [verdicts[i][k].parsed.at for i, k in items], SCORE_CHOICES)
+        out = [list(vs) for vs in verdicts]
+        for (i, k), p in zip(items, probs):
+            out[i][k] = dataclasses.replace(out[i][k], probs=p, expected=expected_score(p))
+        return out
 
     def _render(self, g: Group, response: str) -> str:
         if self.mode == "reference":
@@ -99,6 +121,15 @@ class LLMJudge:
                         parsed = Parsed(None, summary, "no position-consistent comparison")
                     results[gi].verdicts[i].append(Verdict(None, parsed))
         return results
+
+
+def expected_score(probs: dict[str, float] | None) -> float | None:
+    """sum(s * p(s)) over the scores 0..5, normalised by their total probability; None when the
+    judge put no probability on any score token."""
+    if not probs:
+        return None
+    mass = sum(probs.values())
+    return sum(int(s) * p for s, p in probs.items()) / mass if mass > 0 else None
 
 
 def copied_score(output: str, response: str, template: Template) -> bool:

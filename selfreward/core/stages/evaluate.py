@@ -5,7 +5,8 @@ its judge got better or worse."""
 from __future__ import annotations
 
 from selfreward.data import read_eft
-from selfreward.inspection.metrics import finite, groups_from_eft, judge_scores, quality_metrics
+from selfreward.inspection.metrics import (expected_metrics, expected_scores, finite, groups_from_eft, judge_scores,
+                                           quality_metrics)
 
 
 def run(ctx, t: int, model: str) -> None:
@@ -21,13 +22,14 @@ def run(ctx, t: int, model: str) -> None:
     with ctx.stage(t, stage) as commit:
         scores, results = judge_scores(ctx.judge(model), groups, ctx.seed(t, stage))
         rows, k = [], 0
-        for g, s, result in zip(groups, scores, results):
-            for text_score, gold, verdicts in zip(s, g.gold_scores, result.verdicts):
+        for g, s, e, result in zip(groups, scores, expected_scores(results), results):
+            for text_score, expected, gold, verdicts in zip(s, e, g.gold_scores, result.verdicts):
                 v = verdicts[0]
                 rows.append({"round": t, "model": model, "example": k, "gold_score": gold, "score": text_score,
-                             "reason": v.parsed.reason, "raw": v.raw})
+                             "expected_score": expected, "reason": v.parsed.reason, "raw": v.raw})
                 k += 1
-        metrics = {f"eft_{name}": value for name, value in finite(quality_metrics(groups, scores, results)).items()}
+        quality = {**quality_metrics(groups, scores, results), **expected_metrics(groups, results)}
+        metrics = {f"eft_{name}": value for name, value in finite(quality).items()}
         commit.insert_all("eft_eval", rows)
         commit.insert_all("metrics", [{"round": t, "model": model, "name": name, "value": value}
                                       for name, value in metrics.items()])

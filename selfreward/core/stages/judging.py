@@ -4,6 +4,8 @@ their both-order comparisons (table `comparisons`)."""
 
 from __future__ import annotations
 
+import json
+
 from selfreward.backends.judges import Group, Verdict
 from selfreward.prompts import Parsed
 from selfreward.core.store import now
@@ -49,7 +51,8 @@ def judgment_row(t: int, candidate_id: int, sample: int, judge, v, stamp: str, p
             "score": v.parsed.score, "reason": v.parsed.reason, "rationale": v.parsed.rationale, "raw": v.raw,
             "n_tokens": v.n_tokens, "prompt_tokens": usage.get("prompt_tokens"),
             "completion_tokens": usage.get("completion_tokens"), "retries": v.retries,
-            "finish_reason": v.finish_reason,
+            "finish_reason": v.finish_reason, "expected_score": v.expected,
+            "score_probs": json.dumps(v.probs, sort_keys=True) if v.probs else None,
             "template_sha": judge.template_sha,
             "created_at": stamp, **provenance}
 
@@ -63,6 +66,7 @@ def comparison_row(t: int, cands: list[dict], judge, x, stamp: str) -> dict:
 
 def judging_detail(rows: list[dict], comparisons: list[dict]) -> dict:
     detail = {"judgments": len(rows), "parsed": sum(r["score"] is not None for r in rows),
+              "expected": sum(r["expected_score"] is not None for r in rows),
               "failed_requests": sum((r["reason"] or "").startswith("request failed") for r in rows),
               "retries": sum(r["retries"] or 0 for r in rows)}
     both = [c for c in comparisons if c["outcome"] != "unparsed"]

@@ -13,12 +13,14 @@ from collections import defaultdict
 from statistics import mean
 
 
-def candidate_scores(judgments: list[dict]) -> dict[int, list[float]]:
+def candidate_scores(judgments: list[dict], key: str = "score") -> dict[int, list[float]]:
+    """Per candidate, its judgments' scores: `key` 'score' (parsed) or 'expected_score' (logprob-
+    weighted). A judgment whose parsed score is NULL counts under neither."""
     scores: dict[int, list[float]] = defaultdict(list)
     for j in judgments:
         scores[j["candidate_id"]]  # a candidate with only failed judgments still shows up, empty
-        if j["score"] is not None:
-            scores[j["candidate_id"]].append(j["score"])
+        if j["score"] is not None and j.get(key) is not None:
+            scores[j["candidate_id"]].append(j[key])
     return scores
 
 
@@ -39,9 +41,9 @@ def pick(scored: list[tuple[dict, float]], rho: float) -> tuple[tuple[dict, floa
     return chosen, rejected
 
 
-def build_pairs(candidates: list[dict], judgments: list[dict], rho: float = 0.0) -> list[dict]:
+def build_pairs(candidates: list[dict], judgments: list[dict], rho: float = 0.0, key: str = "score") -> list[dict]:
     """One row per prompt: status 'kept', 'tie' or 'unscored'."""
-    scores = candidate_scores(judgments)
+    scores = candidate_scores(judgments, key)
     by_prompt: dict[int, list[dict]] = defaultdict(list)
     for c in candidates:
         by_prompt[c["prompt_id"]].append(c)
@@ -69,10 +71,33 @@ def run(ctx, t: int) -> None:
         return
     cands = ctx.run.rows("select id, prompt_id, text from candidates where round = ?", [t])
     # Human labels imported later (import-labels) are audit data, not the judge whose pairs these are.
-    judgments = ctx.run.rows("select candidate_id, score from judgments where round = ? "
+    judgments = ctx.run.rows("select candidate_id, score, expected_score from judgments where round = ? "
                              "and judge not like 'human:%'", [t])
+    key = "expected_score" if ctx.cfg.pair_score == "expected" else "score"
     with ctx.stage(t, "pairs") as commit:
-        rows = [{"round": t, **r} for r in build_pairs(cands, judgments, ctx.cfg.length_rho)]
+        rows = [{"round": t, "score_kind": ctx.cfg.pair_score, **r}
+                for r in build_pairs(cands, judgments, ctx.cfg.length_rho, key)]
         commit.insert_all("pairs", rows)
         statuses = [r["status"] for r in rows]
         commit.detail = {s: statuses.count(s) for s in ("kept", "tie", "unscored")}
+        commit.detail["score"] = ctx.cfg.pair_score
+        commit.detail.update(length_effect(cands, judgments, rows, ctx.cfg.length_rho, key))
+
+
+def length_effect(cands: list[dict], judgments: list[dict], rows: list[dict], rho: float, key: str) -> dict:
+    """Mean length (characters) of chosen and rejected under the round's rule, and under the plain
+    max/min rule (rho = 0) on the same judgments: how length control moved them."""
+    text = {c["id"]: c["text"] for c in cands}
+
+    def means(pairs: list[dict]) -> tuple[float | None, float | None]:
+        kept = [p for p in pairs if p["status"] == "kept"]
+        if not kept:
+            return None, None
+        return (round(mean(len(text[p["chosen_id"]]) for p in kept), 1),
+                round(mean(len(text[p["rejected_id"]]) for p in kept), 1))
+
+    chosen, rejected = means(rows)
+    out = {"chosen_chars": chosen, "rejected_chars": rejected}
+    if rho > 0:
+        out["chosen_chars_rho0"], out["rejected_chars_rho0"] = means(build_pairs(cands, judgments, 0.0, key))
+    return out
