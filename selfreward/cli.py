@@ -653,11 +653,14 @@ def verify(run, runs_dir):
 @click.option("--failures", is_flag=True, help="Only judgments that did not parse (score NULL).")
 @click.option("--margin", type=float, help="Only candidates of kept pairs whose score margin is at least this.")
 @click.option("--search", help="Full-text search in rationales and responses (SQLite FTS5 syntax).")
+@click.option("--meta", is_flag=True, help="List the meta-judgments instead (Meta-Rewarding: which of two judgments "
+                                           "of a response is better, and the judge pair it made).")
 @click.option("--limit", type=int, default=0, help="At most N rows.")
 @click.option("--format", "fmt", type=click.Choice(["table", "jsonl", "csv"]), default="table", show_default=True)
 @click.option("--runs-dir", default="runs", show_default=True, type=click.Path(file_okay=False))
-def rationales_cmd(run, round_, min_score, max_score, spread, failures, margin, search, limit, fmt, runs_dir):
-    """List judge rationales with the responses they judged, filtered.
+def rationales_cmd(run, round_, min_score, max_score, spread, failures, margin, search, meta, limit, fmt, runs_dir):
+    """List judge rationales with the responses they judged, filtered; or,
+    with --meta, the meta-judges' rationales (Meta-Rewarding).
 
     \b
     Example:
@@ -665,9 +668,17 @@ def rationales_cmd(run, round_, min_score, max_score, spread, failures, margin, 
         selfreward rationales demo --failures --format jsonl
         selfreward rationales demo --search "incorrect OR wrong" --format csv > wrong.csv
         selfreward rationales demo --min-score 5 --margin 3
+        selfreward rationales demo --meta --round 2
     """
-    from selfreward.inspection.audit import rationales, render
+    from selfreward.inspection.audit import META_COLUMNS, meta_rationales, rationales, render
     from selfreward.core.store import Run
+
+    if meta:
+        if any(x is not None for x in (min_score, max_score, spread, margin)) or failures:
+            raise SelfRewardError("--meta takes --round, --search and --limit only")
+        rows = meta_rationales(Run.open(_run_path(run, runs_dir)), round=round_, search=search, limit=limit)
+        click.echo(render(rows, fmt, columns=META_COLUMNS), nl=False)
+        return
 
     rows = rationales(Run.open(_run_path(run, runs_dir)), round=round_, min_score=min_score, max_score=max_score,
                       min_spread=spread, failures=failures, min_margin=margin, search=search, limit=limit)

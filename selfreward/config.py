@@ -346,10 +346,11 @@ def check_judge_training(c: Config) -> None:
     if c.meta_max_prompts < 0 or c.meta_judge_max_new_tokens <= 0:
         raise SelfRewardError("meta_max_prompts must be >= 0 and meta_judge_max_new_tokens positive")
     online = c.train_method in ONLINE_METHODS
-    if c.meta_rewarding == "yes" and (c.judge != "self" or c.judge_mode == "pairwise" or online):
-        raise SelfRewardError("meta_rewarding needs the self judge in additive or reference mode and an offline "
-                              "train_method (dpo or simpo): it trains the policy's own judging")
-    if c.consistency == "yes" and (c.judge != "self" or c.train_method != "dpo"):
+    # (The scripted judge stands in for the self judge in tests: its script answers the meta-judge too.)
+    if c.meta_rewarding == "yes" and (c.judge not in ("self", "scripted") or c.judge_mode != "additive" or online):
+        raise SelfRewardError("meta_rewarding needs the self judge in additive mode and an offline train_method "
+                              "(dpo or simpo): it trains the policy's own judging")
+    if c.consistency == "yes" and (c.judge not in ("self", "scripted") or c.train_method != "dpo"):
         raise SelfRewardError("consistency (CREAM) needs the self judge (the previous round's model judges too) "
                               "and train_method 'dpo' (it weights the DPO loss)")
 

@@ -185,3 +185,26 @@ def test_eval_judge_through_the_api_judge_on_vllm(vllm_server, tmp_path, tiny_mo
     (metrics,) = json.loads(result.stdout)
     assert metrics["judge"] == "api:smol" and metrics["n_responses"] == 4
     assert metrics["parse_rate"] <= 0.5  # the over-long prompt's two judgments are NULL, not 0
+
+
+def test_score_probabilities_on_vllm_match_transformers(vllm_server, embedded):
+    """Both server routes read the score tokens' probabilities where the judge wrote its score,
+    and agree with one forward pass in this process (bf16 on the server against fp32 here)."""
+    from selfreward.backends.engines import SCORE_CHOICES
+    from selfreward.backends.engines.hf import TransformersEngine
+    from selfreward.backends.engines.vllm import VLLMEngine
+    from selfreward.prompts import parse_additive
+
+    prompts = [[{"role": "user", "content": "Rate this answer to 'What is 2+2?': '4'. End with Score: N."}]] * 2
+    outputs = ["The answer is correct and brief.\nScore: 4", "It is wrong.\nScore: 1"]
+    cuts = [parse_additive(o).at for o in outputs]
+    local = TransformersEngine(embedded, batch_size=2).choice_probs(prompts, outputs, cuts, SCORE_CHOICES)
+    engine = OpenAIEngine(vllm_server, "smol", concurrency=2, timeout=120, max_retries=1, backoff=0.1)
+    engine.model_path = embedded  # the folder the server serves: the vllm engine's exact-token route needs it
+    by_chat = engine.choice_probs(prompts, outputs, cuts, SCORE_CHOICES)  # continue_final_message
+    by_ids = VLLMEngine.choice_probs(engine, prompts, outputs, cuts, SCORE_CHOICES)  # token ids, /completions
+    engine.close()
+    for ours, chat, ids in zip(local, by_chat, by_ids):
+        assert sum(ids.values()) > 0.5  # the top tokens at the score position are score tokens
+        assert max(abs(ours[c] - ids[c]) for c in SCORE_CHOICES) < 0.1
+        assert max(abs(ours[c] - chat[c]) for c in SCORE_CHOICES) < 0.1

@@ -10,7 +10,8 @@ from selfreward.core import failpoints
 from selfreward.core.context import Context
 from selfreward.backends.models import resolve_source, weights_sha
 from selfreward.config import ONLINE_METHODS
-from selfreward.core.stages import candidates, evaluate, judging, online, pairs, self_instruct, train
+from selfreward.core.stages import (candidates, consistency, evaluate, judging, meta, online, pairs, self_instruct,
+                                   train)
 from selfreward.core.store import now
 
 
@@ -32,6 +33,8 @@ def iterate(ctx: Context, rounds: int) -> list[int]:
             self_instruct.run(ctx, t)           # M_{t-1} writes new prompts
             candidates.run(ctx, t)              # ... answers each N times
             judging.run(ctx, t)                 # ... and judges each answer K times
+            meta.run(ctx, t)                    # Meta-Rewarding: ... and judges its judgments (optional)
+            consistency.run(ctx, t)             # CREAM: M_{t-2} judges the answers too (optional)
             pairs.run(ctx, t)                   # best vs worst per prompt
             train.run_dpo(ctx, t)               # M_t = DPO(M_{t-1}) on those pairs
         evaluate.run(ctx, t, f"M{t}")

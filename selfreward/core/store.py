@@ -192,7 +192,15 @@ def m009_judge_training(db: sqlite_utils.Database):
          "chosen_elo": float, "rejected_elo": float, "n_judgments": int, "score_spread": float, "reason": str},
         pk="id", foreign_keys=[("candidate_id", "candidates", "id")])
     db["judge_pairs"].create_index(["round"])
-    for table in ("meta_judgments", "judge_pairs"):
+    # CREAM: the round's candidates judged again by the previous round's judge (M_{t-2}); pairs.consistency
+    # is computed from these and the round's own judgments.
+    db["consistency_judgments"].create(
+        {"id": int, "round": int, "candidate_id": int, "sample": int, "judge": str, "score": float,
+         "expected_score": float, "reason": str, "rationale": str, "raw": str, "n_tokens": int,
+         "finish_reason": str, "template_sha": str, "judge_model_sha": str, "sampling": str, "created_at": str},
+        pk="id", foreign_keys=[("candidate_id", "candidates", "id")])
+    db["consistency_judgments"].create_index(["round"])
+    for table in ("meta_judgments", "judge_pairs", "consistency_judgments"):
         for action in ("UPDATE", "DELETE"):
             db.execute(f"""
                 CREATE TRIGGER {table}_no_{action.lower()} BEFORE {action} ON {table}

@@ -75,8 +75,8 @@ def verify(run: Run, counts: dict | None = None) -> list[str]:
         judgments = run.rows("select candidate_id, score, expected_score from judgments where round = ? "
                              "and judge not like 'human:%'", [t])
         kind = {p["score_kind"] for p in stored} - {None}  # NULL: written before pair_score existed
-        key = "expected_score" if kind == {"expected"} else "score"
-        expected = {p["prompt_id"]: p for p in build_pairs(cands, judgments, float(m.group(1)), key)}
+        score_key = "expected_score" if kind == {"expected"} else "score"
+        expected = {p["prompt_id"]: p for p in build_pairs(cands, judgments, float(m.group(1)), score_key)}
         for p in stored:
             e = expected.pop(p["prompt_id"], None)
             if e is None:
@@ -88,6 +88,68 @@ def verify(run: Run, counts: dict | None = None) -> list[str]:
                                     f"{p[key]!r}, recomputed {e[key]!r}")
         for prompt_id in expected:
             problems.append(f"round {t}: prompt {prompt_id} was judged but has no pair row")
+        problems += _verify_consistency(run, t, stored, cands, judgments, score_key)
+    problems += _verify_expected(run, counts)
+    problems += _verify_meta(run, templates, counts)
+    return problems
+
+
+def _verify_expected(run: Run, counts: dict) -> list[str]:
+    """A stored expected score is the expected value of its stored score probabilities."""
+    from selfreward.backends.judges.llm import expected_score
+
+    problems, n = [], 0
+    for j in run.rows("select id, expected_score, score_probs from judgments where score_probs is not null"):
+        n += 1
+        again = expected_score(json.loads(j["score_probs"]))
+        if not _same(again, j["expected_score"]):
+            problems.append(f"judgment {j['id']}: stored expected score {j['expected_score']} but its stored "
+                            f"probabilities give {again}")
+    counts["expected_checked"] = n
+    return problems
+
+
+def _verify_consistency(run: Run, t: int, stored: list[dict], cands: list[dict], judgments: list[dict],
+                        key: str) -> list[str]:
+    """CREAM: each pair's consistency follows from the two judges' stored judgments."""
+    if all(p["consistency"] is None for p in stored):
+        return []
+    from selfreward.core.stages.consistency import consistency_by_prompt
+
+    prior = run.rows("select candidate_id, score, expected_score from consistency_judgments where round = ?", [t])
+    again = consistency_by_prompt(cands, judgments, prior, key)
+    return [f"pair {p['id']} (round {t}): stored consistency {p['consistency']!r}, recomputed "
+            f"{again.get(p['prompt_id'])!r}" for p in stored if p["status"] == "kept"
+            and not _same(p["consistency"], again.get(p["prompt_id"]))]
+
+
+def _verify_meta(run: Run, templates: dict, counts: dict) -> list[str]:
+    """Meta-Rewarding: each meta-judgment's winner is what its raw text parses to, and each judge
+    pair follows from the stored meta-judgments by the Elo rule."""
+    from selfreward.core.stages.meta import judge_pair
+
+    problems, checked = [], 0
+    for m in run.rows("select id, winner, raw, template_sha, finish_reason from meta_judgments where raw is not null"):
+        t = templates.get(m["template_sha"])
+        if t is None:
+            continue
+        checked += 1
+        score = t.parse(m["raw"], truncated=m["finish_reason"] == "length").score
+        winner = {1.0: "a", 0.0: "b", 0.5: "tie"}.get(score)
+        if winner != m["winner"]:
+            problems.append(f"meta-judgment {m['id']}: stored winner {m['winner']!r} but its raw text gives {winner!r}")
+    counts["meta_judgments_checked"] = checked
+    for p in run.rows("select * from judge_pairs order by id"):
+        ids = [r["id"] for r in run.rows("select id from judgments where candidate_id = ? and round = ? and score "
+                                         "is not null and raw is not null and raw != '' and judge not like 'human:%' "
+                                         "order by id", [p["candidate_id"], p["round"]])]
+        metas = run.rows("select a_id, b_id, winner from meta_judgments where candidate_id = ? and round = ?",
+                         [p["candidate_id"], p["round"]])
+        again = judge_pair(p["candidate_id"], ids, metas)
+        for key in ("status", "chosen_id", "rejected_id"):
+            if again[key] != p[key]:
+                problems.append(f"judge pair {p['id']} (round {p['round']}): stored {key}={p[key]!r}, "
+                                f"recomputed {again[key]!r}")
     return problems
 
 
@@ -151,12 +213,45 @@ def rationales(run: Run, round: int | None = None, min_score: float | None = Non
         raise SelfRewardError(f"bad --search query {search!r}: {e} (SQLite FTS5 syntax)") from None
 
 
-def render(rows: list[dict], fmt: str, width: int = 60) -> str:
+META_COLUMNS = ["meta_id", "round", "prompt_id", "candidate_id", "a_id", "b_id", "winner", "pair_role", "reason",
+                "rationale", "response"]
+
+
+def meta_rationales(run: Run, round: int | None = None, search: str | None = None, limit: int = 0) -> list[dict]:
+    """Meta-judgments (Meta-Rewarding) with the candidate whose judgments they compared; pair_role
+    says whether judgment A ended up chosen or rejected in the candidate's judge pair."""
+    where, params = [], []
+    if round is not None:
+        where.append("m.round = ?")
+        params.append(round)
+    if search:
+        where.append("m.id in (select rowid from meta_judgments_fts where meta_judgments_fts match ?)")
+        params.append(search)
+    sql = f"""
+        select m.id as meta_id, m.round, c.prompt_id, m.candidate_id, m.a_id, m.b_id, m.winner,
+               case m.a_id when x.chosen_id then 'A chosen' when x.rejected_id then 'A rejected' end as pair_role,
+               m.reason, m.rationale, c.text as response
+        from meta_judgments m join candidates c on c.id = m.candidate_id
+        left join judge_pairs x on x.candidate_id = m.candidate_id and x.round = m.round
+        {"where " + " and ".join(where) if where else ""}
+        order by m.round, m.candidate_id, m.id
+        {"limit " + str(int(limit)) if limit else ""}"""
+    import sqlite3
+
+    try:
+        return run.rows(sql, params)
+    except sqlite3.OperationalError as e:
+        from selfreward.errors import SelfRewardError
+
+        raise SelfRewardError(f"bad --search query {search!r}: {e} (SQLite FTS5 syntax)") from None
+
+
+def render(rows: list[dict], fmt: str, width: int = 60, columns: list[str] = RATIONALE_COLUMNS) -> str:
     if fmt == "jsonl":
         return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
     if fmt == "csv":
         buf = io.StringIO()
-        writer = csv.DictWriter(buf, fieldnames=RATIONALE_COLUMNS)
+        writer = csv.DictWriter(buf, fieldnames=columns)
         writer.writeheader()
         writer.writerows(rows)
         return buf.getvalue()
@@ -167,6 +262,5 @@ def render(rows: list[dict], fmt: str, width: int = 60) -> str:
         return text if len(text) <= width else text[: width - 1] + "…"
 
     shown = [{**r, "rationale": cut(r["rationale"] or r["reason"]), "response": cut(r["response"])} for r in rows]
-    cols = [(c, c) for c in ("judgment_id", "round", "prompt_id", "candidate_id", "sample", "score", "spread",
-                             "margin", "rationale", "response")]
+    cols = [(c, c) for c in columns if c != "reason"]
     return table(shown, cols) + "\n"

@@ -146,10 +146,31 @@ def show_prompt(run: Run, prompt_id: int | None) -> str:
         lines.append(_indent(c["text"]))
         for j in js:
             verdict = f"score {j['score']:.0f}" if j["score"] is not None else f"NO SCORE ({j['reason']})"
-            lines.append(f"    judge sample {j['sample']} [{j['judge']}]: {verdict}")
+            if j.get("expected_score") is not None:
+                verdict += f" (expected {j['expected_score']:.2f} from the score tokens' probabilities)"
+            lines.append(f"    judge sample {j['sample']} [{j['judge']}] (judgment {j['id']}): {verdict}")
             lines.append(_indent(j["rationale"] or j["raw"] or "(empty)", 8))
+        lines += _meta_lines(run, c["id"])
         lines.append("")
     return "\n".join(lines).rstrip() + "\n"
+
+
+def _meta_lines(run: Run, candidate_id: int) -> list[str]:
+    """Meta-Rewarding on one candidate: each meta-judgment, and the judge pair it made."""
+    metas = run.rows("select * from meta_judgments where candidate_id = ? order by id", [candidate_id])
+    if not metas:
+        return []
+    lines = []
+    for m in metas:
+        winner = {"a": f"judgment {m['a_id']}", "b": f"judgment {m['b_id']}", "tie": "tie"}.get(
+            m["winner"], f"NO VERDICT ({m['reason']})")
+        lines.append(f"    meta-judge [{m['judge']}]: judgment {m['a_id']} (shown as A) vs {m['b_id']} (B): {winner}")
+        lines.append(_indent(m["rationale"] or m["raw"] or "(empty)", 8))
+    for p in run.rows("select * from judge_pairs where candidate_id = ?", [candidate_id]):
+        lines.append(f"    judge pair: {p['status']}" + (
+            f", chosen judgment {p['chosen_id']} (Elo {p['chosen_elo']:.0f}) over {p['rejected_id']} "
+            f"(Elo {p['rejected_elo']:.0f})" if p["status"] == "kept" else f" ({p['reason']})"))
+    return lines
 
 
 def show_pair(run: Run, pair_id: int) -> str:

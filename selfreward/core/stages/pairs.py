@@ -10,7 +10,7 @@ as dropped rows with the reason, so `status` can count them.
 from __future__ import annotations
 
 from collections import defaultdict
-from statistics import mean
+from statistics import mean, median
 
 
 def candidate_scores(judgments: list[dict], key: str = "score") -> dict[int, list[float]]:
@@ -74,14 +74,26 @@ def run(ctx, t: int) -> None:
     judgments = ctx.run.rows("select candidate_id, score, expected_score from judgments where round = ? "
                              "and judge not like 'human:%'", [t])
     key = "expected_score" if ctx.cfg.pair_score == "expected" else "score"
+    consistency = {}
+    if ctx.cfg.consistency == "yes" and t >= 2:
+        from selfreward.core.stages.consistency import consistency_by_prompt
+
+        prior = ctx.run.rows("select candidate_id, score, expected_score from consistency_judgments "
+                             "where round = ?", [t])
+        consistency = consistency_by_prompt(cands, judgments, prior, key)
     with ctx.stage(t, "pairs") as commit:
-        rows = [{"round": t, "score_kind": ctx.cfg.pair_score, **r}
+        rows = [{"round": t, "score_kind": ctx.cfg.pair_score, **r,
+                 "consistency": consistency.get(r["prompt_id"]) if r["status"] == "kept" else None}
                 for r in build_pairs(cands, judgments, ctx.cfg.length_rho, key)]
         commit.insert_all("pairs", rows)
         statuses = [r["status"] for r in rows]
         commit.detail = {s: statuses.count(s) for s in ("kept", "tie", "unscored")}
         commit.detail["score"] = ctx.cfg.pair_score
         commit.detail.update(length_effect(cands, judgments, rows, ctx.cfg.length_rho, key))
+        c_values = sorted(r["consistency"] for r in rows if r["consistency"] is not None)
+        if c_values:  # CREAM's C over the kept pairs: its distribution this round
+            commit.detail["consistency"] = {"n": len(c_values), "min": c_values[0], "median": median(c_values),
+                                            "mean": round(mean(c_values), 4), "max": c_values[-1]}
 
 
 def length_effect(cands: list[dict], judgments: list[dict], rows: list[dict], rho: float, key: str) -> dict:

@@ -269,7 +269,8 @@ def method_label(cfg) -> str:
     if cfg.train_method == "simpo":
         return "simpo"
     label = "dpo" if loss_types(cfg) == ["sigmoid"] else "dpo:" + "+".join(loss_types(cfg))
-    return label + (f" ld={cfg.dpo_ld_alpha:g}" if cfg.dpo_ld_alpha < 1.0 else "")
+    return (label + (f" ld={cfg.dpo_ld_alpha:g}" if cfg.dpo_ld_alpha < 1.0 else "")
+            + (" cream" if cfg.consistency == "yes" else ""))
 
 
 def preference(base_path: str, pairs: list[dict], cfg, out: Path, round: int):
@@ -284,9 +285,12 @@ def preference(base_path: str, pairs: list[dict], cfg, out: Path, round: int):
     """
     from datasets import Dataset
 
+    # CREAM: a pair's consistency C weights its loss (NULL: the previous judge did not order it, plain DPO).
+    cream = any(p.get("consistency") is not None for p in pairs)
     data = Dataset.from_list([{"prompt": [{"role": "user", "content": p["prompt"]}],
                                "chosen": [{"role": "assistant", "content": p["chosen"]}],
-                               "rejected": [{"role": "assistant", "content": p["rejected"]}]} for p in pairs])
+                               "rejected": [{"role": "assistant", "content": p["rejected"]}],
+                               **({"consistency": _c(p.get("consistency"))} if cream else {})} for p in pairs])
 
     def common(work):
         return _common_args(cfg, work, cfg.dpo_learning_rate, cfg.dpo_learning_rate_end, cfg.dpo_batch_size,
@@ -298,9 +302,9 @@ def preference(base_path: str, pairs: list[dict], cfg, out: Path, round: int):
         args = DPOConfig(**common(work), beta=cfg.dpo_beta, loss_type=loss_types(cfg),
                          label_smoothing=cfg.dpo_label_smoothing,
                          ld_alpha=cfg.dpo_ld_alpha if cfg.dpo_ld_alpha < 1.0 else None, dataset_num_proc=None)
-        return DPOTrainer(model=model, ref_model=None, args=args, train_dataset=data,
-                          processing_class=load_tokenizer(base_path), peft_config=lora_config(cfg),
-                          callbacks=callbacks)
+        trainer = consistency_trainer() if cream else DPOTrainer
+        return trainer(model=model, ref_model=None, args=args, train_dataset=data,
+                       processing_class=load_tokenizer(base_path), peft_config=lora_config(cfg), callbacks=callbacks)
 
     def build_simpo(model, work, callbacks):
         from trl.experimental.cpo import CPOConfig, CPOTrainer
@@ -314,6 +318,61 @@ def preference(base_path: str, pairs: list[dict], cfg, out: Path, round: int):
     rows, adapter, info = _fit(cfg.train_method, cfg, base_path, out, round, build)
     info["label"] = method_label(cfg)
     return rows, adapter, info
+
+
+def _c(value: float | None) -> float:
+    return 1.0 if value is None else float(value)
+
+
+def consistency_trainer():
+    """TRL's DPOTrainer with CREAM's per-pair consistency C: the loss of a pair is
+    C * DPO(y+, y-) + (1 - C) * DPO(y-, y+), each term TRL's own loss of the pair as given
+    or swapped. Pairs are taken one at a time (two forward passes where C < 1); the swapped
+    term's logged rewards are dropped, so the logs describe the pairs as the judge ordered them."""
+    import torch
+    from trl import DPOTrainer
+
+    class ConsistencyDPOTrainer(DPOTrainer):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            collate = self.data_collator
+            self.data_collator = lambda examples: {
+                **collate(examples), "consistency": torch.tensor([e["consistency"] for e in examples])}
+
+        def _set_signature_columns_if_needed(self):
+            super()._set_signature_columns_if_needed()
+            if "consistency" not in self._signature_columns:
+                self._signature_columns = [*self._signature_columns, "consistency"]
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            c = inputs.pop("consistency")
+            n, total = len(c), 0.0
+            for i in range(n):
+                pair = _one_pair(inputs, i, n)
+                total = total + c[i] * super().compute_loss(model, pair)
+                if c[i] < 1:
+                    logged = {k: len(v) for k, v in self._metrics["train"].items()}
+                    total = total + (1 - c[i]) * super().compute_loss(model, _swapped(pair))
+                    for k, v in self._metrics["train"].items():
+                        del v[logged.get(k, 0):]
+            return total / n
+
+    return ConsistencyDPOTrainer
+
+
+# Collated DPO batches hold n chosen rows, then n rejected rows; reference log-probabilities one per pair.
+_PER_PAIR = ("ref_chosen_logps", "ref_rejected_logps")
+
+
+def _one_pair(inputs: dict, i: int, n: int) -> dict:
+    return {k: v[i:i + 1] if k in _PER_PAIR else v[[i, n + i]] for k, v in inputs.items()}
+
+
+def _swapped(pair: dict) -> dict:
+    out = {k: v if k in _PER_PAIR else v[[1, 0]] for k, v in pair.items()}
+    if "ref_chosen_logps" in pair:
+        out["ref_chosen_logps"], out["ref_rejected_logps"] = pair["ref_rejected_logps"], pair["ref_chosen_logps"]
+    return out
 
 
 def dpo(base_path: str, pairs: list[dict], cfg, out: Path, round: int):
@@ -356,9 +415,14 @@ def run_dpo(ctx, t: int) -> None:
     if ctx.run.stage_done(t, "dpo"):
         return
     pairs = ctx.run.rows(
-        "select p.text as prompt, c.text as chosen, r.text as rejected from pairs x "
+        "select p.text as prompt, c.text as chosen, r.text as rejected, x.consistency from pairs x "
         "join prompts p on p.id = x.prompt_id join candidates c on c.id = x.chosen_id "
         "join candidates r on r.id = x.rejected_id where x.round = ? and x.status = 'kept' order by x.id", [t])
+    actor = len(pairs)
+    if ctx.cfg.meta_rewarding == "yes":
+        from selfreward.core.stages.meta import judge_training_pairs
+
+        pairs += judge_training_pairs(ctx, t)  # Meta-Rewarding: the judge learns in the same step
     parent = ctx.run.model(f"M{t - 1}")
     name = f"M{t}"
     ctx.release()
@@ -368,9 +432,11 @@ def run_dpo(ctx, t: int) -> None:
         out = ctx.run.path / "models" / name
         logs, adapter, info = preference(ctx.run.model_path(parent["name"]), pairs, ctx.cfg, out, round=t)
         commit.insert_all("training_steps", logs)
-        commit.insert_all("models", [_model_row(ctx.run, name, t, _kind(info), parent["name"], out, adapter,
-                                                f"{info['label']} on {len(pairs)} pairs", info)])
-        commit.detail = {"pairs": len(pairs), **_stage_detail(info)}
+        judge = len(pairs) - actor
+        note = f"{info['label']} on {actor} pairs" + (f" + {judge} judge pairs" if judge else "")
+        commit.insert_all("models", [_model_row(ctx.run, name, t, _kind(info), parent["name"], out, adapter, note,
+                                                info)])
+        commit.detail = {"pairs": actor, "judge_pairs": judge, **_stage_detail(info)}
 
 
 def copy_parent(run, commit, t: int, parent: dict, what: str) -> None:
