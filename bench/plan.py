@@ -12,10 +12,12 @@ N = 4 candidates, K = 3 judgments, the token limits, DPO epochs and batch);
 `--set key=value` changes any of them as it does for `selfreward iterate`.
 Throughputs come from published figures (PUBLISHED and TRAINING below, each with
 its URL and date; the ones extrapolated say how). What this machine measured
-(`make bench`, read from README.md or from --figures) supplies what transfers
-from a 2-core CPU to a GPU host: the run.db write rate, the checkpoint commit rate
-and the vllm engine's overhead over bare vLLM. docs/scaling.md states every
-assumption and what the estimate leaves out.
+supplies what transfers from a 2-core CPU to a GPU host: the run.db write rate
+and the vllm engine's overhead over bare vLLM (`make bench`, read from README.md
+or from --figures), and the checkpoint commit rate (measured once; see
+docs/scaling.md). A throughput measured on your own GPU replaces the published
+one through --figures (decode_tokens_per_s, train_tflops_per_gpu).
+docs/scaling.md states every assumption and what the estimate leaves out.
 """
 
 from __future__ import annotations
@@ -100,7 +102,7 @@ TRAINING = {  # (TFLOPS per GPU, how it was got)
 # Typical lengths, each capped by its config limit. Self-instruct has no stop string (self_instruct.py),
 # so it is charged its whole instruct_max_new_tokens.
 INSTRUCTION_TOKENS = 40  # a kept instruction (4-150 words)
-ANSWER_TOKENS = 350  # a candidate answer
+ANSWER_TOKENS = 350  # a candidate answer (--answer-tokens: answers grow every round, as the paper notes)
 JUDGMENT_TOKENS = 150  # a justification of up to 100 words and "Score: N"
 CHARS_PER_TOKEN = 4.0  # English text with a Llama tokenizer, for the judge rubric's length
 VLLM_START_S = 60.0  # engine start beyond reading weights: CUDA graphs and warm-up
@@ -184,7 +186,8 @@ def generation(name, requests, prompt_tokens, prefilled, output_tokens, decode, 
 
 
 def plan(cfg, model_key: str, gpu: str, gpus: int, figures: dict, instruct_keep: float, pair_rate: float,
-         eval_examples: int, train_efficiency: float, prefill_mfu: float, disk_gbps: float) -> dict:
+         eval_examples: int, train_efficiency: float, prefill_mfu: float, disk_gbps: float,
+         answer_tokens: int = ANSWER_TOKENS) -> dict:
     model = MODELS[model_key]
     if gpus < model.tp:
         raise PlanError(f"{model_key} needs at least {model.tp} GPUs: bf16 weights of {2 * model.params / 1e9:.0f} GB "
@@ -201,7 +204,7 @@ def plan(cfg, model_key: str, gpu: str, gpus: int, figures: dict, instruct_keep:
     replicas = gpus // model.tp
 
     instr = min(INSTRUCTION_TOKENS, cfg.instruct_max_new_tokens)
-    answer = min(ANSWER_TOKENS, cfg.candidate_max_new_tokens)
+    answer = min(answer_tokens, cfg.candidate_max_new_tokens)
     judgment = min(JUDGMENT_TOKENS, cfg.judge_max_new_tokens)
     rubric = rubric_tokens()
     prompts, n, k = cfg.prompts_per_round, cfg.n_candidates, cfg.judge_samples
@@ -213,7 +216,7 @@ def plan(cfg, model_key: str, gpu: str, gpus: int, figures: dict, instruct_keep:
     si_prompt = 12 + (shots + 1) * (instr + 3)
     stages = [generation("self-instruct", attempts, attempts * si_prompt, attempts * si_prompt,
                          attempts * cfg.instruct_max_new_tokens, decode, prefill, model.tp, replicas)]
-    # Candidates: N samples of one prompt share it (vLLM's n, or the prefix cache).
+    # Candidates: the engine sends one request per sample; the prefix cache prefills their shared prompt once.
     stages.append(generation("candidates", prompts * n, prompts * n * instr, prompts * instr * (1 if caching else n),
                              prompts * n * answer, decode, prefill, model.tp, replicas))
     # Judging: the rubric is the same in every request and the K samples of one answer share the whole prompt,
@@ -225,12 +228,13 @@ def plan(cfg, model_key: str, gpu: str, gpus: int, figures: dict, instruct_keep:
                              answers * k * judgment, decode, prefill, model.tp, replicas))
     # (Pair building is a pure function over rows: 0.17 s for 16,000 candidates on this machine's CPU; left out.)
 
-    # DPO with LoRA: the policy's forward and backward through frozen weights (4P a token) on chosen and rejected,
-    # and the reference's forward (2P; the adapter switched off). SimPO has no reference.
+    # DPO with LoRA, a token of chosen or rejected: the policy's forward, its forward again (train.py recomputes
+    # activations on CUDA) and its backward through frozen weights (activation gradients only), 2P each; and the
+    # reference's forward (2P; the adapter switched off). SimPO has no reference.
     pairs = round(prompts * pair_rate)
     seq = min(instr + answer, cfg.max_length)
     train_tokens = pairs * cfg.dpo_epochs * 2 * seq
-    flops = train_tokens * (6 if cfg.train_method == "dpo" else 4) * model.params
+    flops = train_tokens * (8 if cfg.train_method == "dpo" else 6) * model.params
     tflops, train_note = TRAINING[(gpu, model_key)]
     if "train_tflops_per_gpu" in figures:
         tflops, train_note = figures["train_tflops_per_gpu"], f"measured ({figures['source']})"
@@ -389,24 +393,27 @@ class Parser(argparse.ArgumentParser):
 def main(argv: list[str] | None = None) -> None:
     ap = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="70b", choices=list(MODELS), help="Llama 2 size (default 70b, the paper's)")
-    ap.add_argument("--gpus", type=positive(int), default=8, help="GPUs for the round (default 8)")
+    ap.add_argument("--gpus", type=positive(int), default=8, metavar="N", help="GPUs for the round (default 8)")
     ap.add_argument("--gpu", default="h100", choices=list(GPUS), help="80 GB SXM GPU kind (default h100)")
     ap.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                     help="any selfreward config key, over the paper preset (repeatable)")
-    ap.add_argument("--figures", type=Path, help="measured figures JSON: `bench/all.py --json` output, or an object "
+    ap.add_argument("--figures", type=Path, metavar="FILE",
+                    help="measured figures JSON: `bench/all.py --json` or `bench/store.py --json` output, or an object "
                     f"with any of {', '.join(sorted(FLAT_KEYS))} (default: README.md's make bench table)")
     ap.add_argument("--readme", type=Path, default=ROOT / "README.md", help=argparse.SUPPRESS)
-    ap.add_argument("--instruct-keep", type=fraction, default=0.5,
+    ap.add_argument("--instruct-keep", type=fraction, metavar="F", default=0.5,
                     help="share of self-instruct generations that pass the filters (default 0.5)")
-    ap.add_argument("--pair-rate", type=fraction, default=0.9,
+    ap.add_argument("--pair-rate", type=fraction, metavar="F", default=0.9,
                     help="share of prompts that give a pair, not a tie (default 0.9)")
-    ap.add_argument("--eval-examples", type=positive(int), default=541,
+    ap.add_argument("--eval-examples", type=positive(int), metavar="N", default=541,
                     help="held-out EFT answers judged by the eval stage (default 541, the paper's EFT eval split)")
-    ap.add_argument("--train-efficiency", type=fraction, default=0.5,
+    ap.add_argument("--answer-tokens", type=positive(int), metavar="N", default=ANSWER_TOKENS,
+                    help=f"mean tokens of a candidate answer, capped by candidate_max_new_tokens (default {ANSWER_TOKENS})")
+    ap.add_argument("--train-efficiency", type=fraction, metavar="F", default=0.5,
                     help="fine-tuning FLOP rate as a share of the pretraining rate it is based on (default 0.5)")
-    ap.add_argument("--prefill-mfu", type=fraction, default=0.5,
+    ap.add_argument("--prefill-mfu", type=fraction, metavar="F", default=0.5,
                     help="share of peak BF16 FLOPS that prompt prefill reaches (default 0.5)")
-    ap.add_argument("--disk-gbps", type=positive(float), default=2.0,
+    ap.add_argument("--disk-gbps", type=positive(float), metavar="GB_S", default=2.0,
                     help="GB/s for reading and writing model weights (default 2)")
     ap.add_argument("--json", action="store_true", help="print the plan as JSON")
     args = ap.parse_args(argv)
@@ -424,7 +431,7 @@ def main(argv: list[str] | None = None) -> None:
         figures.setdefault("engine_overhead_pct", 0.0)
         cfg = resolve({}, {"preset": "paper", **parse_sets(args.sets)})
         result = plan(cfg, args.model, args.gpu, args.gpus, figures, args.instruct_keep, args.pair_rate,
-                      args.eval_examples, args.train_efficiency, args.prefill_mfu, args.disk_gbps)
+                      args.eval_examples, args.train_efficiency, args.prefill_mfu, args.disk_gbps, args.answer_tokens)
     except (PlanError, SelfRewardError) as e:
         sys.exit(f"error: {e}")
     print(json.dumps(result, indent=2) if args.json else render(result))
