@@ -67,7 +67,8 @@ GPUS = {"h100": ("H100-80GB-SXM", 989e12), "a100": ("A100-80GB-SXM", 312e12)}
 
 # Output tokens/s of ONE vLLM replica (model.tp GPUs) on ShareGPT, from Lambda's report.
 # H100: its vLLM 0.6.0 table (num-scheduler-steps 10, 5,000 prompts, max-num-seqs 256): Llama 3.1 8B tp 1,
-# Llama 3.1 70B tp 4. A100: no 0.6.0 figure, so the H100 figure times the A100/H100 ratio of the same report's
+# Llama 3.1 70B tp 4. That table names no GPU; the report's scripts default to H100-80GB-SXM, and vLLM's own
+# 0.6.0 announcement measured the same two set-ups on H100. A100: no 0.6.0 figure, so the H100 figure times the A100/H100 ratio of the same report's
 # 0.5.4 table at 320 prompts (8B: 1517.54 / 3400.4; 70B on 4 GPUs: 956.53 / 2242.99).
 H100_8B, H100_70B = 8088.35, 3542.88
 A100_RATIO_8B, A100_RATIO_70B = 1517.54 / 3400.4, 956.53 / 2242.99
@@ -400,7 +401,6 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--figures", type=Path, metavar="FILE",
                     help="measured figures JSON: `bench/all.py --json` or `bench/store.py --json` output, or an object "
                     f"with any of {', '.join(sorted(FLAT_KEYS))} (default: README.md's make bench table)")
-    ap.add_argument("--readme", type=Path, default=ROOT / "README.md", help=argparse.SUPPRESS)
     ap.add_argument("--instruct-keep", type=fraction, metavar="F", default=0.5,
                     help="share of self-instruct generations that pass the filters (default 0.5)")
     ap.add_argument("--pair-rate", type=fraction, metavar="F", default=0.9,
@@ -419,7 +419,7 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     try:
         try:
-            figures = figures_from_readme(args.readme)
+            figures = figures_from_readme(ROOT / "README.md")
         except PlanError:
             if args.figures is None:
                 raise

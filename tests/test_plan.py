@@ -50,6 +50,7 @@ def test_the_plan_prints_a_table_per_stage_with_its_sources(model):
     rows = result["store"]["rows"]
     assert (rows["prompts"], rows["candidates"], rows["judgments"]) == (4000, 16000, 48000)
     assert all(s["url"].startswith("https://") and s["date"] for s in result["sources"])
+    assert result["figures"]["source"].startswith("README.md")  # make bench's measured write rate by default
 
 
 def test_more_gpus_never_make_the_round_slower(capsys):
@@ -99,6 +100,12 @@ def test_measured_figures_come_from_a_json(tmp_path):
     default = plan_json("--model", "7b")
     assert "measured" in slower["rates"]["decode_basis"]
     assert stage(slower, "candidates")["wall_s"] > 1.9 * stage(default, "candidates")["wall_s"]
+    parts = tmp_path / "bench.json"  # what `bench/all.py --json` writes: the vllm engine's measured overhead counts
+    parts.write_text(json.dumps({"store": {"run_db_per_s": 20000.0, "bare_per_s": 90000.0},
+                                 "engines": {"overhead_pct": 25.0}, "dedupe": {"agree": True}}))
+    taxed = plan_json("--model", "7b", "--figures", str(parts))
+    assert taxed["rates"]["decode_tokens_per_s_per_replica"] == pytest.approx(
+        default["rates"]["decode_tokens_per_s_per_replica"] / 1.25)
 
 
 @pytest.mark.parametrize("args, message", [
