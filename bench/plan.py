@@ -40,6 +40,8 @@ SOURCES = {
     "lambda": ("Lambda, 'LLMs inference benchmarks, using vLLM, on Lambda Cloud' (vLLM 0.5.4/0.6.0, "
                "A100/H100-80GB-SXM, ShareGPT prompts)",
                "https://github.com/LambdaLabsML/vllm-benchmark/blob/main/benchmark_v0.md", "2024-09"),
+    "vllm060": ("vLLM blog, 'vLLM v0.6.0: 2.7x Throughput Improvement and 5x Latency Reduction': Llama 8B on "
+                "1 x H100 and 70B on 4 x H100, ShareGPT", "https://blog.vllm.ai/2024/09/05/perf-update.html", "2024-09-05"),
     "sharegpt": ("vLLM issue #7567: benchmark_serving on ShareGPT, 1,000 requests = 215,196 input and "
                  "178,793 output tokens", "https://github.com/vllm-project/vllm/issues/7567", "2024-08-22"),
     "llama2": ("Touvron et al., 'Llama 2', Table 2: A100-80GB GPU-hours 184,320 (7B), 368,640 (13B), "
@@ -68,8 +70,9 @@ GPUS = {"h100": ("H100-80GB-SXM", 989e12), "a100": ("A100-80GB-SXM", 312e12)}
 # Output tokens/s of ONE vLLM replica (model.tp GPUs) on ShareGPT, from Lambda's report.
 # H100: its vLLM 0.6.0 table (num-scheduler-steps 10, 5,000 prompts, max-num-seqs 256): Llama 3.1 8B tp 1,
 # Llama 3.1 70B tp 4. That table names no GPU; the report's scripts default to H100-80GB-SXM, and vLLM's own
-# 0.6.0 announcement measured the same two set-ups on H100. A100: no 0.6.0 figure, so the H100 figure times the A100/H100 ratio of the same report's
-# 0.5.4 table at 320 prompts (8B: 1517.54 / 3400.4; 70B on 4 GPUs: 956.53 / 2242.99).
+# 0.6.0 announcement [vllm060] measured the same two set-ups on H100. A100: no 0.6.0 figure, so the H100 figure
+# times the A100/H100 ratio of the same report's 0.5.4 table at 320 prompts (8B: 1517.54 / 3400.4; 70B on
+# 4 GPUs: 956.53 / 2242.99).
 H100_8B, H100_70B = 8088.35, 3542.88
 A100_RATIO_8B, A100_RATIO_70B = 1517.54 / 3400.4, 956.53 / 2242.99
 PUBLISHED = {
