@@ -41,7 +41,8 @@ SOURCES = {
                "A100/H100-80GB-SXM, ShareGPT prompts)",
                "https://github.com/LambdaLabsML/vllm-benchmark/blob/main/benchmark_v0.md", "2024-09"),
     "vllm060": ("vLLM blog, 'vLLM v0.6.0: 2.7x Throughput Improvement and 5x Latency Reduction': Llama 8B on "
-                "1 x H100 and 70B on 4 x H100, ShareGPT", "https://blog.vllm.ai/2024/09/05/perf-update.html", "2024-09-05"),
+                "1 x H100 and 70B on 4 x H100, ShareGPT", "https://blog.vllm.ai/2024/09/05/perf-update.html",
+                "2024-09-05"),
     "sharegpt": ("vLLM issue #7567: benchmark_serving on ShareGPT, 1,000 requests = 215,196 input and "
                  "178,793 output tokens", "https://github.com/vllm-project/vllm/issues/7567", "2024-08-22"),
     "llama2": ("Touvron et al., 'Llama 2', Table 2: A100-80GB GPU-hours 184,320 (7B), 368,640 (13B), "
@@ -264,7 +265,8 @@ def plan(cfg, model_key: str, gpu: str, gpus: int, figures: dict, instruct_keep:
     rows = {"prompts": prompts, "candidates": answers, "judgments": answers * k, "pairs": prompts,
             "training_steps": steps, "eft_eval": eval_examples, "metrics": QUALITY_METRICS, "stages": 6,
             "models": 1, "rounds": 1}
-    commits = {"self-instruct": attempts, "candidates": prompts, "judging": answers, "eval (held-out EFT)": eval_examples}
+    commits = {"self-instruct": attempts, "candidates": prompts, "judging": answers,
+               "eval (held-out EFT)": eval_examples}
     demand = {s["stage"]: commits[s["stage"]] / s["wall_s"] for s in stages if s["stage"] in commits}
     commit_rate = figures.get("checkpoint_commits_per_s", CHECKPOINT_COMMITS_PER_S)
     peak_stage = max(demand, key=demand.get)
@@ -289,12 +291,14 @@ def plan(cfg, model_key: str, gpu: str, gpus: int, figures: dict, instruct_keep:
             "rates": {"decode_tokens_per_s_per_replica": decode, "decode_basis": decode_note,
                       "prefill_tokens_per_s_per_replica": prefill, "train_tflops_per_gpu": tflops,
                       "train_basis": train_note},
-            "assumptions": {"instruct_keep": instruct_keep, "pair_rate": pair_rate, "train_efficiency": train_efficiency,
+            "assumptions": {"instruct_keep": instruct_keep, "pair_rate": pair_rate,
+                            "train_efficiency": train_efficiency,
                             "prefill_mfu": prefill_mfu, "disk_gbps": disk_gbps,
                             "sharegpt_input_per_output": SHAREGPT_IN_PER_OUT,
                             "engine_overhead_pct": figures["engine_overhead_pct"]},
             "figures": figures,
-            "sources": [{"key": key, "what": what, "url": url, "date": date} for key, (what, url, date) in SOURCES.items()]}
+            "sources": [{"key": key, "what": what, "url": url, "date": date}
+                        for key, (what, url, date) in SOURCES.items()]}
 
 
 # --- output -----------------------------------------------------------------------------------------------------
@@ -337,8 +341,8 @@ def render(p: dict) -> str:
                  f"{duration(store['commit_s']):>9}")
     lines.append(f"{'total':26} {'':>9} {'':>10} {'':>10} {'':>10} {p['gpus']:>5} {total['gpu_hours']:7.1f} "
                  f"{duration(total['wall_s']):>9}")
-    lines += ["", f"(training 'prompt tok' = tokens trained on: chosen and rejected, prompt + answer; GPU-h counts busy "
-                  f"GPUs, {total['gpu_hours_held']:.1f} GPU-h held for the round's wall time)", "",
+    lines += ["", f"(training 'prompt tok' = tokens trained on: chosen and rejected, prompt + answer; GPU-h counts "
+                  f"busy GPUs, {total['gpu_hours_held']:.1f} GPU-h held for the round's wall time)", "",
               f"run.db writes a round ({p['figures']['source']}):"]
     lines.append("  " + ", ".join(f"{t} {n:,}" for t, n in store["rows"].items())
                  + f" = {store['rows_total']:,} rows; at {store['rows_per_s']:,.0f} rows/s (run.db with FTS5 "
@@ -411,7 +415,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--eval-examples", type=positive(int), metavar="N", default=541,
                     help="held-out EFT answers judged by the eval stage (default 541, the paper's EFT eval split)")
     ap.add_argument("--answer-tokens", type=positive(int), metavar="N", default=ANSWER_TOKENS,
-                    help=f"mean tokens of a candidate answer, capped by candidate_max_new_tokens (default {ANSWER_TOKENS})")
+                    help=f"mean tokens of a candidate answer, capped by candidate_max_new_tokens "
+                         f"(default {ANSWER_TOKENS})")
     ap.add_argument("--train-efficiency", type=fraction, metavar="F", default=0.5,
                     help="fine-tuning FLOP rate as a share of the pretraining rate it is based on (default 0.5)")
     ap.add_argument("--prefill-mfu", type=fraction, metavar="F", default=0.5,
