@@ -34,10 +34,27 @@ TABLES = {
                    "reason": "Why score is NULL", "rationale": "The judge's justification (text before the score)",
                    "raw": "The judge's whole output", "template_sha": "Hash of the prompt template",
                    "judge_model_sha": "Hash of the judge's weights", "sampling": "Judge sampling parameters and seed",
-                   "version": "selfreward version that wrote the row"}),
+                   "version": "selfreward version that wrote the row",
+                   "expected_score": "Logprob-weighted score: the expected value of the score tokens 0..5 read where "
+                                     "the judge wrote its score (NULL when the parsed score is)",
+                   "score_probs": "JSON: the probability of each score token 0..5 at that position"}),
     "pairs": ("One row per prompt: the preference pair, or why the prompt was dropped. Append-only.",
               {"status": "kept, tie (best and worst scored alike) or unscored (< 2 candidates with a score)",
-               "rule": "Pairing rule used (verify recomputes pairs with it)"}),
+               "rule": "Pairing rule used (verify recomputes pairs with it)",
+               "score_kind": "Which score built it: parsed or expected (logprob-weighted)",
+               "consistency": "CREAM: C = (Kendall tau + 1) / 2 between this round's and the previous round's "
+                              "judge on the prompt's candidates; weights the pair's DPO loss"}),
+    "meta_judgments": ("Meta-Rewarding: a meta-judge (M_{t-1}) compares two judgments of one candidate, asked in "
+                       "both orders. Append-only.",
+                       {"a_id": "The judgment shown as A", "b_id": "The judgment shown as B",
+                        "winner": "a, b or tie; NULL when the output could not be read (see reason)"}),
+    "judge_pairs": ("Meta-Rewarding: per candidate whose judgments varied most, its best against its worst "
+                    "judgment by Elo over the meta-judgments; kept pairs train the judge in the DPO step. "
+                    "Append-only.",
+                    {"chosen_id": "The better judgment (judgments.id)", "rejected_id": "The worse judgment",
+                     "score_spread": "Variance of the candidate's parsed judgment scores"}),
+    "consistency_judgments": ("CREAM: the round's candidates judged again by the previous round's judge. "
+                              "Append-only.", {}),
     "comparisons": ("Pairwise judgments asked in both orders (pairwise mode, PairRM). Append-only.",
                     {"outcome": "a, b, tie, inconsistent (orders disagree) or unparsed"}),
     "training_steps": ("Logged SFT, DPO and reward-model steps.",
@@ -52,6 +69,21 @@ TABLES = {
 }
 
 QUERIES = {
+    "judge_pairs_with_meta": {
+        "title": "Meta-Rewarding: judge pairs with the meta-judge's reasons",
+        "description": "Each kept judge pair: the response, the chosen and the rejected judgment, and every "
+                       "meta-judgment that compared the candidate's judgments.",
+        "sql": """
+select x.id as judge_pair, x.round, p.text as prompt, c.text as response,
+       jc.raw as chosen_judgment, round(x.chosen_elo) as chosen_elo,
+       jr.raw as rejected_judgment, round(x.rejected_elo) as rejected_elo,
+       (select group_concat(m.a_id || ' vs ' || m.b_id || ': ' || coalesce(m.winner, 'NULL') || ' - '
+                            || coalesce(m.rationale, m.reason), char(10))
+          from meta_judgments m where m.candidate_id = x.candidate_id) as meta_judgments
+from judge_pairs x join candidates c on c.id = x.candidate_id join prompts p on p.id = c.prompt_id
+join judgments jc on jc.id = x.chosen_id join judgments jr on jr.id = x.rejected_id
+where x.status = 'kept' order by x.round, x.id""",
+    },
     "pairs_with_rationales": {
         "title": "Pairs with both sides' rationales",
         "description": "Each kept pair: the prompt, the chosen and rejected responses, and every judge sample "
