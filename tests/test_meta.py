@@ -133,6 +133,14 @@ def test_meta_rewarding_through_the_loop(tmp_path, tiny_model, seed_files, meta_
     assert shown.exit_code == 0 and "meta-judge" in shown.output
     listed = runner.invoke(cli, ["rationales", str(path), "--meta", "--format", "jsonl"])
     assert listed.exit_code == 0 and len(listed.output.strip().splitlines()) == len(metas)
+    from selfreward.inspection.htmlreport import build_report
+
+    page = build_report(run, tmp_path / "report").read_text()
+    section = page[page.index("own training"):]
+    assert "judge pairs" in section
+    row2 = section[section.index("<tr><td>2</td>"):].split("</tr>")[0]
+    meta2 = json.loads(run.db.execute("select detail from stages where round=2 and stage='meta'").fetchone()[0])
+    assert f"<td>{meta2['meta_judgments']}</td>" in row2 and f"<td>{meta2['judge_pairs']}</td>" in row2
     # A tampered meta-verdict is caught (the triggers are dropped the way an editor of the file could).
     db = sqlite_utils.Database(path / "run.db")
     db.execute("drop trigger meta_judgments_no_update")

@@ -56,7 +56,7 @@ def build_report(run: Run, out_dir: str | Path | None = None) -> Path:
                      "(DPO, or the method in the train column).</p>")
     else:
         parts.append(f"<p class=empty>No rounds yet: {NO_DATA}.</p>")
-    for section in (_scores, _pairs, _lengths, _training, _models, _judge_quality):
+    for section in (_scores, _pairs, _lengths, _training, _models, _judge_quality, _judge_training):
         parts.append(section(run, out))
     page = ("<!DOCTYPE html>\n<html lang=en><head><meta charset=utf-8>"
             f"<title>selfreward report: {_e(name)}</title><style>{CSS}</style></head><body>\n"
@@ -286,6 +286,36 @@ def _judge_quality(run: Run, out: Path) -> str:
 
 
 # --- helpers ---
+
+def _judge_training(run: Run, out: Path) -> str:
+    """Per round: which score built the pairs, how length control moved them, Meta-Rewarding's
+    meta-judgments and judge pairs, and CREAM's consistency (from the stages' details)."""
+    details: dict[int, dict[str, dict]] = defaultdict(dict)
+    for r in run.rows("select round, stage, detail from stages where stage in ('pairs', 'meta')"):
+        details[r["round"]][r["stage"]] = json.loads(r["detail"] or "{}")
+    html_ = ["<h2>The judge's own training</h2>",
+             "<p class=note>Pairs built from the parsed or the expected (logprob-weighted) score; mean length "
+             "(characters) of chosen and rejected under the round's length control and under the plain rule "
+             "(&rho; = 0); Meta-Rewarding's meta-judgments (how many parsed, how often both orders agreed) and "
+             "judge pairs with the mean length of the chosen and rejected judgment; CREAM's mean consistency C "
+             "over the kept pairs.</p>"]
+    if not details:
+        return "\n".join(html_ + [f"<p class=empty>No pairs yet: {NO_DATA}.</p>"])
+    head = ["round", "score", "chosen len", "rejected len", "chosen len (ρ=0)", "rejected len (ρ=0)",
+            "meta-judgments", "parsed", "both orders agree", "judge pairs", "chosen judgment len",
+            "rejected judgment len", "CREAM C (mean)", "pairs with C"]
+    rows = [head]
+    for t in sorted(details):
+        p, m = details[t].get("pairs", {}), details[t].get("meta", {})
+        cons = p.get("consistency") or {}
+        cells = [t, p.get("score"), p.get("chosen_chars"), p.get("rejected_chars"), p.get("chosen_chars_rho0"),
+                 p.get("rejected_chars_rho0"), m.get("meta_judgments"), m.get("parsed"),
+                 m.get("position_consistency"), m.get("judge_pairs"), m.get("chosen_judgment_chars"),
+                 m.get("rejected_judgment_chars"), cons.get("mean"), cons.get("n")]
+        rows.append(["-" if v is None else f"{100 * v:.0f}%" if k == 8 else str(v) for k, v in enumerate(cells)])
+    html_.append(_table(rows))
+    return "\n".join(html_)
+
 
 def _e(text) -> str:
     return html.escape(str(text), quote=True)

@@ -25,8 +25,9 @@ from selfreward.core.store import now
 class JudgeReward:
     """A TRL reward function backed by the run's judge. It keeps what it saw, for the store."""
 
-    def __init__(self, judge, samples: int, seed: int, model: str, max_tokens: int):
+    def __init__(self, judge, samples: int, seed: int, model: str, max_tokens: int, expected: bool = False):
         self.judge, self.samples, self.seed, self.model, self.max_tokens = judge, samples, seed, model, max_tokens
+        self.expected = expected                # pair_score 'expected': reward by the logprob-weighted score
         self.candidates: list[dict] = []        # candidate rows, without ids yet
         self.verdicts: list[list] = []          # per candidate, its judge samples
         self.__name__ = "judge"                 # TRL logs each reward function by name
@@ -46,7 +47,8 @@ class JudgeReward:
         rewards: list[float | None] = []
         for (a, b), result in zip(spans, results):
             for i, verdicts in zip(range(a, b), result.verdicts):
-                scores = [v.parsed.score for v in verdicts if v.parsed.score is not None]
+                scores = [v.expected if self.expected else v.parsed.score for v in verdicts
+                          if v.parsed.score is not None and (v.expected is not None or not self.expected)]
                 rewards.append(sum(scores) / len(scores) if scores else None)
                 n = len(completion_ids[i]) if completion_ids is not None else None
                 self.candidates.append({"prompt_id": prompt_id[i], "text": texts[i], "model": f"{self.model}@{step}",
@@ -72,7 +74,7 @@ def run(ctx, t: int) -> None:
         judge = ctx.judge(parent["name"])  # the self judge is M_{t-1}, served beside the trainer
         seed = ctx.seed(t, "rl")
         reward = JudgeReward(judge, cfg.judge_samples, seed, f"{parent['name']}+{cfg.train_method}",
-                             cfg.candidate_max_new_tokens)
+                             cfg.candidate_max_new_tokens, expected=cfg.pair_score == "expected")
         out = ctx.run.path / "models" / name
         logs, adapter, info = online(ctx.run.model_path(parent["name"]), prompts, reward, cfg, out, t)
         info["label"] = cfg.train_method
