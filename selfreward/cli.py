@@ -197,8 +197,8 @@ def _run_name(name: str) -> str:
 # Where and how to reach the API judge may change between attempts (a server moved,
 # a rate limit tightened); what it is and how it samples may not.
 OPERATIONAL_KEYS = {"api_base", "api_key_env", "api_concurrency", "api_timeout", "api_max_retries", "api_backoff",
-                    "api_replica_cooldown", "vllm_replicas", "vllm_start_timeout", "vllm_cpu_kvcache_gb",
-                    "vllm_cpu_threads", "vllm_gpu_memory_utilization"}
+                    "api_replica_cooldown", "vllm_replicas", "vllm_distributed_executor_backend",
+                    "vllm_start_timeout", "vllm_cpu_kvcache_gb", "vllm_cpu_threads", "vllm_gpu_memory_utilization"}
 
 
 def _check_same_config(run, asked: dict) -> None:

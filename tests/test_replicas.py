@@ -271,9 +271,13 @@ def vllm_cfg():
                         "vllm_max_model_len": 1024, "vllm_cpu_kvcache_gb": 1.0, "vllm_max_num_seqs": 4})
 
 
-def group_alive(pid: int) -> bool:
+def group_alive(pid: int, grace: float = 0.0) -> bool:
+    """Whether any process of the group is left (after `grace` s: a SIGKILLed group takes a moment to go)."""
     from selfreward.backends.engines.vllm import group_members
 
+    deadline = time.monotonic() + grace
+    while group_members(pid) and time.monotonic() < deadline:
+        time.sleep(0.2)
     return bool(group_members(pid))
 
 
@@ -296,7 +300,7 @@ def test_vllm_server_and_a_test_server_fail_over(vllm_cfg, tmp_path):
     assert len(from_fake) == len(fake.answered) == c[fake.url]["answered"] == 3
     assert c[server.url]["answered"] == len(prompts) - 3 and c[server.url]["failures"] == 0
     assert not c[fake.url]["in_rotation"] and c[server.url]["in_rotation"]
-    assert not group_alive(server.proc.pid) and not list(tmp_path.glob("vllm-*.pid"))
+    assert not group_alive(server.proc.pid, grace=10) and not list(tmp_path.glob("vllm-*.pid"))
     print(f"\nvLLM: {c[server.url]}; test server: {c[fake.url]}, dropped in flight {fake.dropped}")
 
 
@@ -324,4 +328,4 @@ def test_vllm_engine_runs_two_replicas_and_ends_both(vllm_cfg, tmp_path):
         assert not dead["in_rotation"] and alive["in_rotation"]
     finally:
         e.close()
-    assert not any(group_alive(p) for p in pids) and not list(tmp_path.glob("vllm-*.pid"))
+    assert not any(group_alive(p, grace=10) for p in pids) and not list(tmp_path.glob("vllm-*.pid"))
