@@ -233,6 +233,9 @@ class VLLMEngine(OpenAIEngine):
         return super().generate(prompts, n, sampling, desc, on_done)
 
     def _stop_servers(self) -> None:
+        for server in self.servers:  # all asked at once, so that they wind down side by side
+            if server.proc.poll() is None:
+                _signal_group(server.proc.pid, signal.SIGTERM)
         for server in self.servers:
             server.stop()
         if self.gpu_free_before is not None:
