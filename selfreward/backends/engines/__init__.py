@@ -7,14 +7,15 @@ LLM judge (the self judge, and the API judge through the openai engine) call
 | `transformers` | `generate` in this process, batched                          | per batch           |
 | `vllm`         | one long-lived vLLM OpenAI server per model, in its own      | per request         |
 |                | process group, driven through the openai engine              |                     |
-| `openai`       | any OpenAI-compatible server (vLLM, SGLang, llama.cpp, API)  | per request, if the |
-|                |                                                              | server honours them |
+| `openai`       | any OpenAI-compatible server (vLLM, SGLang, llama.cpp, API), | per request, if the |
+|                | or several replicas of one, with failover between them       | server honours them |
 
 A prompt is a chat (a list of messages) or a raw string (a completion prompt,
 such as self-instruct's numbered list). A failure of one item (a prompt longer
 than the context, an HTTP 400, a reply that is not a completion) comes back as
 that item's Completion with `error` set and the stage goes on; a failure of the
-whole system (unreachable, 401/403, 5xx after the retries) raises SelfRewardError.
+whole system (unreachable, 401/403, 5xx after the retries, on every replica) raises
+SelfRewardError.
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """The openai engine: any OpenAI-compatible server (vLLM, SGLang, llama.cpp's
-server, a hosted API), through the real `openai` client.
+server, a hosted API), or several replicas of one, through the real `openai` client.
 
 One request per (prompt, sample), with bounded concurrency, so that a server
 without `n` support works and each sample carries its own seed. Chat prompts go
@@ -12,8 +12,19 @@ own failure from the system's:
   409, 5xx, timeouts, connection resets, and replies that are not a completion;
 - the item fails and the stage goes on: any other 4xx (an over-long prompt gets
   400), or a reply still unreadable after the retries;
-- the stage stops with one line: unreachable at the start, 401/403/404, or
-  429/5xx/timeouts/resets still failing after the retries.
+- the stage stops with one line: 401/403/404, or every replica unreachable or
+  out of rotation.
+
+Replicas: `base_url` may name several servers of the same model. Each gets at
+most `concurrency` requests in flight; a request goes to the in-rotation replica
+with the fewest in flight. A replica leaves the rotation when a request to it
+still fails after its retries (429/5xx/timeouts/resets), or at once when it
+refuses the connection while another replica is still in rotation (nothing
+listens there: a crashed server). The item then moves to another replica, so
+every item gets exactly one answer. After `cooldown` seconds one request probes
+the replica, without retries: an answer puts it back, a failure takes it out
+for another cool-down. Item failures never take a replica out. With one URL
+this is the single-server behaviour above.
 The key comes from the environment variable named by `api_key_env`; only the
 name is ever stored.
 """
@@ -24,6 +35,7 @@ import hashlib
 import json
 import os
 import random
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
@@ -40,7 +52,15 @@ FATAL_STATUS = {401, 403, 404}
 
 
 class SystemFailure(Exception):
-    """The server, not the item, is at fault: the stage stops."""
+    """The servers, not the item, are at fault: the stage stops."""
+
+
+class ReplicaDown(Exception):
+    """One replica failed a request past its retries (or refused it): the item moves to another."""
+
+    def __init__(self, reason: str, retries: int):
+        super().__init__(reason)
+        self.reason, self.retries = reason, retries
 
 
 def request_seed(seed: int, prompt: Prompt, sample: int) -> int:
@@ -49,65 +69,169 @@ def request_seed(seed: int, prompt: Prompt, sample: int) -> int:
     return int(hashlib.sha256(blob.encode()).hexdigest()[:8], 16) % (2**31)
 
 
+def split_urls(base_url: str | list[str]) -> list[str]:
+    """'http://a/v1, http://b/v1' or a list -> the list of replica URLs."""
+    urls = base_url if isinstance(base_url, list) else base_url.split(",")
+    return [u.strip() for u in urls if u.strip()]
+
+
+class Replica:
+    """One server of the pool: its client, its slots in use, its place in the rotation, its counts."""
+
+    def __init__(self, url: str, client):
+        self.url, self.client = url, client
+        self.in_flight = 0
+        self.in_rotation, self.probing = True, False
+        self.out_until, self.reason = 0.0, ""
+        # requests: sent, retries included; answered: items whose final answer came from here;
+        # failures: requests that failed for the server's reasons; outs: times taken out of rotation.
+        self.counts = {"requests": 0, "answered": 0, "failures": 0, "outs": 0}
+        self.taken = dict(self.counts)
+
+
 class OpenAIEngine:
     seeds_per_request = True
 
-    def __init__(self, base_url: str, model: str, key_env: str = "OPENAI_API_KEY", concurrency: int = 8,
+    def __init__(self, base_url: str | list[str], model: str, key_env: str = "OPENAI_API_KEY", concurrency: int = 8,
                  timeout: float = 60.0, max_retries: int = 5, send_seed: bool = True, backoff: float = 1.0,
-                 name: str | None = None):
+                 name: str | None = None, cooldown: float = 30.0):
         from openai import OpenAI  # lazy: the client loads only for this engine
 
-        if not base_url:
+        urls = split_urls(base_url)
+        if not urls:
             raise SelfRewardError("the openai engine needs api_base, e.g. http://127.0.0.1:8000/v1")
         if not model:
             raise SelfRewardError("the openai engine needs api_model, the model name the server serves")
         # Local servers take any key; hosted ones need the real one from the environment.
         key = os.environ.get(key_env) or "not-set"
-        self.client = OpenAI(base_url=base_url, api_key=key, timeout=timeout, max_retries=0)
-        self.base_url, self.served_model, self.model_path = base_url, model, model
+        self.replicas = [Replica(url, OpenAI(base_url=url, api_key=key, timeout=timeout, max_retries=0))
+                         for url in urls]
+        self.served_model, self.model_path = model, model
         self.concurrency, self.max_retries, self.backoff = concurrency, max_retries, backoff
+        self.timeout, self.cooldown = timeout, cooldown
         self.send_seed, self.key_env = send_seed, key_env
         self.name = name or f"openai:{model}"
         self._checked = False
+        self._pool = threading.Condition()
 
     @classmethod
     def from_config(cls, cfg) -> "OpenAIEngine":
         return cls(cfg.api_base, cfg.api_model, cfg.api_key_env, cfg.api_concurrency, cfg.api_timeout,
-                   cfg.api_max_retries, send_seed=cfg.api_send_seed == "yes", backoff=cfg.api_backoff)
+                   cfg.api_max_retries, send_seed=cfg.api_send_seed == "yes", backoff=cfg.api_backoff,
+                   cooldown=cfg.api_replica_cooldown)
 
-    # --- one request ---
+    # --- one item: a replica, and another if that one goes down ---
     def request(self, prompt: Prompt, sampling: Sampling, seed: int) -> Completion:
-        """One completion, retried as the module doc says; raises SystemFailure."""
+        """One completion from whichever replica has a free slot; raises SystemFailure."""
+        retries = 0
+        while True:
+            replica = self._take()
+            try:
+                completion = self._request_on(replica, prompt, sampling, seed, retries)
+            except ReplicaDown as e:
+                self._give_back(replica, down=e.reason)
+                retries = e.retries + 1  # the next replica's first try is a retry of this item
+                continue
+            except BaseException:
+                self._give_back(replica)
+                raise
+            self._give_back(replica, answered=True)
+            return completion
+
+    def _take(self) -> Replica:
+        """A slot on the least busy replica in rotation (or one due for its probe); waits while all are full."""
+        with self._pool:
+            while True:
+                now = time.monotonic()
+                due = [r for r in self.replicas if not r.in_rotation and not r.probing and now >= r.out_until]
+                if due:
+                    due[0].probing = True
+                    due[0].in_flight += 1
+                    return due[0]
+                ready = [r for r in self.replicas if r.in_rotation and r.in_flight < self.concurrency]
+                if ready:
+                    replica = min(ready, key=lambda r: (r.in_flight, r.counts["requests"]))
+                    replica.in_flight += 1
+                    return replica
+                if not any(r.in_rotation or r.probing for r in self.replicas):
+                    raise SystemFailure(self._all_out())
+                self._pool.wait(timeout=1.0)  # a slot frees, a replica goes out, or a cool-down ends
+
+    def _give_back(self, replica: Replica, down: str | None = None, answered: bool = False) -> None:
+        with self._pool:
+            replica.in_flight -= 1
+            replica.counts["answered"] += answered
+            if down and (replica.in_rotation or replica.probing):
+                replica.in_rotation, replica.probing = False, False
+                replica.out_until, replica.reason = time.monotonic() + self.cooldown, down
+                replica.counts["outs"] += 1
+                left = sum(r.in_rotation for r in self.replicas)
+                if len(self.replicas) > 1:
+                    tqdm.write(f"replica {replica.url} out of rotation ({down}); {left} of {len(self.replicas)} "
+                               f"in rotation, probed again in {self.cooldown:g} s", file=sys.stderr)
+            elif replica.probing and not down:
+                # It answered (an item failure is an answer too): back in rotation.
+                replica.in_rotation, replica.probing = True, False
+                tqdm.write(f"replica {replica.url} back in rotation", file=sys.stderr)
+            self._pool.notify_all()
+
+    def _all_out(self) -> str:
+        if len(self.replicas) == 1:
+            r = self.replicas[0]
+            return (f"API at {r.url} kept failing ({r.reason}) after {self.max_retries} retries; "
+                    f"run the same command again to resume")
+        return ("every replica is out of rotation: " + "; ".join(f"{r.url} ({r.reason})" for r in self.replicas)
+                + "; run the same command again to resume")
+
+    # --- one item on one replica ---
+    def _request_on(self, replica: Replica, prompt: Prompt, sampling: Sampling, seed: int,
+                    retries: int) -> Completion:
+        """The item's completion from `replica`, retried as the module doc says; raises ReplicaDown
+        (move the item elsewhere) or SystemFailure (stop the stage)."""
         import openai
 
+        tries = 0 if replica.probing else self.max_retries  # a probe gets no retries
         error = ""
-        for attempt in range(self.max_retries + 1):
+        for attempt in range(tries + 1):
+            if attempt and not (replica.in_rotation or replica.probing):
+                raise ReplicaDown(error, retries + attempt - 1)  # another request took it out: move on now
             retry_after = None
+            self._count(replica, "requests")
             try:
-                return self._ask(prompt, sampling, seed, attempt)
+                return self._ask(replica, prompt, sampling, seed, retries + attempt)
             except openai.APITimeoutError:
                 error = "timeout"
             except openai.APIConnectionError as e:
                 error = f"connection failed ({e.__cause__ or e})"
+                # Nothing listens there (a crashed server): no use retrying while another replica can take it.
+                if _refused(e) and any(r.in_rotation for r in self.replicas if r is not replica):
+                    self._count(replica, "failures")
+                    raise ReplicaDown("connection refused", retries + attempt) from None
             except openai.APIStatusError as e:
                 if e.status_code in FATAL_STATUS:
-                    raise SystemFailure(f"API at {self.base_url} refused the request (HTTP {e.status_code}): "
+                    raise SystemFailure(f"API at {replica.url} refused the request (HTTP {e.status_code}): "
                                         f"{_message(e)}") from None
                 if e.status_code not in RETRYABLE_STATUS:
-                    return failed(f"HTTP {e.status_code}: {_message(e)}", attempt)
+                    return failed(f"HTTP {e.status_code}: {_message(e)}", retries + attempt)
                 error, retry_after = f"HTTP {e.status_code}", _retry_after(e)
             except Garbage as e:
-                if attempt == self.max_retries:
-                    return failed(f"unreadable reply: {e}", attempt)
-                error = f"unreadable reply: {e}"
-            if attempt == self.max_retries:
-                raise SystemFailure(f"API at {self.base_url} kept failing ({error}) after {self.max_retries} "
-                                    f"retries; run the same command again to resume")
+                # The server answered, badly: retried here, and in the end the item's failure, not the replica's.
+                if attempt == tries:
+                    return failed(f"unreadable reply: {e}", retries + attempt)
+                time.sleep(self.backoff * 2**attempt * (0.5 + random.random()))
+                continue
+            self._count(replica, "failures")
+            if attempt == tries:
+                raise ReplicaDown(error, retries + attempt)
             wait = self.backoff * 2**attempt * (0.5 + random.random())
             time.sleep(max(wait, retry_after) if retry_after is not None else wait)
         raise AssertionError("unreachable")
 
-    def _ask(self, prompt: Prompt, sampling: Sampling, seed: int, retries: int) -> Completion:
+    def _count(self, replica: Replica, what: str) -> None:
+        with self._pool:
+            replica.counts[what] += 1
+
+    def _ask(self, replica: Replica, prompt: Prompt, sampling: Sampling, seed: int, retries: int) -> Completion:
         import openai
 
         kwargs = {"model": self.served_model, "temperature": sampling.temperature, "top_p": sampling.top_p,
@@ -123,9 +247,9 @@ class OpenAIEngine:
             kwargs["extra_body"] = {"continue_final_message": True, "add_generation_prompt": False}
         try:
             if not chat:  # a raw string or token ids: the completions endpoint
-                r = self.client.completions.create(prompt=prompt, **kwargs)
+                r = replica.client.completions.create(prompt=prompt, **kwargs)
             else:
-                r = self.client.chat.completions.create(messages=prompt, **kwargs)
+                r = replica.client.chat.completions.create(messages=prompt, **kwargs)
         except (openai.APIResponseValidationError, json.JSONDecodeError, ValueError) as e:
             raise Garbage(type(e).__name__) from None
         choices = getattr(r, "choices", None)
@@ -144,21 +268,45 @@ class OpenAIEngine:
                           top_logprobs=_first_top_logprobs(choice, chat) if sampling.top_logprobs else None)
 
     def check_reachable(self) -> None:
-        """Fail at once, in one line, when nothing listens at base_url (instead of after the retries)."""
+        """Fail at once, in one line, when no replica listens (instead of after the retries);
+        a replica unreachable now starts out of rotation, to be probed after the cool-down."""
         import openai
 
         if self._checked:
             return
-        try:
-            self.client.models.list(timeout=min(10.0, self.client.timeout))
-        except openai.APIConnectionError as e:
-            raise SelfRewardError(f"API at {self.base_url} is unreachable: {e.__cause__ or e}") from None
-        except openai.APIStatusError as e:
-            if e.status_code in (401, 403):
-                raise SelfRewardError(f"API at {self.base_url} refused the key in ${self.key_env} "
-                                      f"(HTTP {e.status_code}): {_message(e)}") from None
-            # Some servers do not list models; a real request will tell.
+        for replica in self.replicas:
+            try:
+                replica.client.models.list(timeout=min(10.0, self.timeout))
+            except openai.APIConnectionError as e:
+                replica.in_rotation, replica.reason = False, f"unreachable: {e.__cause__ or e}"
+                replica.out_until = time.monotonic() + self.cooldown
+                replica.counts["outs"] += 1
+            except openai.APIStatusError as e:
+                if e.status_code in (401, 403):
+                    raise SelfRewardError(f"API at {replica.url} refused the key in ${self.key_env} "
+                                          f"(HTTP {e.status_code}): {_message(e)}") from None
+                # Some servers do not list models; a real request will tell.
+        down = [r for r in self.replicas if not r.in_rotation]
+        if len(down) == len(self.replicas):
+            if len(down) == 1:
+                raise SelfRewardError(f"API at {down[0].url} is {down[0].reason}")
+            raise SelfRewardError("every replica is unreachable: " + "; ".join(f"{r.url} ({r.reason})" for r in down))
+        for r in down:
+            tqdm.write(f"replica {r.url} out of rotation ({r.reason}); probed again in {self.cooldown:g} s",
+                       file=sys.stderr)
         self._checked = True
+
+    def replica_counts(self, since_last: bool = False) -> list[dict]:
+        """Per replica: requests sent, items answered, failed requests, times taken out, in rotation now.
+        since_last: only what happened since the previous such call (a stage's share)."""
+        with self._pool:
+            rows = []
+            for r in self.replicas:
+                counts = {k: v - r.taken[k] for k, v in r.counts.items()} if since_last else dict(r.counts)
+                if since_last:
+                    r.taken = dict(r.counts)
+                rows.append({"url": r.url, **counts, "in_rotation": r.in_rotation})
+            return rows
 
     # --- the Engine interface ---
     def generate(self, prompts: list[Prompt], n: int, sampling: Sampling, desc: str = "generate",
@@ -172,7 +320,8 @@ class OpenAIEngine:
         def work(i: int, j: int):
             return i, j, self.request(prompts[i], sampling, request_seed(sampling.seed, prompts[i], j))
 
-        pool = ThreadPoolExecutor(max_workers=self.concurrency)
+        # Enough workers to fill every replica's slots; _take holds each to its replica's bound.
+        pool = ThreadPoolExecutor(max_workers=self.concurrency * len(self.replicas))
         futures = [pool.submit(work, i, j) for i in range(len(prompts)) for j in range(n)]
         try:
             for future in as_completed(futures):
@@ -210,7 +359,8 @@ class OpenAIEngine:
         return 1 << 30
 
     def close(self) -> None:
-        self.client.close()
+        for replica in self.replicas:
+            replica.client.close()
 
 
 def _is_chat(prompt: Prompt) -> bool:
@@ -230,6 +380,11 @@ def _first_top_logprobs(choice, chat: bool) -> dict[str, float] | None:
 
 class Garbage(Exception):
     """A 200 reply that is not a completion (not JSON, no choices)."""
+
+
+def _refused(e) -> bool:
+    """The connection was refused (httpx says so in its ConnectError's text), not reset or timed out."""
+    return isinstance(e.__cause__, ConnectionRefusedError) or "refused" in str(e.__cause__).lower()
 
 
 def _message(e) -> str:

