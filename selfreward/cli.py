@@ -15,7 +15,7 @@ import click
 from selfreward import __version__
 from selfreward.backends.engines import POLICY_ENGINES
 from selfreward.backends.judges import JUDGES, MODES
-from selfreward.config import FIELDS, RENAMED, TRAIN_METHODS, coerce, help_text, load_toml, resolve
+from selfreward.config import FIELDS, RENAMED, TRAIN_METHODS, coerce, help_text, launched, load_toml, resolve
 from selfreward.errors import SelfRewardError
 
 
@@ -482,6 +482,9 @@ def train_rm_cmd(run, source, base, name, epochs, lr, batch_size, held_out, runs
 
     with Run.open(_run_path(run, runs_dir), writer=True) as r:
         _quiet_libraries()
+        if launched(r.config()):
+            click.echo("note: train-rm trains in this one process; the run's train_processes and "
+                       "accelerate_config apply to SFT, DPO and SimPO", err=True)
         result = train_rm(r, source, base=base, name=name, epochs=epochs, lr=lr, batch=batch_size,
                           held_out=held_out)
     evaluated = result["eval"]

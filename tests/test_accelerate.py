@@ -43,7 +43,9 @@ PAIRS = [{"prompt": f"say {w}", "chosen": f"{w} answer good", "rejected": "bad b
 SIZES = {"preset": "tiny", "eft_eval": "", "lora_dropout": 0.0, "micro_batch_size": 2,
          "sft_batch_size": 4, "sft_epochs": 2.0, "sft_learning_rate": 1e-2, "sft_learning_rate_end": 1e-3,
          "dpo_batch_size": 4, "dpo_epochs": 2.0, "dpo_learning_rate": 1e-2, "dpo_learning_rate_end": 1e-3}
-RANK_LINE = re.compile(r"rank (\d+) of (\d+): trained (\d+) logged steps(; wrote the adapter and rows\.json)?")
+# What each rank prints when it has trained: rank, processes, accelerate's distributed type, steps, whether it wrote.
+RANK_LINE = re.compile(r"rank (\d+) of (\d+) \((\w+)\): trained (\d+) logged steps"
+                       r"(; wrote the adapter and rows\.json)?")
 
 
 def train(kind: str, model: Path, runs: Path, processes: int):
@@ -79,7 +81,8 @@ def test_two_processes_log_the_losses_of_one(tiny_model, tmp_path, kind):
     assert list(run.rglob("adapter_model.safetensors")) == [adapter / "adapter_model.safetensors"]
     log = (run / "logs" / f"train-{adapter.parent.name}.log").read_text().replace("\r", "\n")
     ranks = sorted(RANK_LINE.findall(log))
-    assert ranks == [("0", "2", "4", "; wrote the adapter and rows.json"), ("1", "2", "4", "")]
+    wrote = "; wrote the adapter and rows.json"
+    assert ranks == [("0", "2", "MULTI_CPU", "4", wrote), ("1", "2", "MULTI_CPU", "4", "")]
     assert not list(run.glob("models/.*.work"))  # the scratch folder is gone
 
 

@@ -258,7 +258,8 @@ def _train_launched(kind: str, cfg, base_path: str, round: int, build, work: Pat
     # Every process calls save_model (under ZeRO-3 or FSDP it gathers the sharded weights); rank 0 writes.
     trainer.save_model(str(work / "adapter"))
     state = trainer.accelerator.state
-    print(f"rank {state.process_index} of {state.num_processes}: trained {len(logs.rows)} logged steps"
+    print(f"rank {state.process_index} of {state.num_processes} ({state.distributed_type.value}): "
+          f"trained {len(logs.rows)} logged steps"
           + ("; wrote the adapter and rows.json" if trainer.args.should_save else ""), flush=True)
     if trainer.args.should_save:
         (work / "rows.json").write_text(json.dumps(logs.rows))
