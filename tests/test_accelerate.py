@@ -48,19 +48,29 @@ RANK_LINE = re.compile(r"rank (\d+) of (\d+) \((\w+)\): trained (\d+) logged ste
                        r"(; wrote the adapter and rows\.json)?")
 
 
-def train(kind: str, model: Path, runs: Path, processes: int):
-    cfg = resolve({}, {**SIZES, "train_processes": processes})
+@pytest.fixture
+def heldout(tmp_path) -> str:
+    """A held-out EFT file: two instructions with a better and a worse answer each (the merge-gap probe)."""
+    rows = [{"instruction": f"Describe {w}", "response": text, "justification": "j", "score": score}
+            for w in ("water", "music") for text, score in ((f"{w} is good and clear", 4), ("bad", 0))]
+    path = tmp_path / "heldout.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def train(kind: str, model: Path, runs: Path, processes: int, eft_eval: str = ""):
+    cfg = resolve({}, {**SIZES, "train_processes": processes, "eft_eval": eft_eval})
     if kind == "sft":
         return sft(str(model), IFT, [], cfg, runs / "models" / "M1", round=1)
     return preference(str(model), PAIRS, cfg, runs / "models" / "M2", round=2)
 
 
 @pytest.mark.parametrize("kind", ["sft", "dpo"])
-def test_two_processes_log_the_losses_of_one(tiny_model, tmp_path, kind):
+def test_two_processes_log_the_losses_of_one(tiny_model, tmp_path, heldout, kind):
     t0 = time.perf_counter()
-    one, _, info_one = train(kind, tiny_model, tmp_path / "one", 1)
+    one, _, info_one = train(kind, tiny_model, tmp_path / "one", 1, heldout)
     t1 = time.perf_counter()
-    two, adapter, info_two = train(kind, tiny_model, tmp_path / "two", 2)
+    two, adapter, info_two = train(kind, tiny_model, tmp_path / "two", 2, heldout)
     t2 = time.perf_counter()
     losses_one, losses_two = [r["loss"] for r in one], [r["loss"] for r in two]
     diff = max(abs(a - b) for a, b in zip(losses_one, losses_two))
@@ -71,6 +81,9 @@ def test_two_processes_log_the_losses_of_one(tiny_model, tmp_path, kind):
     assert losses_one[-1] != losses_one[0]  # the loss moved: the comparison has something to compare
     assert diff <= LOSS_TOL
     assert info_two["steps"] == 4 and math.isclose(info_two["final_loss"], info_one["final_loss"], abs_tol=LOSS_TOL)
+    # The merge gap of the launched training (its adapter reloaded on the base here): LoRA's rounding only.
+    assert info_two["merge_probe_pairs"] == info_one["merge_probe_pairs"] == 2
+    assert info_two["merge_gap"] < 1e-3 and info_one["merge_gap"] < 1e-3
     # The adapters the two trainings wrote agree as well.
     a = load_file(tmp_path / "one" / "models" / adapter.parent.name / "adapter" / "adapter_model.safetensors")
     b = load_file(adapter / "adapter_model.safetensors")
