@@ -363,8 +363,8 @@ def launched(c: Config) -> bool:
 def check_processes(c: Config) -> None:
     if c.train_processes < 1:
         raise SelfRewardError(f"train_processes must be at least 1, got {c.train_processes}")
-    if c.accelerate_config and not Path(c.accelerate_config).is_file():
-        raise SelfRewardError(f"accelerate_config file not found: {c.accelerate_config}")
+    if c.accelerate_config:
+        check_accelerate_config(c.accelerate_config)
     if launched(c) and c.train_method in ONLINE_METHODS:
         raise SelfRewardError(f"train_method '{c.train_method}' trains in one process: drop train_processes and "
                               f"accelerate_config, or use dpo or simpo")
@@ -373,6 +373,26 @@ def check_processes(c: Config) -> None:
         if getattr(c, key) % c.train_processes:
             raise SelfRewardError(f"{key}={getattr(c, key)} must be a multiple of train_processes="
                                   f"{c.train_processes} (each process takes an equal share of a step's batch)")
+
+
+def check_accelerate_config(path: str) -> None:
+    """What would fail only once training starts: a missing or unreadable file, DeepSpeed not installed."""
+    import importlib.util
+
+    import yaml
+
+    if not Path(path).is_file():
+        raise SelfRewardError(f"accelerate_config file not found: {path}")
+    try:
+        values = yaml.safe_load(Path(path).read_text())
+    except yaml.YAMLError as e:
+        raise SelfRewardError(f"accelerate_config {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(values, dict):
+        raise SelfRewardError(f"accelerate_config {path} is not an accelerate config (`accelerate config` "
+                              f"writes one)")
+    if values.get("distributed_type") == "DEEPSPEED" and importlib.util.find_spec("deepspeed") is None:
+        raise SelfRewardError(f"accelerate_config {path} asks for DeepSpeed, which is not installed: "
+                              f"pip install deepspeed")
 
 
 def check_api_settings(c: Config) -> None:

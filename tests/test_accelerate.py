@@ -14,6 +14,7 @@ statistically.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -170,6 +171,22 @@ def test_a_worker_error_is_one_line(tmp_path, tiny_model):
     assert message.endswith(f"(log: {tmp_path / 'runs' / 'e' / 'logs' / 'train-M1.log'})")
 
 
+def test_a_launcher_error_is_one_line(tmp_path, tiny_model):
+    """accelerate's launcher itself refuses the config (before any rank starts): its error, from this launch's output."""
+    config = tmp_path / "two-gpus.yaml"
+    config.write_text("compute_environment: LOCAL_MACHINE\ndistributed_type: MULTI_GPU\ngpu_ids: '0'\n"
+                      "num_machines: 1\nnum_processes: 2\nmixed_precision: 'no'\n")
+    cfg = resolve({}, {**SIZES, "accelerate_config": str(config)})
+    log = tmp_path / "runs" / "g" / "logs" / "train-M1.log"
+    log.parent.mkdir(parents=True)
+    log.write_text("Root Cause (first observed failure):\n  rank : 1\n  exitcode : -9\n")  # an earlier launch's
+    with pytest.raises(SelfRewardError) as e:
+        sft(str(tiny_model), IFT, [], cfg, tmp_path / "runs" / "g" / "models" / "M1")
+    assert str(e.value) == ("training under accelerate launch failed (exit 1): ValueError: Less than two GPU ids were "
+                            "configured and tried to run on multiple GPUs. Please ensure at least two are specified "
+                            f"for `--gpu_ids`, or use `--gpu_ids='all'`. (log: {log})")
+
+
 def _processes_naming(text: str) -> list[int]:
     pids = []
     for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
@@ -226,7 +243,8 @@ def test_example_accelerate_configs_parse_and_pass_through(name, distributed, ex
     loaded = load_config_from_file(str(path))
     assert loaded.distributed_type.value == distributed
     assert extra.items() <= {**loaded.deepspeed_config, **loaded.fsdp_config}.items()
-    cfg = resolve({}, {"preset": "tiny", "accelerate_config": str(path), "train_processes": 2})
+    # Not through resolve: DeepSpeed is not installed here, which the config check refuses.
+    cfg = dataclasses.replace(resolve({}, {"preset": "tiny", "train_processes": 2}), accelerate_config=str(path))
     flags = accelerate_flags(cfg, 29555)
     assert flags[flags.index("--config_file") + 1] == str(path)
     args, _, _ = _validate_launch_command(launch_command_parser().parse_args([*flags, "-m", MODULE, "run", "s"]))
@@ -238,6 +256,9 @@ def test_example_accelerate_configs_parse_and_pass_through(name, distributed, ex
     (["--train-processes", "2", "--train-method", "grpo"], "train_method 'grpo' trains in one process"),
     (["--train-processes", "3"], "sft_batch_size=4 must be a multiple of train_processes=3"),
     (["--set", "accelerate_config=nowhere.yaml"], "accelerate_config file not found"),
+    (["--set", f"accelerate_config={ROOT / 'examples' / 'accelerate' / 'zero2.yaml'}"],
+     "asks for DeepSpeed, which is not installed: pip install deepspeed"),
+    (["--set", f"accelerate_config={ROOT / 'README.md'}"], "README.md is not valid YAML"),
     (["--train-processes", "0"], "Invalid value for '--train-processes'"),
 ])
 def test_bad_process_settings_fail_with_one_line(tmp_path, flags, message):

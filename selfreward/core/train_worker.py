@@ -88,6 +88,7 @@ def launch(cfg, work: Path, base_path: str, out: Path, round: int,
     with open(log_path, "ab") as log:
         log.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(cmd)}\n".encode())
         log.flush()
+        start = log.tell()  # the log keeps earlier launches; an error is looked for in this one's output
         # A new session: the launcher and its agent form one process group to end together.
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=_env(cfg, work),
                                 start_new_session=True)
@@ -104,7 +105,8 @@ def launch(cfg, work: Path, base_path: str, out: Path, round: int,
     rows, adapter = work / "rows.json", work / "adapter"
     if code != 0 or not rows.is_file() or not (adapter / "adapter_config.json").is_file():
         why = f"exit {code}" if code != 0 else "no adapter or rows.json from rank 0"
-        raise SelfRewardError(f"training under accelerate launch failed ({why}): {worker_error(work, log_path)} "
+        output = log_path.read_bytes()[start:].decode(errors="replace")
+        raise SelfRewardError(f"training under accelerate launch failed ({why}): {worker_error(work, output)} "
                               f"(log: {log_path})")
     return json.loads(rows.read_text()), adapter
 
@@ -115,25 +117,22 @@ def _env(cfg, work: Path) -> dict:
     env = {**os.environ, ENV: str(work)}
     if not torch.cuda.is_available() and "OMP_NUM_THREADS" not in env:
         # torchrun would give each rank 1 thread; the cores are shared among the ranks instead.
-        cores = len(os.sched_getaffinity(0))
-        env["OMP_NUM_THREADS"] = str(max(1, cores // max(1, cfg.train_processes)))
+        env["OMP_NUM_THREADS"] = str(max(1, len(os.sched_getaffinity(0)) // cfg.train_processes))
     return env
 
 
-def worker_error(work: Path, log_path: Path) -> str:
+def worker_error(work: Path, output: str) -> str:
     """The first rank's own error (written by `run`); else, for a rank that died without one (a
-    signal, the OOM killer), the root cause torchrun reports; else the log's last error line."""
-    from selfreward.backends.engines.vllm import last_error
-
+    signal, the OOM killer), the root cause torchrun reports; else the output's last error line."""
     errors = sorted(work.glob("error-rank*.txt"))
     if errors:
         return errors[0].read_text().strip()
-    text = log_path.read_text(errors="replace")
-    _, found, cause = text.rpartition("Root Cause (first observed failure):")
+    _, found, cause = output.rpartition("Root Cause (first observed failure):")
     fields = dict(re.findall(r"^\s*(rank|exitcode)\s*:\s*(.+?)\s*$", cause, re.M)) if found else {}
     if {"rank", "exitcode"} <= fields.keys():
         return f"rank {fields['rank'].split()[0]} exited with {' '.join(fields['exitcode'].split())}"
-    return last_error(log_path)
+    lines = [line.strip() for line in output.replace("\r", "\n").splitlines() if line.strip()]
+    return next((line for line in reversed(lines) if "Error" in line), lines[-1] if lines else "no output")[-300:]
 
 
 # --- the launched side ---
