@@ -15,7 +15,7 @@ import click
 from selfreward import __version__
 from selfreward.backends.engines import POLICY_ENGINES
 from selfreward.backends.judges import JUDGES, MODES
-from selfreward.config import FIELDS, RENAMED, TRAIN_METHODS, coerce, help_text, load_toml, resolve
+from selfreward.config import FIELDS, RENAMED, TRAIN_METHODS, coerce, help_text, launched, load_toml, resolve
 from selfreward.errors import SelfRewardError
 
 
@@ -113,11 +113,13 @@ def _number(key: str, raw: str):
 @click.option("--judge-script", type=click.Path(), help="JSON list of raw outputs for --judge scripted.")
 @click.option("--train-method", type=click.Choice(list(TRAIN_METHODS)),
               help="How M_t (t >= 2) is trained: dpo (loss from dpo_loss_type) or simpo (reference-free).")
+@click.option("--train-processes", type=click.IntRange(1),
+              help="Processes that train SFT/DPO/SimPO under `accelerate launch` (1 = in this process).")
 @click.option("--seed", type=int, help="Random seed.")
 @click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="Any config key (repeatable).")
 @click.option("--help-config", is_flag=True, help="List every config key with its default and exit.")
 def iterate(name, runs_dir, rounds, model, ift, eft, eft_eval, preset, config_file, engine, judge, judge_mode,
-            judge_model, api_base, api_model, judge_script, train_method, seed, sets, help_config):
+            judge_model, api_base, api_model, judge_script, train_method, train_processes, seed, sets, help_config):
     """Run the loop until the run has M_<rounds>; resume it if it stopped.
 
     Round 1 trains M1 = SFT(M0) on the seed IFT+EFT data. Each later round t
@@ -136,6 +138,7 @@ def iterate(name, runs_dir, rounds, model, ift, eft, eft_eval, preset, config_fi
         selfreward iterate --name ext --judge api --api-base http://127.0.0.1:8000/v1 --api-model qwen
         selfreward iterate --name q --set load_in_4bit=yes --set dpo_loss_type=ipo    # QLoRA, IPO
         selfreward iterate --name s --train-method simpo --set report_to=tensorboard
+        selfreward iterate --name d --train-processes 2      # SFT and DPO under accelerate, 2 processes
     """
     if help_config:
         click.echo(help_text())
@@ -147,10 +150,11 @@ def iterate(name, runs_dir, rounds, model, ift, eft, eft_eval, preset, config_fi
 
     flags = {"model": model, "ift": ift, "eft": eft, "eft_eval": eft_eval, "preset": preset, "engine": engine,
              "judge": judge, "judge_mode": judge_mode, "judge_model": judge_model, "api_base": api_base,
-             "api_model": api_model, "judge_script": judge_script, "train_method": train_method, "seed": seed}
+             "api_model": api_model, "judge_script": judge_script, "train_method": train_method,
+             "train_processes": train_processes, "seed": seed}
     cli_values = {k: coerce(k, v) for k, v in flags.items() if v is not None}
     cli_values.update(_parse_sets(sets))
-    for key in ("ift", "eft", "eft_eval", "judge_script"):
+    for key in ("ift", "eft", "eft_eval", "judge_script", "accelerate_config"):
         if cli_values.get(key):
             cli_values[key] = str(Path(cli_values[key]).resolve())
     toml = load_toml(config_file) if config_file else {}
@@ -486,6 +490,9 @@ def train_rm_cmd(run, source, base, name, epochs, lr, batch_size, held_out, runs
 
     with Run.open(_run_path(run, runs_dir), writer=True) as r:
         _quiet_libraries()
+        if launched(r.config()):
+            click.echo("note: train-rm trains in this one process; the run's train_processes and "
+                       "accelerate_config apply to SFT, DPO and SimPO", err=True)
         result = train_rm(r, source, base=base, name=name, epochs=epochs, lr=lr, batch=batch_size,
                           held_out=held_out)
     evaluated = result["eval"]

@@ -131,6 +131,8 @@ class Config:
     dpo_epochs: float = _f(1.0, "DPO epochs over the round's pairs.")
     train_precision: str = _f("auto", "Training arithmetic: 'fp32', 'bf16' (autocast; on CPU the weights and the merge stay fp32), or 'auto' (bf16 on CUDA, fp32 on CPU, where bf16 autocast measured 1.03-1.09x faster for 2-16% more memory).")
     micro_batch_size: int = _f(4, "Sequences per forward pass while training; batch sizes are reached by accumulation.")
+    train_processes: int = _f(1, "Processes that train SFT, DPO and SimPO together (data parallel): 1 trains in this process; N > 1 runs `accelerate launch --num_processes N` (one process per GPU on CUDA, gloo on CPU) as a worker the orchestrator waits for. Each optimiser step still sees sft_batch_size / dpo_batch_size sequences: N x micro-batch x accumulation. Online RL (grpo, rloo) trains in one process.")
+    accelerate_config: str = _f("", "An accelerate config file (e.g. examples/accelerate/zero2.yaml, zero3.yaml, fsdp.yaml) passed to `accelerate launch --config_file` for SFT, DPO and SimPO; its num_processes applies unless train_processes > 1 says otherwise ('' = none).")
     # --- LoRA ---
     lora_r: int = _f(16, "LoRA rank (all linear layers).")
     lora_alpha: int = _f(32, "LoRA alpha.")
@@ -387,11 +389,52 @@ def check_training(c: Config) -> None:
         raise SelfRewardError(f"rl_beta must be positive (the KL penalty to M_t-1), got {c.rl_beta}")
     if c.rl_prompts_per_step <= 0 or c.rl_epochs <= 0:
         raise SelfRewardError("rl_prompts_per_step and rl_epochs must be positive")
+    check_processes(c)
     for name in trackers(c):
         if name not in TRACKERS:
             raise SelfRewardError(f"unknown report_to '{name}'; choose 'none' or from: {', '.join(TRACKERS)}")
         if importlib.util.find_spec(TRACKERS[name]) is None:
             raise SelfRewardError(f"report_to '{name}' needs the {TRACKERS[name]} package: pip install {name}")
+
+
+def launched(c: Config) -> bool:
+    """Whether SFT, DPO and SimPO train under `accelerate launch` rather than in this process."""
+    return c.train_processes > 1 or bool(c.accelerate_config)
+
+
+def check_processes(c: Config) -> None:
+    if c.train_processes < 1:
+        raise SelfRewardError(f"train_processes must be at least 1, got {c.train_processes}")
+    if c.accelerate_config:
+        check_accelerate_config(c.accelerate_config)
+    if launched(c) and c.train_method in ONLINE_METHODS:
+        raise SelfRewardError(f"train_method '{c.train_method}' trains in one process: drop train_processes and "
+                              f"accelerate_config, or use dpo or simpo")
+    # Each process takes an equal share of every optimiser step's batch.
+    for key in ("sft_batch_size", "dpo_batch_size"):
+        if getattr(c, key) % c.train_processes:
+            raise SelfRewardError(f"{key}={getattr(c, key)} must be a multiple of train_processes="
+                                  f"{c.train_processes} (each process takes an equal share of a step's batch)")
+
+
+def check_accelerate_config(path: str) -> None:
+    """What would fail only once training starts: a missing or unreadable file, DeepSpeed not installed."""
+    import importlib.util
+
+    import yaml
+
+    if not Path(path).is_file():
+        raise SelfRewardError(f"accelerate_config file not found: {path}")
+    try:
+        values = yaml.safe_load(Path(path).read_text())
+    except yaml.YAMLError as e:
+        raise SelfRewardError(f"accelerate_config {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(values, dict):
+        raise SelfRewardError(f"accelerate_config {path} is not an accelerate config (`accelerate config` "
+                              f"writes one)")
+    if values.get("distributed_type") == "DEEPSPEED" and importlib.util.find_spec("deepspeed") is None:
+        raise SelfRewardError(f"accelerate_config {path} asks for DeepSpeed, which is not installed: "
+                              f"pip install deepspeed")
 
 
 def check_api_settings(c: Config) -> None:

