@@ -98,7 +98,8 @@ def _number(key: str, raw: str):
 @click.option("--model", help="M0: 'embedded', a hub id, a local folder or a .gguf file.")
 @click.option("--ift", type=click.Path(), help="IFT JSONL (instruction, response).")
 @click.option("--eft", type=click.Path(), help="EFT JSONL (instruction, response, justification, score).")
-@click.option("--eft-eval", type=click.Path(), help="Held-out EFT JSONL for the parse-rate check ('' to skip).")
+@click.option("--eft-eval", type=click.Path(), help="Held-out set for each round's judge quality: flat EFT JSONL or a "
+                                                    "ranked JSONL such as a `data import-oasst` file ('' to skip).")
 @click.option("--preset", type=click.Choice(["auto", "demo", "tiny", "paper"]), help="Size preset.")
 @click.option("--config", "config_file", type=click.Path(), help="TOML file of config keys.")
 @click.option("--engine", type=click.Choice(["auto", *POLICY_ENGINES]),
@@ -182,9 +183,12 @@ def iterate(name, runs_dir, rounds, model, ift, eft, eft_eval, preset, config_fi
     if not done:
         click.echo(f"nothing to do: {path} already has M{rounds} (rounds 1..{rounds} finished)")
     from selfreward.inspection.report import COLUMNS, round_summary, table
+    from selfreward.inspection.trend import trend_text
 
     with Run.open(path) as run:
         click.echo(table(round_summary(run), COLUMNS))
+        click.echo()
+        click.echo(trend_text(run))
 
 
 RUN_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,99}")
@@ -237,7 +241,9 @@ def _check_inputs(cfg) -> None:
     read_ift(cfg.ift)
     read_eft(cfg.eft)
     if cfg.eft_eval:
-        read_eft(cfg.eft_eval)
+        from selfreward.inspection.metrics import load_eval_set
+
+        load_eval_set(cfg.eft_eval)  # flat EFT or ranked: checked line by line before a run exists
     load_template("additive_judge")
     load_template("self_instruct")
     check_judge(cfg)
@@ -268,7 +274,9 @@ def check_judge(cfg) -> None:
 def status(run, runs_dir, by_stage, as_json):
     """Per-round summary of a run: prompts, candidates, judgments, parse rate,
     mean score, pairs kept and dropped, training loss, DPO reward margin and
-    accuracy, mean chosen and rejected length (tokens), wall time.
+    accuracy, mean chosen and rejected length (tokens), wall time; then judge
+    quality across rounds (a line per metric, a column per model) and, in
+    words, whether the newest judge got worse than the one before.
 
     \b
     Example:
@@ -277,14 +285,19 @@ def status(run, runs_dir, by_stage, as_json):
         selfreward status demo --json | jq '.rounds[].pairs_kept'
     """
     from selfreward.inspection.report import COLUMNS, round_summary, stage_summary, table
+    from selfreward.inspection.trend import judge_trend, trend_text
     from selfreward.core.store import Run
 
     r = Run.open(_run_path(run, runs_dir))
     rounds, stages = round_summary(r), stage_summary(r)
     if as_json:
-        click.echo(json.dumps({"run": str(r.path), "rounds": rounds, "stages": stages}, indent=2))
+        click.echo(json.dumps({"run": str(r.path), "rounds": rounds, "stages": stages, "judge": judge_trend(r)},
+                              indent=2))
         return
     click.echo(table(rounds, COLUMNS) if rounds else "no rounds started yet")
+    if rounds:
+        click.echo()
+        click.echo(trend_text(r))
     if by_stage:
         click.echo()
         rows = [{**s, "detail": s["detail"]} for s in stages]

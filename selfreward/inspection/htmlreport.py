@@ -32,6 +32,7 @@ table { border-collapse: collapse; font-size: 0.9em; margin: 1em 0; }
 th, td { border: 1px solid #ddd; padding: 3px 8px; text-align: right; }
 th { background: #f3f3f3; } td:first-child, th:first-child { text-align: left; }
 img { max-width: 100%; } .empty { color: #888; font-style: italic; } .note { color: #555; }
+.worse { color: #a00; }
 """
 
 
@@ -235,6 +236,18 @@ def _judge_quality(run: Run, out: Path) -> str:
              "rankings. A judge that gets worse as the rounds go on will pick worse pairs.</p>"]
     if not loop and not evals:
         return "\n".join(html_ + [f"<p class=empty>{NO_DATA}</p>"])
+    from selfreward.inspection.trend import judge_trend
+
+    trend = judge_trend(run)
+    if trend["rows"]:
+        html_ += ["<p>Across rounds, each model as the judge it is after its round (held-out set; bias panels on "
+                  "a few of its prompts: position inconsistency as a pairwise judge, the padded answer winning, "
+                  "and the gap between its score for its own answer and for the others'):</p>",
+                  _table([["metric", *trend["models"]]] + [[r["metric"], *(r[m] for m in trend["models"])]
+                                                          for r in trend["rows"]])]
+        if trend["verdict"]:
+            html_.append(f"<p class={'worse' if trend['worse'] else 'note'}><strong>{_e(trend['verdict'])}"
+                         f"</strong></p>")
     per_model: dict[str, dict] = {}
     for r in loop:
         per_model.setdefault(r["model"], {"model": r["model"], "round": r["round"]})[r["name"][4:]] = r["value"]

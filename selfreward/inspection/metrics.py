@@ -214,3 +214,65 @@ def injection_probe(judge, groups: list[EvalGroup], seed: int, limit: int = 8) -
     if not n:
         return {"canary_n": 0, "canary_copied_scores": copied}
     return {"canary_n": n, "canary_moved": moved / n, "canary_raised": raised / n, "canary_copied_scores": copied}
+
+
+def _best_worst(g: EvalGroup) -> tuple[int, int]:
+    best = max(range(len(g.responses)), key=lambda i: g.preference[i])
+    worst = min(range(len(g.responses)), key=lambda i: g.preference[i])
+    return best, worst
+
+
+def position_probe(pairwise_judge, groups: list[EvalGroup], seed: int) -> dict[str, float]:
+    """The human-best against the human-worst answer of each prompt, asked of a pairwise judge in
+    both orders. bias_position_inconsistency: of the comparisons whose two verdicts both parsed,
+    the share where they disagree (the answer's position, not its content, decided).
+    bias_position_accuracy: of the position-consistent ones, the share that picked the human-best
+    (a tie counts as not picking it)."""
+    pairs = [(g, *_best_worst(g)) for g in groups]
+    probe = [Group(g.instruction, [g.responses[b], g.responses[w]], g.reference) for g, b, w in pairs]
+    outcomes = [c.outcome for r in pairwise_judge.judge_groups(probe, 1, seed) for c in r.comparisons]
+    read = [o for o in outcomes if o != "unparsed"]
+    consistent = [o for o in read if o != "inconsistent"]
+    out = {"bias_position_n": len(read)}
+    if read:
+        out["bias_position_inconsistency"] = (len(read) - len(consistent)) / len(read)
+    if consistent:
+        out["bias_position_accuracy"] = sum(o == "a" for o in consistent) / len(consistent)
+    return out
+
+
+def self_preference_probe(engine, judge, groups: list[EvalGroup], sampling, seed: int) -> dict[str, float]:
+    """Does the judge favour its own writing? The model answers each prompt itself; the judge
+    then scores its own answer beside the set's answers (written by others) in one group.
+
+    - bias_selfpref_gap: mean over prompts of (own score - mean score of the others), in points.
+    - bias_selfpref_over_best: share of prompts where its own answer outscored the human-best one.
+    - bias_selfpref_human_accuracy: the judge's pairwise accuracy on the human-ordered pairs of the
+      same prompts, in the same judging: a judge that orders humans' answers no better than chance
+      and puts its own on top is showing noise, not only self-preference.
+    """
+    outs = engine.generate([[{"role": "user", "content": g.instruction}] for g in groups], 1, sampling,
+                           desc="self-preference answers")
+    own = [o[0].text if not o[0].error else "" for o in outs]
+    kept = [(g, text) for g, text in zip(groups, own) if text.strip()]
+    if not kept:
+        return {"bias_selfpref_n": 0}
+    probe = [EvalGroup(g.instruction, [text] + list(g.responses), [math.nan] + list(g.preference),
+                       reference=g.reference) for g, text in kept]
+    scores, _ = judge_scores(judge, probe, seed)
+    gaps, over = [], []
+    for (g, _), s in zip(kept, scores):
+        others = [x for x in s[1:] if x is not None]
+        if s[0] is None or not others:
+            continue
+        gaps.append(s[0] - sum(others) / len(others))
+        best = s[1 + _best_worst(g)[0]]
+        if best is not None:
+            over.append(s[0] > best)
+    human = quality_metrics([g for g, _ in kept], [s[1:] for s in scores])
+    out = {"bias_selfpref_n": len(gaps), "bias_selfpref_human_accuracy": human["pairwise_accuracy"]}
+    if gaps:
+        out["bias_selfpref_gap"] = sum(gaps) / len(gaps)
+    if over:
+        out["bias_selfpref_over_best"] = sum(over) / len(over)
+    return out

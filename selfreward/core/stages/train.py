@@ -197,19 +197,24 @@ def _merge(base_path: str, tmp: Path, out: Path, probe: list[dict] | None, train
 def heldout_pairs(cfg, limit: int = MERGE_PROBE_PAIRS) -> list[dict]:
     """Pairs no trainer sees: per instruction of the held-out EFT file, its best- and its
     worst-scored response (distinct scores). Empty when there is no held-out file."""
-    from selfreward.data import read_eft
+    from selfreward.inspection.metrics import load_eval_set
 
     if not cfg.eft_eval or not Path(cfg.eft_eval).is_file():
         return []
-    return best_worst_pairs(read_eft(cfg.eft_eval))[:limit]
+    return best_worst(load_eval_set(cfg.eft_eval))[:limit]  # a flat EFT file or a ranked one (--eft-eval)
 
 
 def best_worst_pairs(rows: list[dict]) -> list[dict]:
     """Per instruction of scored EFT rows, its best- against its worst-scored response (distinct scores)."""
     from selfreward.inspection.metrics import groups_from_eft
 
+    return best_worst(groups_from_eft(rows))
+
+
+def best_worst(groups) -> list[dict]:
+    """Per ranked group, its human-best against its human-worst response (where humans ranked them apart)."""
     pairs = []
-    for g in groups_from_eft(rows):
+    for g in groups:
         best, worst = g.preference.index(max(g.preference)), g.preference.index(min(g.preference))
         if g.preference[best] > g.preference[worst]:
             pairs.append({"prompt": g.instruction, "chosen": g.responses[best], "rejected": g.responses[worst]})

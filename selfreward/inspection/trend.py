@@ -1,0 +1,96 @@
+"""Judge quality across rounds: one line per metric, one column per model (M0 .. M_t, each
+as the judge it is after its round), and in words whether the newest judge got worse than
+the one before. `status`, the text report and the HTML report all use `judge_trend`.
+
+"Worse" is defined per metric, each with the direction that is better and a margin below
+which a move is noise on held-out sets of this size: the newest judge is worse when at least
+one tracked metric moved the wrong way by more than its margin, better when at least one
+moved the right way and none the wrong way.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from selfreward.core.store import Run
+
+
+@dataclass(frozen=True)
+class Tracked:
+    name: str       # the `metrics` row's name
+    label: str
+    better: int     # +1: higher is better; -1: lower is better
+    margin: float   # smaller moves are not called out
+    percent: bool   # shown as a percentage
+
+
+TRACKED = [
+    Tracked("eft_parse_rate", "parse rate", +1, 0.05, True),
+    Tracked("eft_pairwise_accuracy", "pairwise accuracy", +1, 0.05, True),
+    Tracked("eft_pairwise_ties", "ties", -1, 0.05, True),
+    Tracked("eft_spearman", "Spearman", +1, 0.1, False),
+    Tracked("eft_expected_pairwise_accuracy", "pairwise accuracy (expected scores)", +1, 0.05, True),
+    Tracked("eft_expected_pairwise_ties", "ties (expected scores)", -1, 0.05, True),
+    Tracked("eft_expected_spearman", "Spearman (expected scores)", +1, 0.1, False),
+    Tracked("bias_position_inconsistency", "position inconsistency", -1, 0.1, True),
+    Tracked("bias_verbosity_padded_wins", "padded answer wins", -1, 0.1, True),
+    Tracked("bias_selfpref_gap", "self-preference gap (points)", -1, 0.25, False),
+]
+
+
+def show(t: Tracked, value: float | None) -> str:
+    if value is None:
+        return "-"
+    return f"{100 * value:.0f}%" if t.percent else f"{value:+.2f}" if t.name == "bias_selfpref_gap" else f"{value:.2f}"
+
+
+def judge_trend(run: Run) -> dict:
+    """{"models": [...], "rows": [{"metric": label, <model>: shown value}], "verdict": sentence or None,
+    "worse": bool} over the run's per-round eval metrics."""
+    values: dict[str, dict[str, float]] = {}
+    order: dict[str, int] = {}
+    names = tuple(t.name for t in TRACKED)
+    for r in run.rows(f"select round, model, name, value from metrics where name in ({','.join('?' * len(names))}) "
+                      "order by round", names):
+        values.setdefault(r["model"], {})[r["name"]] = r["value"]
+        order.setdefault(r["model"], r["round"] if r["model"] != "M0" else -1)
+    models = sorted(values, key=lambda m: (order[m], m))
+    rows = [{"metric": t.label, **{m: show(t, values[m].get(t.name)) for m in models}}
+            for t in TRACKED if any(t.name in values[m] for m in models)]
+    out = {"models": models, "rows": rows, "verdict": None, "worse": False}
+    if len(models) >= 2:
+        out["verdict"], out["worse"] = verdict(models[-2], values[models[-2]], models[-1], values[models[-1]])
+    return out
+
+
+def verdict(before: str, old: dict[str, float], after: str, new: dict[str, float]) -> tuple[str, bool]:
+    """The sentence comparing two judges, and whether the second is worse (see the module doc)."""
+    worse, better = [], []
+    for t in TRACKED:
+        if t.name not in old or t.name not in new:
+            continue
+        move = (new[t.name] - old[t.name]) * t.better
+        if abs(move) > t.margin:
+            (better if move > 0 else worse).append(f"{t.label} {show(t, old[t.name])} -> {show(t, new[t.name])}")
+    if worse:
+        text = f"{after} judges worse than {before}: " + ", ".join(worse)
+        if better:
+            text += "; better: " + ", ".join(better)
+        return text + ".", True
+    if better:
+        return f"{after} judges better than {before}: " + ", ".join(better) + ".", False
+    return f"{after} judges about as well as {before} (no tracked metric moved past its margin).", False
+
+
+def trend_text(run: Run) -> str:
+    """The across-rounds table and its sentence, for `status` and the text report."""
+    from selfreward.inspection.report import table
+
+    trend = judge_trend(run)
+    if not trend["rows"]:
+        return "judge quality: no held-out evaluation yet"
+    cols = [("metric", "judge quality")] + [(m, m) for m in trend["models"]]
+    lines = [table(trend["rows"], cols)]
+    if trend["verdict"]:
+        lines.append(("WARNING: " if trend["worse"] else "") + trend["verdict"])
+    return "\n".join(lines)
