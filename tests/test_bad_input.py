@@ -101,7 +101,7 @@ CASES = {
     "eft-score-bool": (lambda t: ["--eft", _file(t, "e.jsonl", '{"instruction": "i", "response": "r", '
                                   '"justification": "j", "score": true}\n')], "must be an integer"),
     "directory-for-a-file": (lambda t: ["--ift", str(t)], "data file not found"),
-    "eval-set-missing": (lambda t: ["--eft-eval", str(t / "none.jsonl")], "data file not found"),
+    "eval-set-missing": (lambda t: ["--eft-eval", str(t / "none.jsonl")], "evaluation set not found"),
     "unknown-model-folder": (lambda t: ["--model", str(t / "nope")], "model not found"),
     "model-folder-without-config": (lambda t: ["--model", str(t)], "has no config.json"),
     "bad-toml": (lambda t: ["--config", _file(t, "c.toml", "n_candidates = = 3\n")], "is not valid TOML"),

@@ -99,8 +99,9 @@ def run(ctx, t: int) -> None:
                                                 f"{cfg.n_candidates} samples", info)])
         scored = sum(any(v.parsed.score is not None for v in vs) for vs in reward.verdicts)
         commit.detail = {"prompts": len(prompts), "samples": len(reward.candidates), "rewarded": scored,
-                         **judging_detail([{"score": v.parsed.score, "reason": v.parsed.reason,
-                                            "retries": v.retries} for vs in reward.verdicts for v in vs], []),
+                         **judging_detail([{"score": v.parsed.score, "reason": v.parsed.reason, "retries": v.retries,
+                                            "expected_score": v.expected} for vs in reward.verdicts for v in vs],
+                                          []),
                          **_stage_detail(info)}
 
 
