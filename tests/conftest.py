@@ -78,6 +78,16 @@ def seed_files(tmp_path) -> dict[str, Path]:
 
 
 @pytest.fixture
+def heldout(tmp_path) -> str:
+    """A held-out EFT file: two instructions with a better and a worse answer each (the merge-gap probe)."""
+    rows = [{"instruction": f"Describe {w}", "response": text, "justification": "j", "score": score}
+            for w in ("water", "music") for text, score in ((f"{w} is good and clear", 4), ("bad", 0))]
+    path = tmp_path / "heldout.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+@pytest.fixture
 def judge_script(tmp_path) -> Path:
     """Raw judge outputs cycled in order: scores that vary, plus failures that must stay NULL."""
     outputs = ["Relevant and complete. Score: 4", "Partly relevant. Score: 1", "I cannot decide.",

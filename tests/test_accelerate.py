@@ -51,16 +51,6 @@ RANK_LINE = re.compile(r"rank (\d+) of (\d+) \((\w+)\): trained (\d+) logged ste
                        r"(; wrote the adapter and rows\.json)?")
 
 
-@pytest.fixture
-def heldout(tmp_path) -> str:
-    """A held-out EFT file: two instructions with a better and a worse answer each (the merge-gap probe)."""
-    rows = [{"instruction": f"Describe {w}", "response": text, "justification": "j", "score": score}
-            for w in ("water", "music") for text, score in ((f"{w} is good and clear", 4), ("bad", 0))]
-    path = tmp_path / "heldout.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return str(path)
-
-
 @pytest.fixture(scope="module")
 def tiny64(tmp_path_factory) -> Path:
     """Hidden size 64, for a 4-bit base: bitsandbytes' CPU kernel packs weights in blocks of 64 inputs."""

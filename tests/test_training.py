@@ -31,16 +31,6 @@ def tiny64(tmp_path_factory) -> Path:
     return build_tiny_model(tmp_path_factory.mktemp("tiny64") / "model", hidden=64)
 
 
-@pytest.fixture
-def heldout(tmp_path) -> str:
-    """A held-out EFT file: two instructions with a better and a worse answer each."""
-    rows = [{"instruction": f"Describe {w}", "response": text, "justification": "j", "score": score}
-            for w in ("water", "music") for text, score in ((f"{w} is good and clear", 4), ("bad", 0))]
-    path = tmp_path / "heldout.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return str(path)
-
-
 def train(model: Path, out: Path, heldout: str, **overrides):
     cfg = resolve({}, {**FAST, "eft_eval": heldout, **overrides})
     return preference(str(model), PAIRS, cfg, out, round=2)

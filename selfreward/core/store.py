@@ -108,7 +108,16 @@ def m003_evals(db: sqlite_utils.Database):
     )
 
 
-APPEND_ONLY = ("candidates", "judgments", "pairs", "comparisons")  # m009 adds meta_judgments, judge_pairs
+APPEND_ONLY = ("candidates", "judgments", "pairs", "comparisons")  # m009 adds its own three
+
+
+def append_only(db: sqlite_utils.Database, tables) -> None:
+    """Triggers that refuse UPDATE and DELETE on each table."""
+    for table in tables:
+        for action in ("UPDATE", "DELETE"):
+            db.execute(f"""
+                CREATE TRIGGER {table}_no_{action.lower()} BEFORE {action} ON {table}
+                BEGIN SELECT RAISE(ABORT, '{table} are append-only: {action} refused'); END""")
 
 
 @migrations()
@@ -118,11 +127,7 @@ def m004_provenance_and_audit(db: sqlite_utils.Database):
         db["judgments"].add_column(column, kind)
     db["models"].add_column("sha256", str)
     # Once a stage commits, its records are evidence: refuse edits at the database level.
-    for table in APPEND_ONLY:
-        for action in ("UPDATE", "DELETE"):
-            db.execute(f"""
-                CREATE TRIGGER {table}_no_{action.lower()} BEFORE {action} ON {table}
-                BEGIN SELECT RAISE(ABORT, '{table} are append-only: {action} refused'); END""")
+    append_only(db, APPEND_ONLY)
     # Full-text search over rationales and responses (kept in sync by triggers).
     db["judgments"].enable_fts(["rationale", "raw"], create_triggers=True)
     db["candidates"].enable_fts(["text"], create_triggers=True)
@@ -200,11 +205,7 @@ def m009_judge_training(db: sqlite_utils.Database):
          "finish_reason": str, "template_sha": str, "judge_model_sha": str, "sampling": str, "created_at": str},
         pk="id", foreign_keys=[("candidate_id", "candidates", "id")])
     db["consistency_judgments"].create_index(["round"])
-    for table in ("meta_judgments", "judge_pairs", "consistency_judgments"):
-        for action in ("UPDATE", "DELETE"):
-            db.execute(f"""
-                CREATE TRIGGER {table}_no_{action.lower()} BEFORE {action} ON {table}
-                BEGIN SELECT RAISE(ABORT, '{table} are append-only: {action} refused'); END""")
+    append_only(db, ("meta_judgments", "judge_pairs", "consistency_judgments"))
     db["meta_judgments"].enable_fts(["rationale", "raw"], create_triggers=True)
 
 
