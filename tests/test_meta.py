@@ -172,3 +172,31 @@ def test_meta_and_cream_need_a_self_judge(tmp_path, tiny_model, seed_files):
         result = CliRunner().invoke(cli, ["iterate", "--runs-dir", str(tmp_path / "runs"), "--model", str(tiny_model),
                                           "--preset", "tiny", "--judge", "pairrm", "--set", setting])
         assert result.exit_code != 0 and message in result.output
+
+
+def test_forced_verdict_from_probabilities_where_no_verdict_was_written(tiny_model):
+    """A meta-judge that wrote no Verdict line gets its forced choice: P(A) and P(B) after its own
+    text and 'Verdict: ', one forward pass; the battle counts A's normalised share of a win."""
+    from selfreward.backends.engines.hf import TransformersEngine
+    from selfreward.core.stages.meta import forced_verdicts, share_of_a
+
+    prompts = [[{"role": "user", "content": f"Which judgment is better? {k}"}] for k in range(3)]
+    rows = [{"a_id": 1, "b_id": 2, "winner": None, "raw": "Both judgments are fine.\nScore: 3", "reason": "no verdict",
+             "verdict_from": None, "verdict_probs": None},
+            {"a_id": 2, "b_id": 1, "winner": "a", "raw": "Judgment A is right.\nVerdict: A", "reason": None,
+             "verdict_from": "text", "verdict_probs": None},
+            {"a_id": 1, "b_id": 2, "winner": None, "raw": None, "reason": "request failed: HTTP 400",
+             "verdict_from": None, "verdict_probs": None}]
+    forced_verdicts(TransformersEngine(str(tiny_model), batch_size=2), prompts, rows)
+    forced, written, failed = rows
+    probs = json.loads(forced["verdict_probs"])
+    assert forced["verdict_from"] == "probs" and set(probs) == {"A", "B"} and probs["A"] + probs["B"] > 0
+    assert forced["winner"] == ("a" if probs["A"] > probs["B"] else "b")
+    assert "read from the probabilities" in forced["reason"]
+    assert share_of_a(forced) == pytest.approx(probs["A"] / (probs["A"] + probs["B"]))
+    assert written["verdict_from"] == "text" and share_of_a(written) == 1.0  # a written verdict stands
+    assert failed["verdict_from"] is None and share_of_a(failed) is None  # a failed request gives nothing
+    # Fractional battles rank too: A's share 0.8 in one order and B's share 0.6 in the other favour judgment 1.
+    metas = [{"a_id": 1, "b_id": 2, "winner": "a", "verdict_from": "probs", "verdict_probs": json.dumps({"A": 0.8, "B": 0.2})},
+             {"a_id": 2, "b_id": 1, "winner": "b", "verdict_from": "probs", "verdict_probs": json.dumps({"A": 0.4, "B": 0.6})}]
+    assert judge_pair(9, [1, 2], metas)["chosen_id"] == 1

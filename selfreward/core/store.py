@@ -186,8 +186,8 @@ def m009_judge_training(db: sqlite_utils.Database):
     # Meta-Rewarding: a meta-judge compares two judgments of one candidate, in both orders.
     db["meta_judgments"].create(
         {"id": int, "round": int, "candidate_id": int, "a_id": int, "b_id": int, "order": str, "winner": str,
-         "rationale": str, "raw": str, "reason": str, "n_tokens": int, "finish_reason": str, "judge": str,
-         "template_sha": str, "created_at": str},
+         "verdict_from": str, "verdict_probs": str, "rationale": str, "raw": str, "reason": str, "n_tokens": int,
+         "finish_reason": str, "judge": str, "template_sha": str, "created_at": str},
         pk="id", foreign_keys=[("candidate_id", "candidates", "id"), ("a_id", "judgments", "id"),
                                ("b_id", "judgments", "id")])
     db["meta_judgments"].create_index(["round"])

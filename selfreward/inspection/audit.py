@@ -126,24 +126,33 @@ def _verify_consistency(run: Run, t: int, stored: list[dict], cands: list[dict],
 def _verify_meta(run: Run, templates: dict, counts: dict) -> list[str]:
     """Meta-Rewarding: each meta-judgment's winner is what its raw text parses to, and each judge
     pair follows from the stored meta-judgments by the Elo rule."""
-    from selfreward.core.stages.meta import judge_pair
+    from selfreward.core.stages.meta import judge_pair, share_of_a
 
     problems, checked = [], 0
-    for m in run.rows("select id, winner, raw, template_sha, finish_reason from meta_judgments where raw is not null"):
+    for m in run.rows("select id, winner, verdict_from, verdict_probs, raw, template_sha, finish_reason "
+                      "from meta_judgments where raw is not null"):
         t = templates.get(m["template_sha"])
         if t is None:
             continue
         checked += 1
         score = t.parse(m["raw"], truncated=m["finish_reason"] == "length").score
         winner = {1.0: "a", 0.0: "b", 0.5: "tie"}.get(score)
+        if m["verdict_from"] == "probs" and winner is None:
+            # No written verdict: the stored one must be the likelier of A and B by its stored probabilities.
+            share = share_of_a(m)
+            winner = None if share is None else "a" if share > 0.5 else "b" if share < 0.5 else "tie"
+            source = "its stored probabilities give"
+        else:
+            source = "its raw text gives"
         if winner != m["winner"]:
-            problems.append(f"meta-judgment {m['id']}: stored winner {m['winner']!r} but its raw text gives {winner!r}")
+            problems.append(f"meta-judgment {m['id']}: stored winner {m['winner']!r} but {source} {winner!r}")
     counts["meta_judgments_checked"] = checked
     for p in run.rows("select * from judge_pairs order by id"):
         ids = [r["id"] for r in run.rows("select id from judgments where candidate_id = ? and round = ? and score "
                                          "is not null and raw is not null and raw != '' and judge not like 'human:%' "
                                          "order by id", [p["candidate_id"], p["round"]])]
-        metas = run.rows("select a_id, b_id, winner from meta_judgments where candidate_id = ? and round = ?",
+        metas = run.rows("select a_id, b_id, winner, verdict_from, verdict_probs from meta_judgments "
+                         "where candidate_id = ? and round = ?",
                          [p["candidate_id"], p["round"]])
         again = judge_pair(p["candidate_id"], ids, metas)
         for key in ("status", "chosen_id", "rejected_id"):
@@ -213,8 +222,8 @@ def rationales(run: Run, round: int | None = None, min_score: float | None = Non
         raise SelfRewardError(f"bad --search query {search!r}: {e} (SQLite FTS5 syntax)") from None
 
 
-META_COLUMNS = ["meta_id", "round", "prompt_id", "candidate_id", "a_id", "b_id", "winner", "pair_role", "reason",
-                "rationale", "response"]
+META_COLUMNS = ["meta_id", "round", "prompt_id", "candidate_id", "a_id", "b_id", "winner", "verdict_from",
+                "pair_role", "reason", "rationale", "response"]
 
 
 def meta_rationales(run: Run, round: int | None = None, search: str | None = None, limit: int = 0) -> list[dict]:
@@ -228,7 +237,7 @@ def meta_rationales(run: Run, round: int | None = None, search: str | None = Non
         where.append("m.id in (select rowid from meta_judgments_fts where meta_judgments_fts match ?)")
         params.append(search)
     sql = f"""
-        select m.id as meta_id, m.round, c.prompt_id, m.candidate_id, m.a_id, m.b_id, m.winner,
+        select m.id as meta_id, m.round, c.prompt_id, m.candidate_id, m.a_id, m.b_id, m.winner, m.verdict_from,
                case m.a_id when x.chosen_id then 'A chosen' when x.rejected_id then 'A rejected' end as pair_role,
                m.reason, m.rationale, c.text as response
         from meta_judgments m join candidates c on c.id = m.candidate_id

@@ -164,6 +164,9 @@ def _meta_lines(run: Run, candidate_id: int) -> list[str]:
     for m in metas:
         winner = {"a": f"judgment {m['a_id']}", "b": f"judgment {m['b_id']}", "tie": "tie"}.get(
             m["winner"], f"NO VERDICT ({m['reason']})")
+        if m.get("verdict_from") == "probs":
+            p = json.loads(m["verdict_probs"])
+            winner += f" (forced choice: no Verdict line; P(A) {p['A']:.3f}, P(B) {p['B']:.3f})"
         lines.append(f"    meta-judge [{m['judge']}]: judgment {m['a_id']} (shown as A) vs {m['b_id']} (B): {winner}")
         lines.append(_indent(m["rationale"] or m["raw"] or "(empty)", 8))
     for p in run.rows("select * from judge_pairs where candidate_id = ?", [candidate_id]):

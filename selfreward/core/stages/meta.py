@@ -9,21 +9,42 @@ against the worst is a judge-preference pair (table `judge_pairs`): the judge pr
 the better judgment, the worse one. DPO trains them beside the actor pairs, in the
 same step. Everything is stored append-only with the raw output, and `verify`
 recomputes the winners and the pairs.
+
+A meta-judge that wrote no `Verdict:` line (a small model trained on the additive rubric
+ends with `Score: N` whatever it is asked) is asked for its forced choice where the judge
+reads probabilities (judge_logprobs): its own text, then `Verdict: `, and the probabilities
+of `A` and `B` as the next token. The battle then counts P(A) / (P(A) + P(B)) as A's share of
+a win, so a preference for a position, which both orders share, cancels out. Such rows have
+`verdict_from = 'probs'` and their probabilities in `verdict_probs`.
 """
 
 from __future__ import annotations
 
+import json
 import math
 from collections import defaultdict
 from itertools import combinations
 from statistics import pvariance
 
 from selfreward.backends.engines import Sampling
+from selfreward.config import read_logprobs
 from selfreward.core.store import now
 
 TEMPLATE = "meta_judge"
 # What a battle gives the judgment shown as A: the meta-judge's verdict, position by position.
 WON = {"a": 1.0, "b": 0.0, "tie": 0.5}
+FORCED = "\n\nVerdict: "  # appended to a meta-judge's text to read its forced choice
+CHOICES = ("A", "B")
+
+
+def share_of_a(m: dict) -> float | None:
+    """What a meta-judgment gives the judgment shown as A: 1, 0.5 or 0 for a written verdict,
+    P(A) / (P(A) + P(B)) for one read from probabilities; None when it gives nothing."""
+    if m.get("verdict_from") == "probs":
+        probs = json.loads(m["verdict_probs"])
+        total = probs["A"] + probs["B"]
+        return probs["A"] / total if total > 0 else None
+    return WON.get(m["winner"])
 
 
 def pick_candidates(judgments: list[dict], limit: int = 0) -> tuple[list[int], dict[int, str]]:
@@ -80,7 +101,7 @@ def elo(ids: list[int], battles: list[tuple[int, int, float]], iterations: int =
 
 def judge_pair(candidate_id: int, ids: list[int], meta_rows: list[dict]) -> dict:
     """The judge-preference pair of one candidate from its stored meta-judgments."""
-    battles = [(m["a_id"], m["b_id"], WON[m["winner"]]) for m in meta_rows if m["winner"] in WON]
+    battles = [(m["a_id"], m["b_id"], s) for m in meta_rows if (s := share_of_a(m)) is not None]
     ratings = elo(ids, battles)
     best = max(ids, key=lambda i: (ratings[i], -i))
     worst = min(ids, key=lambda i: (ratings[i], -i))
@@ -134,7 +155,10 @@ def run(ctx, t: int) -> None:
                     "raw": c.text if not c.error else None,
                     "reason": (parsed.reason if parsed else f"request failed: {c.error}"),
                     "n_tokens": c.n_tokens, "finish_reason": c.finish_reason, "judge": judge_name,
-                    "template_sha": template.sha256, "created_at": stamp})
+                    "template_sha": template.sha256, "created_at": stamp,
+                    "verdict_from": "text" if winner else None, "verdict_probs": None})
+            if read_logprobs(cfg) and hasattr(engine, "choice_probs"):
+                forced_verdicts(engine, prompts, meta_rows)
         pairs = [{"round": t, "score_spread": round(pvariance([j["score"] for j in by_candidate[cid]]), 6),
                   **judge_pair(cid, [j["id"] for j in by_candidate[cid]],
                                [m for m in meta_rows if m["candidate_id"] == cid])}
@@ -142,6 +166,23 @@ def run(ctx, t: int) -> None:
         commit.insert_all("meta_judgments", meta_rows)
         commit.insert_all("judge_pairs", pairs)
         commit.detail = meta_detail(meta_rows, pairs, skipped, {j["id"]: j["raw"] for j in judgments})
+
+
+def forced_verdicts(engine, prompts: list, meta_rows: list[dict]) -> None:
+    """Each meta-judgment without a written verdict (and whose request did not fail) gets its
+    forced choice: the probabilities of A and B after its own text and `Verdict: `."""
+    todo = [i for i, m in enumerate(meta_rows) if m["winner"] is None and m["raw"] is not None]
+    if not todo:
+        return
+    texts = [meta_rows[i]["raw"].rstrip() + FORCED + "A" for i in todo]
+    probs = engine.choice_probs([prompts[i] for i in todo], texts, [len(x) - 1 for x in texts], CHOICES)
+    for i, p in zip(todo, probs):
+        if p and p["A"] + p["B"] > 0:
+            m = meta_rows[i]
+            m.update(verdict_from="probs", verdict_probs=json.dumps(p, sort_keys=True),
+                     winner="a" if p["A"] > p["B"] else "b" if p["B"] > p["A"] else "tie",
+                     reason=f"{m['reason']}; verdict read from the probabilities of A and B after its text "
+                            f"and 'Verdict: ' (A {p['A']:.3f}, B {p['B']:.3f})")
 
 
 def meta_detail(meta_rows: list[dict], pairs: list[dict], skipped: dict[int, str], raw: dict[int, str]) -> dict:
@@ -154,7 +195,8 @@ def meta_detail(meta_rows: list[dict], pairs: list[dict], skipped: dict[int, str
         orders[key][m["order"]] = {"a": m["a_id"], "b": m["b_id"], "tie": "tie"}.get(m["winner"])
     both = [o for o in orders.values() if o.get("ab") is not None and o.get("ba") is not None]
     kept = [p for p in pairs if p["status"] == "kept"]
-    detail = {"meta_judgments": len(meta_rows), "parsed": sum(m["winner"] is not None for m in meta_rows),
+    detail = {"meta_judgments": len(meta_rows), "parsed": sum(m["verdict_from"] == "text" for m in meta_rows),
+              "forced": sum(m["verdict_from"] == "probs" for m in meta_rows),
               "candidates": len(pairs), "judge_pairs": len(kept),
               "tie": sum(p["status"] == "tie" for p in pairs), "unjudged": sum(p["status"] == "unjudged" for p in pairs),
               "no_spread": sum(v == "no-spread" for v in skipped.values()),
