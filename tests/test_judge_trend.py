@@ -124,3 +124,17 @@ def test_status_and_report_show_quality_across_rounds(tmp_path, tiny_model, seed
     status = CliRunner().invoke(cli, ["status", str(run.path), "--json"])
     judge = json.loads(status.output)["judge"]
     assert not judge["worse"] and judge["verdict"].startswith("M2 judges better than M1")
+
+
+def test_a_judge_whose_scores_never_parsed_has_no_accuracy_to_compare(tmp_path, tiny_model, seed_files, ranked,
+                                                                        both_script):
+    run, _ = iterate(tmp_path, tiny_model, seed_files, ranked, "z", "--judge", "scripted",
+                     "--judge-script", str(both_script))
+    run.close()
+    run = Run.open(tmp_path / "runs" / "z", writer=True)
+    put(run, "M1", 1, {"eft_parse_rate": 0.0, "eft_pairwise_accuracy": 0.0, "eft_pairwise_ties": 0.0})
+    put(run, "M2", 2, {"eft_parse_rate": 0.9, "eft_pairwise_accuracy": 0.40, "eft_pairwise_ties": 0.20})
+    trend = judge_trend(run)
+    ties = next(r for r in trend["rows"] if r["metric"] == "ties")
+    assert ties["M1"] == "-" and ties["M2"] == "20%"
+    assert not trend["worse"] and trend["verdict"] == "M2 judges better than M1: parse rate 0% -> 90%."

@@ -54,6 +54,11 @@ def judge_trend(run: Run) -> dict:
                       "order by round", names):
         values.setdefault(r["model"], {})[r["name"]] = r["value"]
         order.setdefault(r["model"], r["round"] if r["model"] != "M0" else -1)
+    for v in values.values():
+        if v.get("eft_parse_rate") == 0:
+            # Nothing parsed: accuracy and ties of no scores say nothing (shown '-', never compared).
+            for name in [n for n in v if n.startswith("eft_") and n != "eft_parse_rate"]:
+                del v[name]
     models = sorted(values, key=lambda m: (order[m], m))
     rows = [{"metric": t.label, **{m: show(t, values[m].get(t.name)) for m in models}}
             for t in TRACKED if any(t.name in values[m] for m in models)]
