@@ -70,6 +70,7 @@ def test_self_judge_answers_for_the_self_preference_probe(tmp_path, tiny_model, 
     # The tiny random model's judgments do not parse: the probe ran (it answered both prompts) but scored nothing,
     # and says so with n = 0 rather than a made-up gap.
     assert m["bias_selfpref_n"] == 0 and "bias_selfpref_gap" not in m
+    assert "bias_selfpref_human_accuracy" not in m  # nothing parsed: no accuracy, not 0%
     assert {"bias_position_n", "bias_verbosity_n"} <= set(m)
 
 

@@ -270,7 +270,9 @@ def self_preference_probe(engine, judge, groups: list[EvalGroup], sampling, seed
         if best is not None:
             over.append(s[0] > best)
     human = quality_metrics([g for g, _ in kept], [s[1:] for s in scores])
-    out = {"bias_selfpref_n": len(gaps), "bias_selfpref_human_accuracy": human["pairwise_accuracy"]}
+    out = {"bias_selfpref_n": len(gaps)}
+    if human["parse_rate"] > 0:  # a judge whose scores never parsed has no accuracy (not 0%)
+        out["bias_selfpref_human_accuracy"] = human["pairwise_accuracy"]
     if gaps:
         out["bias_selfpref_gap"] = sum(gaps) / len(gaps)
     if over:
