@@ -41,19 +41,25 @@ sys.path.insert(0, str(ROOT))
 
 # name -> (stage, config overrides). Each stage's first entry is its baseline: today's demo settings
 # (fp32, micro-batch 1).
+BEFORE = {"train_precision": "fp32", "lean_training": "no", "micro_batch_size": 1}
+NOW = {"train_precision": "bf16", "lean_training": "yes", "micro_batch_size": 1}
 VARIANTS = {
-    "sft-fp32-mb1": ("sft", {"train_precision": "fp32", "micro_batch_size": 1}),
-    "sft-bf16-mb1": ("sft", {"train_precision": "bf16", "micro_batch_size": 1}),
-    "sft-fp32-mb4": ("sft", {"train_precision": "fp32", "micro_batch_size": 4}),
-    "sft-bf16-mb4": ("sft", {"train_precision": "bf16", "micro_batch_size": 4}),
-    "sft-qlora-mb1": ("sft", {"train_precision": "fp32", "micro_batch_size": 1, "load_in_4bit": "yes"}),
-    "dpo-fp32-mb1": ("dpo", {"train_precision": "fp32", "micro_batch_size": 1}),
-    "dpo-bf16-mb1": ("dpo", {"train_precision": "bf16", "micro_batch_size": 1}),
-    "dpo-bf16-mb4": ("dpo", {"train_precision": "bf16", "micro_batch_size": 4}),
-    "dpo-qlora-mb1": ("dpo", {"train_precision": "fp32", "micro_batch_size": 1, "load_in_4bit": "yes"}),
-    "dpo-qlora-bf16-mb1": ("dpo", {"train_precision": "bf16", "micro_batch_size": 1, "load_in_4bit": "yes"}),
-    "simpo-fp32-mb1": ("dpo", {"train_precision": "fp32", "micro_batch_size": 1, "train_method": "simpo"}),
-    "ipo-fp32-mb1": ("dpo", {"train_precision": "fp32", "micro_batch_size": 1, "dpo_loss_type": "ipo"}),
+    "sft-fp32-mb1": ("sft", BEFORE),
+    "sft-fp32-lean": ("sft", {**BEFORE, "lean_training": "yes"}),
+    "sft-bf16-plain": ("sft", {**NOW, "lean_training": "no"}),
+    "sft-bf16-lean": ("sft", NOW),
+    "sft-bf16-lean-mb4": ("sft", {**NOW, "micro_batch_size": 4}),
+    "sft-fp32-seed1": ("sft", {**BEFORE, "seed": 1}),
+    "sft-qlora-mb1": ("sft", {**BEFORE, "load_in_4bit": "yes"}),
+    "dpo-fp32-mb1": ("dpo", BEFORE),
+    "dpo-bf16-plain": ("dpo", {**NOW, "lean_training": "no"}),
+    "dpo-bf16-lean": ("dpo", NOW),
+    "dpo-bf16-lean-mb4": ("dpo", {**NOW, "micro_batch_size": 4}),
+    "dpo-fp32-seed1": ("dpo", {**BEFORE, "seed": 1}),
+    "dpo-qlora-mb1": ("dpo", {**BEFORE, "load_in_4bit": "yes"}),
+    "dpo-qlora-bf16-mb1": ("dpo", {**BEFORE, "train_precision": "bf16", "load_in_4bit": "yes"}),
+    "simpo-bf16-lean": ("dpo", {**NOW, "train_method": "simpo"}),
+    "ipo-bf16-lean": ("dpo", {**NOW, "dpo_loss_type": "ipo"}),
 }
 
 
@@ -107,7 +113,7 @@ def child(variant: str, n: int, out: str) -> None:
     stage, overrides = VARIANTS[variant]
     # Batch 4 for both (the demo's SFT uses 8): more measured steps from the same examples.
     cfg = resolve({}, {"preset": "demo", "seed": 0, "sft_epochs": 1.0, "dpo_epochs": 1.0, "sft_batch_size": 4,
-                       "dpo_batch_size": 4, **overrides})
+                       "dpo_batch_size": 4, "lora_dropout": 0.1, **overrides})
     base = resolve_source("embedded")
     target = Path(out) / "runs" / "b" / "models" / "M2"
     t0 = time.perf_counter()

@@ -67,6 +67,7 @@ class Config:
     vllm_prefix_caching: str = _f("yes", "vLLM prefix caching ('yes'/'no'): judging repeats the long rubric in every prompt.")
     vllm_cpu_kvcache_gb: float = _f(2.0, "CPU only: GiB for vLLM's KV cache (VLLM_CPU_KVCACHE_SPACE).")
     vllm_cpu_threads: int = _f(0, "CPU only: threads for vLLM's model (OMP_NUM_THREADS; 0 = every core, none reserved).")
+    vllm_swap_weights: str = _f("auto", "Keep the vLLM server(s) running while a model trains and load the next model's weights into them in place (vLLM's reload_weights through its loopback-only dev endpoints, then a prefix-cache reset) instead of starting new servers, about 30 s each on CPU: 'auto' (on CPU; on CUDA training needs the GPU memory), 'yes', 'no'.")
     vllm_extra_args: str = _f("", "Further vLLM server flags, passed through as written, e.g. '--distributed-executor-backend ray'.")
     vllm_start_timeout: float = _f(900.0, "Seconds to wait for a vLLM server to load and warm up.")
     # --- self-instruction creation ---
@@ -130,7 +131,8 @@ class Config:
     dpo_learning_rate_end: float = _f(1e-7, "DPO final learning rate.")
     dpo_batch_size: int = _f(16, "DPO batch size in pairs (per step, reached by gradient accumulation).")
     dpo_epochs: float = _f(1.0, "DPO epochs over the round's pairs.")
-    train_precision: str = _f("auto", "Training arithmetic: 'fp32', 'bf16' (autocast; on CPU the weights and the merge stay fp32), or 'auto' (bf16 on CUDA, fp32 on CPU, where bf16 autocast measured 1.03-1.09x faster for 2-16% more memory).")
+    train_precision: str = _f("auto", "Training arithmetic: 'fp32', 'bf16' (the frozen base held in bf16 under autocast; the adapter, its optimiser state and the merge stay fp32), or 'auto' (bf16 on CUDA and on CPUs with AMX or AVX-512 BF16, fp32 elsewhere).")
+    lean_training: str = _f("auto", "CPU training without waste: TRL's fused LM head scores only labelled positions (off Triton it scores all of them), LoRA dropout masks from FastDropout (the same p to 1/32768; torch's bernoulli_ was a fifth of a step), and over a bf16 base the adapters take bf16 inputs uncopied. 'auto' (on CPU), 'yes', 'no'.")
     micro_batch_size: int = _f(4, "Sequences per forward pass while training; batch sizes are reached by accumulation.")
     train_processes: int = _f(1, "Processes that train SFT, DPO and SimPO together (data parallel): 1 trains in this process; N > 1 runs `accelerate launch --num_processes N` (one process per GPU on CUDA, gloo on CPU) as a worker the orchestrator waits for. Each optimiser step still sees sft_batch_size / dpo_batch_size sequences: N x micro-batch x accumulation. Online RL (grpo, rloo) trains in one process.")
     accelerate_config: str = _f("", "An accelerate config file (e.g. examples/accelerate/zero2.yaml, zero3.yaml, fsdp.yaml) passed to `accelerate launch --config_file` for SFT, DPO and SimPO; its num_processes applies unless train_processes > 1 says otherwise ('' = none).")
@@ -300,6 +302,10 @@ def validate(c: Config) -> None:
     check_training(c)
     if c.train_precision not in ("auto", "fp32", "bf16"):
         raise SelfRewardError("train_precision must be 'auto', 'fp32' or 'bf16'")
+    if c.vllm_swap_weights not in ("auto", "yes", "no"):
+        raise SelfRewardError("vllm_swap_weights must be 'auto', 'yes' or 'no'")
+    if c.lean_training not in ("auto", "yes", "no"):
+        raise SelfRewardError("lean_training must be 'auto', 'yes' or 'no'")
     if c.load_in_4bit not in ("auto", "yes", "no"):
         raise SelfRewardError("load_in_4bit must be 'auto', 'yes' or 'no'")
     if c.api_concurrency <= 0 or c.api_timeout <= 0 or c.api_max_retries < 0 or c.api_backoff < 0:

@@ -59,8 +59,13 @@ def test_qlora_on_cpu_trains_a_4bit_base_and_merges_into_full_precision(tiny64, 
 
 
 def test_lora_merge_gap_is_rounding_only(tiny64, tmp_path, heldout):
-    _, _, info = train(tiny64, tmp_path / "runs" / "l" / "models" / "M2", heldout, load_in_4bit="no")
+    _, _, info = train(tiny64, tmp_path / "runs" / "l" / "models" / "M2", heldout, load_in_4bit="no",
+                       train_precision="fp32")
     assert info["four_bit"] is False and info["merge_gap"] < 1e-3
+    # A bf16 base trains against weights rounded to bf16; the merge keeps them at full precision.
+    _, _, info = train(tiny64, tmp_path / "runs" / "b" / "models" / "M2", heldout, load_in_4bit="no",
+                       train_precision="bf16")
+    assert info["four_bit"] is False and 0 < info["merge_gap"] < 5
 
 
 @pytest.mark.parametrize("overrides, label, own_metric", [

@@ -93,10 +93,13 @@ def test_loop_on_vllm_survives_kill_9_mid_generation(tmp_path):
     judgments = list(db["judgments"].rows)
     assert judgments and all(j["judge"] == "self:M1" for j in judgments)
     assert all((j["score"] is None) == (j["reason"] is not None) for j in judgments)
-    # One engine start per model per round: M0 and M1 in round 1, M2 in round 2 (M1 serves on into round 2).
+    # One engine per model per round: M0 and M1 in round 1, M2 in round 2 (M1 serves on into round 2). On CPU
+    # the server started for M0 stays up through training and takes M1's, then M2's, weights in place.
     starts = [s for row in db["stages"].rows for s in json.loads(row["detail"]).get("engine_starts", [])]
     assert sorted(s["model"] for s in starts) == ["M0", "M1", "M2"]
     assert all(s["engine"] == "vllm" for s in starts)
+    assert ["start_s" in s for s in sorted(starts, key=lambda s: s["model"])] == [True, False, False]
+    assert all(s["swap_s"] < 30 for s in starts if "swap_s" in s)
 
     verify = subprocess.run([sys.executable, "-m", "selfreward", "verify", str(run_dir)], capture_output=True,
                             text=True, timeout=120)
@@ -208,3 +211,45 @@ def test_score_probabilities_on_vllm_match_transformers(vllm_server, embedded):
         assert sum(ids.values()) > 0.5  # the top tokens at the score position are score tokens
         assert max(abs(ours[c] - ids[c]) for c in SCORE_CHOICES) < 0.1
         assert max(abs(ours[c] - chat[c]) for c in SCORE_CHOICES) < 0.1
+
+
+def test_vllm_engine_loads_another_model_in_place(embedded, tmp_path):
+    """swap(): the running server reloads another folder's weights and drops its prefix cache; it
+    then answers as a server started on that folder does (greedy, one prompt at a time, so that
+    batching cannot change the bf16 arithmetic), and unlike before."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from selfreward.backends.engines.vllm import VLLMEngine
+    from selfreward.config import resolve
+
+    other = tmp_path / "other"
+    model = AutoModelForCausalLM.from_pretrained(embedded, dtype=torch.float32)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "mlp.down_proj" in name:
+                p.mul_(1.5)
+    model.save_pretrained(other)
+    AutoTokenizer.from_pretrained(embedded).save_pretrained(other)
+    cfg = resolve({}, {"preset": "tiny", "vllm_max_model_len": 1024, "vllm_cpu_kvcache_gb": 1.0})
+    prompt = [{"role": "user", "content": "Name three colours."}]
+    greedy = Sampling(0.0, 1.0, 24, 0)
+
+    def answer(engine):
+        return engine.generate([prompt], 1, greedy)[0][0].text
+
+    engine = VLLMEngine(cfg, embedded, tmp_path / "a")
+    try:
+        assert engine.swappable  # auto: on CPU
+        before = answer(engine)  # also fills the prefix cache with the old weights' keys and values
+        assert engine.swap(str(other)) < 30
+        assert engine.model_path == str(other)
+        swapped = answer(engine)
+    finally:
+        engine.close()
+    fresh_engine = VLLMEngine(cfg, str(other), tmp_path / "b")
+    try:
+        fresh = answer(fresh_engine)
+    finally:
+        fresh_engine.close()
+    assert swapped == fresh != before

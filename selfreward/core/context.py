@@ -17,7 +17,9 @@ from selfreward.prompts import Template, load_template
 class Context:
     """Keeps one policy engine (one model) loaded across stages: a vLLM server for M_t
     serves self-instruct, candidates, judging and the next eval alike, and is ended
-    only when another model is needed or training needs the memory."""
+    only when another model is needed or training needs the memory. Where vLLM servers
+    swap weights (vllm_swap_weights), release() parks the engine instead of ending it,
+    and the next model is loaded into it in place."""
 
     def __init__(self, run: Run, cfg: Config, checkpoint: bool = False):
         """checkpoint: keep each finished part of a stage's generations while it runs (the loop does)."""
@@ -25,6 +27,7 @@ class Context:
         self.checkpoint = Checkpoint(run.db) if checkpoint else None
         self._engine: Engine | None = None
         self._engine_model: str | None = None
+        self._parked: Engine | None = None  # a released engine that can take another model's weights
         self._api: Engine | None = None
         self._judges: dict[str, Judge] = {}
         self._starts: list[dict] = []  # engine starts since the current stage began
@@ -73,10 +76,20 @@ class Context:
         """The policy engine serving `model` (M_t); starts it if another model, or none, is loaded."""
         if self._engine is None or self._engine_model != model:
             self.release()
-            t0 = time.perf_counter()
-            engine = make_engine(self.cfg, self.run.model_path(model), self.run.path)
-            self._starts.append({"engine": self.cfg.engine, "model": model,
-                                 "start_s": round(time.perf_counter() - t0, 1)})
+            path = self.run.model_path(model)
+            engine, self._parked = self._parked, None
+            if engine is not None:
+                try:
+                    swap_s = engine.swap(path) if engine.model_path != str(path) else 0.0
+                except BaseException:
+                    engine.close()
+                    raise
+                self._starts.append({"engine": self.cfg.engine, "model": model, "swap_s": round(swap_s, 1)})
+            else:
+                t0 = time.perf_counter()
+                engine = make_engine(self.cfg, path, self.run.path)
+                self._starts.append({"engine": self.cfg.engine, "model": model,
+                                     "start_s": round(time.perf_counter() - t0, 1)})
             self._engine, self._engine_model = self._wrap(engine), model
         return self._engine
 
@@ -127,7 +140,11 @@ class Context:
             self._judges = {}
         if self._engine is not None:
             self._tally(self._engine)
-            self._engine.close()
+            inner = self._engine.inner if isinstance(self._engine, CheckpointedEngine) else self._engine
+            if getattr(inner, "swappable", False):
+                self._parked = inner  # idle through training, then loads the next model in place
+            else:
+                self._engine.close()
             self._engine = self._engine_model = None
             import gc
 
@@ -140,6 +157,9 @@ class Context:
     def close(self) -> None:
         """Release everything, the API client too (end of a command)."""
         self.release()
+        if self._parked is not None:
+            self._parked.close()
+            self._parked = None
         if self._api is not None:
             self._api.close()
             self._api = None

@@ -72,9 +72,17 @@ def server_args(cfg, model_path: str, served_name: str, port: int, cuda: bool) -
     return args + shlex.split(cfg.vllm_extra_args)
 
 
+def swaps_weights(cfg, cuda: bool) -> bool:
+    """Whether servers outlive their model and take the next one's weights in place (vllm_swap_weights)."""
+    return cfg.vllm_swap_weights == "yes" or (cfg.vllm_swap_weights == "auto" and not cuda)
+
+
 def server_env(cfg, cuda: bool, devices: str | None = None) -> dict:
     """devices: the CUDA_VISIBLE_DEVICES of one replica of several (None: the parent's)."""
     env = dict(os.environ)
+    if swaps_weights(cfg, cuda):
+        # /collective_rpc (reload_weights) and /reset_prefix_cache; the server listens on 127.0.0.1 only.
+        env["VLLM_SERVER_DEV_MODE"] = "1"
     if devices is not None:
         env["CUDA_VISIBLE_DEVICES"] = devices
     if not cuda:
@@ -214,6 +222,28 @@ class VLLMEngine(OpenAIEngine):
             raise
         self.model_path = model_path  # the folder it serves (checkpoint keys); requests name `served_model`
         self.start_s = max(s.start_s for s in self.servers)
+        self.swappable = swaps_weights(cfg, self.cuda)
+
+    def swap(self, model_path: str) -> float:
+        """Load another model's weights into the running server(s) in place: a later M_t of the same
+        run (same architecture and tokenizer). Each server reloads from the folder, then drops its
+        prefix cache, whose keys and values the old weights computed. Returns the seconds taken."""
+        import httpx
+
+        t0 = time.perf_counter()
+        for server in self.servers:
+            base = f"http://127.0.0.1:{server.port}"
+            try:
+                httpx.post(f"{base}/collective_rpc", timeout=600.0,
+                           json={"method": "reload_weights", "kwargs": {"weights_path": str(model_path)}}
+                           ).raise_for_status()
+                httpx.post(f"{base}/reset_prefix_cache", timeout=60.0).raise_for_status()
+            except httpx.HTTPError as e:
+                raise SelfRewardError(f"the vLLM server could not load {model_path} in place ({e}): "
+                                      f"{last_error(server.log_path)} (log: {server.log_path}); "
+                                      f"vllm_swap_weights='no' starts a server per model instead") from None
+        self.model_path, self._tokenizer = str(model_path), None
+        return time.perf_counter() - t0
 
     @classmethod
     def from_config(cls, cfg, model_path: str, workdir: Path | None) -> "VLLMEngine":

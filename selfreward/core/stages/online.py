@@ -138,4 +138,4 @@ def online(base_path: str, prompts: list[dict], reward: JudgeReward, cfg, out: P
                        processing_class=load_tokenizer(base_path), peft_config=lora_config(cfg),
                        callbacks=callbacks)
 
-    return _fit(cfg.train_method, cfg, base_path, out, round, build)
+    return _fit(cfg.train_method, cfg, base_path, out, round, build, generates=True)
