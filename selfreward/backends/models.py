@@ -163,9 +163,12 @@ def sequence_logps(model, tokenizer, pairs: list[dict]) -> list[float]:
                 chat = [{"role": "user", "content": p["prompt"]}, {"role": "assistant", "content": p[key]}]
                 ids = tokenizer(tokenizer.apply_chat_template(chat, tokenize=False), add_special_tokens=False,
                                 return_tensors="pt")["input_ids"].to(dev)
-                logits = model(input_ids=ids).logits.float()
-                logp = torch.log_softmax(logits[0, :-1], dim=-1).gather(1, ids[0, 1:, None])[:, 0]
-                out.append(float(logp[start - 1:].sum()))
+                # Logits only where they predict a response token (the LM head over a 49k vocabulary at
+                # every prompt position was most of this probe's time).
+                keep = ids.shape[1] - start + 1
+                logits = model(input_ids=ids, logits_to_keep=keep).logits.float()
+                logp = torch.log_softmax(logits[0, :-1], dim=-1).gather(1, ids[0, start:, None])[:, 0]
+                out.append(float(logp.sum()))
     return out
 
 
