@@ -33,7 +33,7 @@ from safetensors.torch import load_file
 
 from selfreward.cli import cli
 from selfreward.config import resolve
-from selfreward.core.stages.train import preference, sft
+from selfreward.core.stages.train import preference, sft, use_bf16
 from selfreward.errors import SelfRewardError
 from conftest import build_tiny_model
 
@@ -86,11 +86,12 @@ def test_two_processes_log_the_losses_of_one(tiny_model, tiny64, tmp_path, heldo
     assert diff <= LOSS_TOL
     assert info_two["steps"] == 4 and math.isclose(info_two["final_loss"], info_one["final_loss"], abs_tol=LOSS_TOL)
     # The merge gap of the launched training (its adapter reloaded on its base here) is the in-process one:
-    # LoRA's rounding only, or the 4-bit base's rounding for QLoRA.
+    # LoRA's rounding only, the bf16 base's rounding where training runs in bf16 (auto on CPUs with
+    # AMX or AVX-512 BF16), or the 4-bit base's rounding for QLoRA.
     assert info_two["merge_probe_pairs"] == info_one["merge_probe_pairs"] == 2
     assert info_two["four_bit"] == info_one["four_bit"] == (kind == "simpo")
     assert math.isclose(info_two["merge_gap"], info_one["merge_gap"], rel_tol=1e-3, abs_tol=1e-4)
-    assert info_two["merge_gap"] < 1e-3 or info_two["four_bit"]
+    assert info_two["merge_gap"] < (1e-2 if use_bf16("auto") else 1e-3) or info_two["four_bit"]
     # The adapters the two trainings wrote agree as well.
     a = load_file(tmp_path / "one" / "models" / adapter.parent.name / "adapter" / "adapter_model.safetensors")
     b = load_file(adapter / "adapter_model.safetensors")

@@ -235,12 +235,13 @@ def _train_and_merge(trainer, cfg, base_path: str, out: Path, probe: list[dict] 
         _quiet(trainer).train()
     tmp = Path(trainer.args.output_dir) / "adapter"
     trainer.model.save_pretrained(tmp)
-    # Without the bf16 autocast wrapper that mixed-precision training puts on forward: the gap measures
-    # the weights (4-bit base + adapter against the merged full-precision model), not the arithmetic.
-    trained = sequence_logps(trainer.accelerator.unwrap_model(trainer.model, keep_fp32_wrapper=False),
-                             trainer.processing_class, probe) if probe else None
     del trainer
     gc.collect()
+    # The trained model as it is saved (the adapter on a fresh load of the training base), as for a
+    # launched training: some trainers (TRL's CPO and ORPO over a 4-bit base in bf16) leave their copy
+    # with bf16 embeddings that only run under autocast.
+    trained = _adapter_logps(base_path, use_4bit(cfg.load_in_4bit), use_bf16(cfg.train_precision), tmp, probe) \
+        if probe else None
     return _merge(base_path, tmp, out, probe, trained)
 
 
@@ -341,7 +342,7 @@ def _train_launched(kind: str, cfg, base_path: str, round: int, build, work: Pat
 
 def _adapter_logps(base_path: str, four_bit: bool, bf16: bool, adapter: Path, probe: list[dict]) -> list[float]:
     """The probe's log-probabilities under the trained model as it trained (4-bit or full base +
-    adapter), for the merge gap of a launched training, whose model lived in other processes."""
+    adapter, bf16 or not), without autocast: the merge gap measures the weights, not the arithmetic."""
     from peft import PeftModel
 
     model = PeftModel.from_pretrained(_load_for_training(base_path, four_bit, bf16), str(adapter))
