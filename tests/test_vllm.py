@@ -224,7 +224,7 @@ def test_vllm_engine_loads_another_model_in_place(embedded, tmp_path):
     from selfreward.config import resolve
 
     other = tmp_path / "other"
-    model = AutoModelForCausalLM.from_pretrained(embedded, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(embedded, dtype=torch.bfloat16)  # as vLLM runs it; half the disk
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "mlp.down_proj" in name:
