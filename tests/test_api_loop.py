@@ -1,6 +1,8 @@
 """The loop with an API judge on 127.0.0.1: secrets stay out of the run, and an
 unreachable API is one clear error that leaves the run resumable."""
 
+import collections
+import json
 import socket
 
 from click.testing import CliRunner
@@ -48,3 +50,98 @@ def test_unreachable_api_is_one_line_and_resumable(tmp_path, tiny_model, seed_fi
     assert "Traceback" not in result.output
     run = Run.open(tmp_path / "runs" / "api")
     assert run.db["stages"].count == 0 and run.db["eft_eval"].count == 0  # nothing half-written
+
+
+class ByPromptServer:
+    """Answers each request from its prompt alone (so that the order of concurrent requests cannot
+    change a run), after `delay` seconds; records each request's kind and the kinds in flight together."""
+
+    def __init__(self, delay: float = 0.2):
+        import hashlib
+        import threading
+        import time
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        self.prompts, self.overlaps, self.lock, flying = [], set(), threading.Lock(), []
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                prompt = body["messages"][-1]["content"]
+                kind = "pairwise" if "<response_a>" in prompt else "additive"
+                with server.lock:
+                    server.prompts.append(prompt)
+                    flying.append(kind)
+                    server.overlaps.add(frozenset(flying))
+                time.sleep(delay)
+                with server.lock:
+                    flying.remove(kind)
+                k = int(hashlib.sha256(prompt.encode()).hexdigest(), 16)
+                text = f"Compared.\nVerdict: {'AB'[k % 2]}" if kind == "pairwise" else f"Judged. Score: {k % 6}"
+                payload = json.dumps({"id": "x", "object": "chat.completion", "created": 0, "model": body["model"],
+                                      "choices": [{"index": 0, "finish_reason": "stop",
+                                                   "message": {"role": "assistant", "content": text}}],
+                                      "usage": {"prompt_tokens": 100, "completion_tokens": 7,
+                                                "total_tokens": 107}}).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(payload)))
+                self.end_headers()
+                self.wfile.write(payload)
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def test_eval_probes_judge_at_once_on_a_server_as_they_would_one_by_one(tmp_path, tiny_model, seed_files,
+                                                                         monkeypatch):
+    """The eval stage's parts run together against a server (the position probe's pairwise requests in
+    flight with the held-out judging), each asked once (the verbosity probe's unpadded answers come back
+    from the checkpoint, written from another thread), and the stored metrics and judgments are those
+    of the same stage run one part after the other."""
+    from selfreward.core.stages import evaluate
+
+    monkeypatch.setenv("SR_TEST_KEY", SECRET)
+    ranked = tmp_path / "ranked.jsonl"  # two prompts, three answers each, ranked 0 (best) to 2
+    ranked.write_text("".join(json.dumps({"instruction": f"Explain {w} briefly",
+                                          "responses": [{"text": f"{w}: a clear, correct account.", "rank": 0},
+                                                        {"text": f"{w} is a thing.", "rank": 1},
+                                                        {"text": "No idea.", "rank": 2}]}) + "\n"
+                              for w in ("tides", "rust")))
+    extra = ["--rounds", "1", "--eft-eval", str(ranked), "--set", "eval_eft_size=0", "--set", "eval_bias_prompts=2",
+             "--set", "judge_api_concurrency=4"]
+    tables = {}
+    for name, parallel in (("together", None), ("in_order", False)):
+        together = evaluate.together
+        if parallel is False:
+            monkeypatch.setattr(evaluate, "together", lambda calls, parallel: together(calls, False))
+        with ByPromptServer() as srv:
+            argv = args(tmp_path, tiny_model, seed_files, srv.url)
+            argv[argv.index("--name") + 1] = name
+            result = CliRunner().invoke(cli, argv + extra, catch_exceptions=False)
+        assert result.exit_code == 0, result.output
+        run = Run.open(tmp_path / "runs" / name)
+        tables[name] = (run.rows("select round, model, name, value from metrics order by round, model, name"),
+                        run.rows("select round, model, example, score, raw from eft_eval order by round, model, example"),
+                        sorted(srv.prompts))
+        overlapped = frozenset({"additive", "pairwise"}) in srv.overlaps
+        assert overlapped == (parallel is None)
+        # Nothing asked twice in a stage: the API judge asks the same of M0's and of M1's eval stage.
+        assert set(collections.Counter(srv.prompts).values()) == {2}
+        run.db.close()
+    assert tables["together"] == tables["in_order"]
+    metrics = {r["name"] for r in tables["together"][0]}
+    assert {"bias_position_n", "bias_verbosity_n", "eft_parse_rate"} <= metrics

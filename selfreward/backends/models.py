@@ -84,6 +84,27 @@ def gguf_to_folder(gguf: Path, name: str | None = None) -> Path:
     return target
 
 
+def free_memory() -> None:
+    """Collect garbage and hand freed memory back: CUDA's cache, and on glibc the heap's free pages
+    (malloc_trim). Without the trim a process that trained keeps its peak: after the demo's SFT the
+    loop held 2 GiB it no longer used, under every later stage's peak."""
+    import ctypes
+    import ctypes.util
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    libc = ctypes.util.find_library("c")
+    if libc and "musl" not in libc:
+        try:
+            ctypes.CDLL(libc).malloc_trim(0)
+        except (OSError, AttributeError):  # not glibc
+            pass
+
+
 def device() -> str:
     import torch
 

@@ -12,16 +12,34 @@ from __future__ import annotations
 
 import hashlib
 import json
+import threading
+from pathlib import Path
 
 from selfreward.core import failpoints
+from selfreward.core.store import connect
 from selfreward.backends.engines import Completion, Engine, Prompt, Sampling
 
 TABLE = "generation_checkpoint"
 
 
 class Checkpoint:
+    """The scratch table of one run.db. Usable from several threads at once (the eval stage judges
+    its probes concurrently): the thread that made it uses the run's connection, any other thread
+    a connection of its own to the same file (WAL), writing one thread at a time."""
+
     def __init__(self, db):
-        self.db = db
+        self._db, self._owner = db, threading.get_ident()
+        self._path = next(row[2] for row in db.execute("pragma database_list").fetchall() if row[1] == "main")
+        self._local, self._write = threading.local(), threading.Lock()
+
+    @property
+    def db(self):
+        if threading.get_ident() == self._owner:
+            return self._db
+        db = getattr(self._local, "db", None)
+        if db is None:
+            db = self._local.db = connect(Path(self._path), writer=False)
+        return db
 
     @staticmethod
     def key(namespace: str, prompt: Prompt, sample: int, params: tuple) -> str:
@@ -41,7 +59,9 @@ class Checkpoint:
         return found
 
     def put_many(self, rows: list[dict]) -> None:
-        with self.db.atomic():
+        # One writer at a time: a transaction whose read snapshot another thread's commit outdated
+        # would fail at once (SQLITE_BUSY_SNAPSHOT), not wait.
+        with self._write, self.db.atomic():
             self.db[TABLE].insert_all(
                 [{**r, "usage": json.dumps(r["usage"]) if r.get("usage") else None} for r in rows], replace=True)
 

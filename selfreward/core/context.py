@@ -146,13 +146,9 @@ class Context:
             else:
                 self._engine.close()
             self._engine = self._engine_model = None
-            import gc
+            from selfreward.backends.models import free_memory
 
-            gc.collect()
-            import torch
-
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
+            free_memory()
 
     def close(self) -> None:
         """Release everything, the API client too (end of a command)."""

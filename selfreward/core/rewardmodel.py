@@ -15,13 +15,12 @@ steps in `training_steps` (kind 'reward'), and its held-out judge metrics in
 
 from __future__ import annotations
 
-import gc
 import re
 import shutil
 from itertools import combinations
 from pathlib import Path
 
-from selfreward.backends.models import device, load_tokenizer, merge_adapter
+from selfreward.backends.models import device, free_memory, load_tokenizer, merge_adapter
 from selfreward.core.stages.train import (LogRows, _common_args, _model_row, _quiet, final_loss, lora_config, scratch,
                                           tracking)
 from selfreward.errors import SelfRewardError
@@ -128,7 +127,7 @@ def train_reward_model(base_path: str, pairs: list[dict], cfg, out: Path, *, rou
             adapter = work / "adapter"
             trainer.model.save_pretrained(adapter)
             del trainer, model
-            gc.collect()
+            free_memory()
         merge_adapter(base_path, adapter, out, load=lambda path: load_classifier(path, tokenizer.pad_token_id))
         shutil.move(str(adapter), out / "adapter")
     finally:

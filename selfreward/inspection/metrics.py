@@ -241,9 +241,18 @@ def position_probe(pairwise_judge, groups: list[EvalGroup], seed: int) -> dict[s
     return out
 
 
-def self_preference_probe(engine, judge, groups: list[EvalGroup], sampling, seed: int) -> dict[str, float]:
-    """Does the judge favour its own writing? The model answers each prompt itself; the judge
-    then scores its own answer beside the set's answers (written by others) in one group.
+def self_preference_answers(engine, groups: list[EvalGroup], sampling) -> list[str]:
+    """The model's own answer to each prompt ('' where its request failed)."""
+    outs = engine.generate([[{"role": "user", "content": g.instruction}] for g in groups], 1, sampling,
+                           desc="self-preference answers")
+    return [o[0].text if not o[0].error else "" for o in outs]
+
+
+def self_preference_probe(engine, judge, groups: list[EvalGroup], sampling, seed: int,
+                          own: list[str] | None = None) -> dict[str, float]:
+    """Does the judge favour its own writing? The model answers each prompt itself (or `own` holds
+    its answers, from self_preference_answers); the judge then scores its own answer beside the
+    set's answers (written by others) in one group.
 
     - bias_selfpref_gap: mean over prompts of (own score - mean score of the others), in points.
     - bias_selfpref_over_best: share of prompts where its own answer outscored the human-best one.
@@ -251,9 +260,8 @@ def self_preference_probe(engine, judge, groups: list[EvalGroup], sampling, seed
       same prompts, in the same judging: a judge that orders humans' answers no better than chance
       and puts its own on top is showing noise, not only self-preference.
     """
-    outs = engine.generate([[{"role": "user", "content": g.instruction}] for g in groups], 1, sampling,
-                           desc="self-preference answers")
-    own = [o[0].text if not o[0].error else "" for o in outs]
+    if own is None:
+        own = self_preference_answers(engine, groups, sampling)
     kept = [(g, text) for g, text in zip(groups, own) if text.strip()]
     if not kept:
         return {"bias_selfpref_n": 0}

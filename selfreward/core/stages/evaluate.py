@@ -9,9 +9,12 @@ OpenAssistant import, say)."""
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
 from selfreward.backends.engines import Sampling
 from selfreward.inspection.metrics import (expected_metrics, expected_scores, finite, judge_scores, load_eval_set,
-                                           position_probe, quality_metrics, self_preference_probe, verbosity_probe)
+                                           position_probe, quality_metrics, self_preference_answers,
+                                           self_preference_probe, verbosity_probe)
 
 
 def run(ctx, t: int, model: str) -> None:
@@ -23,7 +26,7 @@ def run(ctx, t: int, model: str) -> None:
     groups = held_out(cfg)
     with ctx.stage(t, stage) as commit:
         judge, seed = ctx.judge(model), ctx.seed(t, stage)
-        scores, results = judge_scores(judge, groups, seed)
+        (scores, results), panels = judge_and_probe(ctx, model, judge, groups, seed)
         rows, k = [], 0
         for g, s, e, result in zip(groups, scores, expected_scores(results), results):
             golds = g.gold_scores or [None] * len(s)
@@ -34,7 +37,7 @@ def run(ctx, t: int, model: str) -> None:
                 k += 1
         quality = {**quality_metrics(groups, scores, results), **expected_metrics(groups, results)}
         metrics = {f"eft_{name}": value for name, value in finite(quality).items()}
-        metrics.update(finite(bias_panels(ctx, model, judge, groups, seed)))
+        metrics.update(finite(panels))
         commit.insert_all("eft_eval", rows)
         commit.insert_all("metrics", [{"round": t, "model": model, "name": name, "value": value}
                                       for name, value in metrics.items()])
@@ -57,22 +60,51 @@ def held_out(cfg) -> list:
     return out
 
 
-def bias_panels(ctx, model: str, judge, groups: list, seed: int) -> dict[str, float]:
-    """The bias probes on the first eval_bias_prompts prompts that humans ranked apart (0 = off):
-    position inconsistency (the judge's own engine and prompt style, asked pairwise in both
-    orders), the verbosity probe, and, for the self judge, self-preference."""
+def judge_and_probe(ctx, model: str, judge, groups: list, seed: int):
+    """The held-out judging (judge_scores' scores and results) and the bias panels on the first
+    eval_bias_prompts prompts that humans ranked apart (0 = off): position inconsistency (the
+    judge's own engine and prompt style, asked pairwise in both orders), the verbosity probe,
+    and, for the self judge, self-preference.
+
+    In two waves: the held-out judging, the position probe and the model's own answers, then the
+    probes that judge again what the first wave judged (the stage's checkpoint gives those back
+    rather than asking twice). Where the judge's engine takes requests from several threads (a
+    server: vllm, openai), each wave's parts run at once, so that the server batches them
+    together: on the demo's CPU, a judging's time is mostly its longest answer's decoding."""
     from selfreward.backends.judges.llm import LLMJudge
 
     cfg = ctx.cfg
     probe = [g for g in groups if len(set(g.preference)) > 1][: cfg.eval_bias_prompts]
-    if not probe:
-        return {}
-    out: dict[str, float] = {}
-    if isinstance(judge, LLMJudge):
+    llm = isinstance(judge, LLMJudge)
+    own = None
+    if probe and cfg.judge == "self":
+        own = ctx.engine(model), Sampling(cfg.candidate_temperature, cfg.candidate_top_p,
+                                          cfg.candidate_max_new_tokens, seed)
+    parallel = llm and getattr(judge.engine, "seeds_per_request", False)
+
+    def position():
         pairwise = judge if judge.mode == "pairwise" else LLMJudge(judge.engine, judge.sampling, "pairwise", judge.name)
-        out.update(position_probe(pairwise, probe, seed))
-    out.update({f"bias_{k}": v for k, v in verbosity_probe(judge, probe, seed, limit=len(probe)).items()})
-    if cfg.judge == "self":
-        sampling = Sampling(cfg.candidate_temperature, cfg.candidate_top_p, cfg.candidate_max_new_tokens, seed)
-        out.update(self_preference_probe(ctx.engine(model), judge, probe, sampling, seed))
-    return out
+        return position_probe(pairwise, probe, seed)
+
+    first = together({"held_out": lambda: judge_scores(judge, groups, seed),
+                      "position": position if probe and llm else None,
+                      "answers": (lambda: self_preference_answers(own[0], probe, own[1])) if own else None},
+                     parallel)
+    second = together({
+        "verbosity": (lambda: verbosity_probe(judge, probe, seed, limit=len(probe))) if probe else None,
+        "self": (lambda: self_preference_probe(own[0], judge, probe, own[1], seed, first["answers"])) if own else None,
+    }, parallel)
+    panels = dict(first.get("position", {}))
+    panels.update({f"bias_{k}": v for k, v in second.get("verbosity", {}).items()})
+    panels.update(second.get("self", {}))
+    return first["held_out"], panels
+
+
+def together(calls: dict, parallel: bool) -> dict:
+    """Each call's result by name (None calls skipped): in threads at once where `parallel`, else in order."""
+    todo = {name: call for name, call in calls.items() if call is not None}
+    if not parallel or len(todo) < 2:
+        return {name: call() for name, call in todo.items()}
+    with ThreadPoolExecutor(len(todo)) as pool:
+        futures = {name: pool.submit(call) for name, call in todo.items()}
+        return {name: future.result() for name, future in futures.items()}

@@ -9,7 +9,6 @@ comes back as rows for the `training_steps` table.
 
 from __future__ import annotations
 
-import gc
 import json
 import math
 import os
@@ -22,7 +21,7 @@ from transformers.trainer_callback import ProgressCallback
 
 from selfreward.config import launched, loss_types, trackers
 from selfreward.core import failpoints
-from selfreward.backends.models import load_model, load_tokenizer, merge_adapter, sequence_logps, use_4bit
+from selfreward.backends.models import free_memory, load_model, load_tokenizer, merge_adapter, sequence_logps, use_4bit
 
 LOG_KEYS = {"loss": "loss", "learning_rate": "learning_rate", "grad_norm": "grad_norm",
             "rewards/margins": "rewards_margin", "rewards/accuracies": "rewards_accuracy",
@@ -236,7 +235,7 @@ def _train_and_merge(trainer, cfg, base_path: str, out: Path, probe: list[dict] 
     tmp = Path(trainer.args.output_dir) / "adapter"
     trainer.model.save_pretrained(tmp)
     del trainer
-    gc.collect()
+    free_memory()
     # The trained model as it is saved (the adapter on a fresh load of the training base), as for a
     # launched training: some trainers (TRL's CPO and ORPO over a 4-bit base in bf16) leave their copy
     # with bf16 embeddings that only run under autocast.
@@ -316,6 +315,7 @@ def _fit(kind: str, cfg, base_path: str, out: Path, round: int, build,
                 rows = logs.rows
     finally:
         shutil.rmtree(work, ignore_errors=True)
+        free_memory()  # the merge's two copies of the model
     info.update(method=kind, four_bit=four_bit, steps=len(rows),
                 final_loss=final_loss(rows, f"{kind} training of {out.name}", "lower the learning rate"))
     return rows, adapter, info
@@ -350,7 +350,7 @@ def _adapter_logps(base_path: str, four_bit: bool, bf16: bool, adapter: Path, pr
         return sequence_logps(model, load_tokenizer(base_path), probe)
     finally:
         del model
-        gc.collect()
+        free_memory()
 
 
 def final_loss(rows: list[dict], what: str, hint: str) -> float:
