@@ -109,3 +109,40 @@ def test_sft_on_a_bf16_base_follows_the_fp32_loss_curve(tiny_model, tmp_path):
     assert len(losses["fp32"]) == len(losses["bf16"]) == 8  # 16 examples, batch 4, two epochs
     for a, b in zip(losses["fp32"], losses["bf16"]):
         assert b == pytest.approx(a, rel=0.02)
+
+
+def test_right_padded_batches_train_without_their_padding_mask_and_the_same_outputs(tiny_model):
+    """lean() drops the attention mask of a right-padded batch (causal attention alone, its fast
+    path): every real position's logits are those of the masked forward, and a mask with leading
+    pads or a hole is kept. Outside lean() the model sees the mask as given."""
+    from selfreward.core.stages.train import causal_only
+
+    model = _peft(tiny_model, 0.0).eval()
+    torch.manual_seed(0)
+    ids = torch.randint(3, 300, (3, 24))
+    right = torch.ones(3, 24, dtype=torch.long)
+    right[1, 15:] = 0  # right-padded rows of 24, 15 and 9 real tokens
+    right[2, 9:] = 0
+    seen = []
+    spy = model.get_base_model().model.register_forward_pre_hook(
+        lambda m, a, kw: seen.append(kw.get("attention_mask")), with_kwargs=True)
+    cfg = resolve({}, {"preset": "tiny", "lean_training": "yes", "train_precision": "fp32"})
+    with torch.no_grad():
+        masked = model(input_ids=ids, attention_mask=right).logits
+        with lean(SimpleNamespace(model=model), cfg):
+            causal = model(input_ids=ids, attention_mask=right).logits
+        after = model(input_ids=ids, attention_mask=right).logits
+    spy.remove()
+    assert seen[0] is not None and seen[1] is None and seen[2] is not None  # dropped inside lean() only
+    real = right.bool()
+    assert torch.allclose(masked[real], causal[real], atol=1e-5)
+    assert torch.equal(masked, after)
+
+    kwargs = {"input_ids": ids}
+    assert causal_only(model, (), {**kwargs, "attention_mask": right})[1]["attention_mask"] is None
+    left = right.flip(1)  # leading pads: positions differ from the causal default
+    hole = right.clone()
+    hole[0, 5] = 0
+    for mask in (left, hole):
+        assert causal_only(model, (), {**kwargs, "attention_mask": mask}) is None
+    assert causal_only(model, (), {**kwargs, "attention_mask": right, "position_ids": torch.zeros(3, 24)}) is None

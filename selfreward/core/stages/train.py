@@ -160,6 +160,10 @@ def lean(trainer, cfg, generates: bool = False):
       eager CPU has no such need, and the prompt positions it would score are masked to zero.
       On the demo's SFT data that is 7 positions in 8 (long judge prompts, short judgments).
     - LoRA dropout masks come from FastDropout (selfreward.core.dropout).
+    - A right-padded batch goes to the model without its attention mask (causal_only): in a causal
+      LM no real token attends to a later position, so the pads at the end change none of the
+      real positions' outputs, and attention takes its causal path (half the products of a full
+      masked one, and no mask to build). Rows whose mask has a hole or leading pads keep it.
     - Over a bf16 base under autocast the adapters take their inputs as they come, in bf16 (peft
       would copy each to the adapter's fp32 first, for autocast to copy it back). Trainers that
       generate (`generates`: online RL) keep peft's casting, since generation may run outside
@@ -182,14 +186,29 @@ def lean(trainer, cfg, generates: bool = False):
         layers = [m for m in trainer.model.modules() if getattr(m, "cast_input_dtype_enabled", False)]
     for m in layers:
         m.cast_input_dtype_enabled = False
+    hook = trainer.model.register_forward_pre_hook(causal_only, with_kwargs=True)
     try:
         with fast_lora_dropout(trainer.model):
             yield
     finally:
+        hook.remove()
         for m in layers:
             m.cast_input_dtype_enabled = True
         if compact:
             trl_utils._use_triton = triton
+
+
+def causal_only(module, args, kwargs):
+    """Forward pre-hook: drops kwargs' attention_mask where every row is right-padded (ones, then
+    only zeros) and no position_ids or cache are passed: what the causal mask alone gives the
+    real tokens is then exactly what the padding mask added to it gives them."""
+    mask = kwargs.get("attention_mask")
+    if mask is None or mask.dim() != 2 or kwargs.get("position_ids") is not None \
+            or kwargs.get("past_key_values") is not None or not mask[:, 0].all():
+        return None
+    if mask.shape[1] > 1 and not (mask[:, :-1] >= mask[:, 1:]).all():
+        return None
+    return args, {**kwargs, "attention_mask": None}
 
 
 def scratch(out: Path) -> Path:
