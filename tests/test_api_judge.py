@@ -23,9 +23,11 @@ from selfreward.backends.judges.llm import LLMJudge
 
 class ScriptedServer:
     """Pops one scripted step per request: {"content": str} | {"status": int} | {"delay": s, "content": str}
-    | {"reset": True} (hang up without a reply) | {"raw": str} (a 200 whose body is this text)."""
+    | {"reset": True} (hang up without a reply) | {"raw": str} (a 200 whose body is this text).
+    With `answer`, the step is answer(request body) instead. Each request is recorded with the
+    times it arrived and was answered (`start`, `end`: time.monotonic)."""
 
-    def __init__(self, script: list[dict]):
+    def __init__(self, script: list[dict], answer=None):
         self.script, self.requests, self.lock = list(script), [], threading.Lock()
         self.in_flight = self.max_in_flight = 0
         server = self
@@ -36,15 +38,17 @@ class ScriptedServer:
 
             def do_POST(self):
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                record = {"path": self.path, "body": body, "auth": self.headers.get("Authorization"),
+                          "start": time.monotonic()}
                 with server.lock:
-                    server.requests.append({"path": self.path, "body": body,
-                                            "auth": self.headers.get("Authorization")})
-                    step = server.script.pop(0) if server.script else {"status": 500}
+                    server.requests.append(record)
+                    step = answer(body) if answer else server.script.pop(0) if server.script else {"status": 500}
                     server.in_flight += 1
                     server.max_in_flight = max(server.max_in_flight, server.in_flight)
                 time.sleep(step.get("delay", 0))
                 with server.lock:
                     server.in_flight -= 1
+                    record["end"] = time.monotonic()
                 if step.get("reset"):
                     self.close_connection = True
                     return  # no status line at all: the client sees the connection drop

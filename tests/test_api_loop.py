@@ -2,6 +2,7 @@
 unreachable API is one clear error that leaves the run resumable."""
 
 import collections
+import hashlib
 import json
 import socket
 
@@ -52,58 +53,21 @@ def test_unreachable_api_is_one_line_and_resumable(tmp_path, tiny_model, seed_fi
     assert run.db["stages"].count == 0 and run.db["eft_eval"].count == 0  # nothing half-written
 
 
-class ByPromptServer:
-    """Answers each request from its prompt alone (so that the order of concurrent requests cannot
-    change a run), after `delay` seconds; records each request's kind and the kinds in flight together."""
+def by_prompt(body: dict) -> dict:
+    """A reply from the prompt alone (so that the order of concurrent requests cannot change a
+    run), after 0.2 s: a verdict for a pairwise prompt, a score for an additive one."""
+    prompt = body["messages"][-1]["content"]
+    k = int(hashlib.sha256(prompt.encode()).hexdigest(), 16)
+    if "<response_a>" in prompt:
+        return {"delay": 0.2, "content": f"Compared.\nVerdict: {'AB'[k % 2]}"}
+    return {"delay": 0.2, "content": f"Judged. Score: {k % 6}"}
 
-    def __init__(self, delay: float = 0.2):
-        import hashlib
-        import threading
-        import time
-        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-        self.prompts, self.overlaps, self.lock, flying = [], set(), threading.Lock(), []
-        server = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args):
-                pass
-
-            def do_POST(self):
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                prompt = body["messages"][-1]["content"]
-                kind = "pairwise" if "<response_a>" in prompt else "additive"
-                with server.lock:
-                    server.prompts.append(prompt)
-                    flying.append(kind)
-                    server.overlaps.add(frozenset(flying))
-                time.sleep(delay)
-                with server.lock:
-                    flying.remove(kind)
-                k = int(hashlib.sha256(prompt.encode()).hexdigest(), 16)
-                text = f"Compared.\nVerdict: {'AB'[k % 2]}" if kind == "pairwise" else f"Judged. Score: {k % 6}"
-                payload = json.dumps({"id": "x", "object": "chat.completion", "created": 0, "model": body["model"],
-                                      "choices": [{"index": 0, "finish_reason": "stop",
-                                                   "message": {"role": "assistant", "content": text}}],
-                                      "usage": {"prompt_tokens": 100, "completion_tokens": 7,
-                                                "total_tokens": 107}}).encode()
-                self.send_response(200)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(payload)))
-                self.end_headers()
-                self.wfile.write(payload)
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
-
-    def __enter__(self):
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.httpd.shutdown()
-        self.httpd.server_close()
+def overlapped(requests: list[dict]) -> bool:
+    """Whether a pairwise and an additive request were in flight at the same time."""
+    pairwise = [r for r in requests if "<response_a>" in r["body"]["messages"][-1]["content"]]
+    additive = [r for r in requests if r not in pairwise]
+    return any(p["start"] < a["end"] and a["start"] < p["end"] for p in pairwise for a in additive)
 
 
 def test_eval_probes_judge_at_once_on_a_server_as_they_would_one_by_one(tmp_path, tiny_model, seed_files,
@@ -128,19 +92,19 @@ def test_eval_probes_judge_at_once_on_a_server_as_they_would_one_by_one(tmp_path
         together = evaluate.together
         if parallel is False:
             monkeypatch.setattr(evaluate, "together", lambda calls, parallel: together(calls, False))
-        with ByPromptServer() as srv:
+        with ScriptedServer([], answer=by_prompt) as srv:
             argv = args(tmp_path, tiny_model, seed_files, srv.url)
             argv[argv.index("--name") + 1] = name
             result = CliRunner().invoke(cli, argv + extra, catch_exceptions=False)
         assert result.exit_code == 0, result.output
+        prompts = [r["body"]["messages"][-1]["content"] for r in srv.requests]
         run = Run.open(tmp_path / "runs" / name)
         tables[name] = (run.rows("select round, model, name, value from metrics order by round, model, name"),
                         run.rows("select round, model, example, score, raw from eft_eval order by round, model, example"),
-                        sorted(srv.prompts))
-        overlapped = frozenset({"additive", "pairwise"}) in srv.overlaps
-        assert overlapped == (parallel is None)
+                        sorted(prompts))
+        assert overlapped(srv.requests) == (parallel is None)
         # Nothing asked twice in a stage: the API judge asks the same of M0's and of M1's eval stage.
-        assert set(collections.Counter(srv.prompts).values()) == {2}
+        assert set(collections.Counter(prompts).values()) == {2}
         run.db.close()
     assert tables["together"] == tables["in_order"]
     metrics = {r["name"] for r in tables["together"][0]}
