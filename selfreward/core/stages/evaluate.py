@@ -76,10 +76,9 @@ def judge_and_probe(ctx, model: str, judge, groups: list, seed: int):
     cfg = ctx.cfg
     probe = [g for g in groups if len(set(g.preference)) > 1][: cfg.eval_bias_prompts]
     llm = isinstance(judge, LLMJudge)
-    own = None
-    if probe and cfg.judge == "self":
-        own = ctx.engine(model), Sampling(cfg.candidate_temperature, cfg.candidate_top_p,
-                                          cfg.candidate_max_new_tokens, seed)
+    # Self-preference (self judge only): the policy's own answers, sampled as its candidates are.
+    policy = ctx.engine(model) if probe and cfg.judge == "self" else None
+    answering = Sampling(cfg.candidate_temperature, cfg.candidate_top_p, cfg.candidate_max_new_tokens, seed)
     parallel = llm and getattr(judge.engine, "seeds_per_request", False)
 
     def position():
@@ -88,11 +87,12 @@ def judge_and_probe(ctx, model: str, judge, groups: list, seed: int):
 
     first = together({"held_out": lambda: judge_scores(judge, groups, seed),
                       "position": position if probe and llm else None,
-                      "answers": (lambda: self_preference_answers(own[0], probe, own[1])) if own else None},
+                      "answers": (lambda: self_preference_answers(policy, probe, answering)) if policy else None},
                      parallel)
     second = together({
         "verbosity": (lambda: verbosity_probe(judge, probe, seed, limit=len(probe))) if probe else None,
-        "self": (lambda: self_preference_probe(own[0], judge, probe, own[1], seed, first["answers"])) if own else None,
+        "self": (lambda: self_preference_probe(policy, judge, probe, answering, seed, first["answers"]))
+        if policy else None,
     }, parallel)
     panels = dict(first.get("position", {}))
     panels.update({f"bias_{k}": v for k, v in second.get("verbosity", {}).items()})
