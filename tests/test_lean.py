@@ -124,15 +124,22 @@ def test_right_padded_batches_train_without_their_padding_mask_and_the_same_outp
     right[1, 15:] = 0  # right-padded rows of 24, 15 and 9 real tokens
     right[2, 9:] = 0
     seen = []
-    spy = model.get_base_model().model.register_forward_pre_hook(
-        lambda m, a, kw: seen.append(kw.get("attention_mask")), with_kwargs=True)
+    decoder = model.get_base_model().model
+
+    def call():
+        spy = decoder.register_forward_pre_hook(lambda m, a, kw: seen.append(kw.get("attention_mask")),
+                                                with_kwargs=True)  # after lean()'s hooks: what the decoder gets
+        try:
+            return model(input_ids=ids, attention_mask=right).logits
+        finally:
+            spy.remove()
+
     cfg = resolve({}, {"preset": "tiny", "lean_training": "yes", "train_precision": "fp32"})
     with torch.no_grad():
-        masked = model(input_ids=ids, attention_mask=right).logits
+        masked = call()
         with lean(SimpleNamespace(model=model), cfg):
-            causal = model(input_ids=ids, attention_mask=right).logits
-        after = model(input_ids=ids, attention_mask=right).logits
-    spy.remove()
+            causal = call()
+        after = call()
     assert seen[0] is not None and seen[1] is None and seen[2] is not None  # dropped inside lean() only
     real = right.bool()
     assert torch.allclose(masked[real], causal[real], atol=1e-5)

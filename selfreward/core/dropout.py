@@ -1,15 +1,21 @@
-"""LoRA dropout that costs less on CPU.
+"""LoRA adapters that cost less on CPU: their dropout, and how their output is added.
 
 PEFT puts an `nn.Dropout` before every LoRA adapter: seven per decoder layer, each on the
 full hidden state. On CPU its mask comes from `bernoulli_`, which draws one random number
 per element in a scalar loop; in a LoRA step of SmolLM2-135M that was a fifth of the time
 (bench/training.py). `FastDropout` draws 64-bit words with `random_` (a vectorised
 generator) and cuts each into four 16-bit lanes, 15 of whose bits decide whether an element
-is dropped: p is rounded to a multiple of 1/32768 (0.1 becomes 0.100006), and the same
-torch seed gives the same masks. The backward pass reuses the boolean mask it saved.
+is dropped: p is rounded to a multiple of 1/32768 (0.1 becomes 0.100006), and the same torch seed gives the
+same masks. The backward pass reuses the boolean mask it saved.
 
 Only the mask's random stream differs from `nn.Dropout`; the rule is the same inverted
 dropout (kept elements scaled by 1 / (1 - p)).
+
+`lean_lora` also gives each plain LoRA layer (one adapter, not merged, no DoRA) a forward that
+adds the adapter's product into the base layer's output in one `addmm_`: PEFT's
+`result + lora_B(lora_A(dropout(x))) * scaling` passes over the full output twice more (the
+scaling, then the sum) and over the input once more (dropout's 1 / (1 - p)); here both scales
+are folded into the rank-r product. The arithmetic is the same up to where bf16 rounds.
 """
 
 from __future__ import annotations
@@ -44,13 +50,17 @@ class FastDropout(torch.nn.Module):
         self.threshold = round(p * LANES)
         self.p = self.threshold / LANES
 
+    def mask(self, x: torch.Tensor) -> torch.Tensor:
+        """A fresh boolean mask of x's shape: True where an element is dropped (with probability p).
+        Only 15 bits of a lane are used: random_ leaves a 64-bit word's sign bit 0."""
+        n = x.numel()
+        words = torch.empty((n + 3) // 4, dtype=torch.int64, device=x.device).random_()
+        return (words.view(torch.int16)[:n].view(x.shape) & (LANES - 1)) < self.threshold
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or self.threshold == 0:
             return x
-        n = x.numel()
-        words = torch.empty((n + 3) // 4, dtype=torch.int64, device=x.device).random_()
-        lanes = words.view(torch.int16)[:n].view(x.shape) & (LANES - 1)
-        return _Drop.apply(x, lanes < self.threshold, 1.0 / (1.0 - self.p))
+        return _Drop.apply(x, self.mask(x), 1.0 / (1.0 - self.p))
 
     def extra_repr(self) -> str:
         return f"p={self.p:.6f}"
@@ -74,3 +84,74 @@ def fast_lora_dropout(model):
     finally:
         for drops, name, drop in swapped:
             drops[name] = drop
+
+
+class _Zero(torch.autograd.Function):
+    """x with the `drop` elements zeroed; the same elements of the gradient zeroed."""
+
+    @staticmethod
+    def forward(ctx, x, drop):
+        ctx.save_for_backward(drop)
+        return x.masked_fill(drop, 0)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (drop,) = ctx.saved_tensors
+        return grad.masked_fill(drop, 0), None
+
+
+def _adapter(layer) -> str | None:
+    """The one plain adapter `layer` (a PEFT LoRA Linear) runs unmerged, or None."""
+    active = layer.active_adapters
+    if len(active) != 1 or layer.disable_adapters or layer.merged:
+        return None
+    name = active[0]
+    if name not in layer.lora_A or name in getattr(layer, "lora_variant", {}) or layer.lora_B[name].bias is not None:
+        return None
+    return name
+
+
+def lean_forward(layer, original, x, *args, **kwargs):
+    """A PEFT LoRA Linear's forward: base(x) + scaling * B(A(dropout(x))), the adapter's product
+    added into the base output in place, dropout's and LoRA's scales applied to it; anything
+    but the plain case goes to PEFT's own forward (`original`)."""
+    name = None if args or kwargs else _adapter(layer)
+    drop = layer.lora_dropout[name] if name else None
+    scale = layer.scaling[name] if name else 1.0
+    if isinstance(drop, FastDropout) and drop.training and drop.threshold:
+        mask = drop.mask
+    elif isinstance(drop, torch.nn.Identity) or (isinstance(drop, torch.nn.Dropout) and (drop.p == 0 or not drop.training)) \
+            or (isinstance(drop, FastDropout) and not (drop.training and drop.threshold)):
+        mask = None
+    else:
+        return original(x, *args, **kwargs)
+    result = layer.base_layer(x)
+    lora_a, lora_b = layer.lora_A[name], layer.lora_B[name]
+    x = layer._cast_input_dtype(x, lora_a.weight.dtype)
+    if mask is not None:
+        x = _Zero.apply(x, mask(x))
+        scale = scale / (1.0 - drop.p)
+    low = lora_a(x)
+    dtype = result.dtype
+    result.view(-1, result.shape[-1]).addmm_(low.reshape(-1, low.shape[-1]).to(dtype), lora_b.weight.to(dtype).t(),
+                                             alpha=scale)
+    return result
+
+
+@contextmanager
+def lean_lora(model):
+    """fast_lora_dropout, and every PEFT LoRA Linear of `model` on lean_forward, while the block
+    runs; then put back."""
+    from functools import partial
+
+    from peft.tuners.lora.layer import Linear
+
+    layers = [m for m in model.modules() if isinstance(m, Linear) and "forward" not in m.__dict__]
+    with fast_lora_dropout(model) as swapped:
+        for layer in layers:
+            layer.forward = partial(lean_forward, layer, layer.forward)
+        try:
+            yield swapped
+        finally:
+            for layer in layers:
+                del layer.forward

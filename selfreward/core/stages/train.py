@@ -13,7 +13,7 @@ import json
 import math
 import os
 import shutil
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 from transformers import TrainerCallback
@@ -158,8 +158,10 @@ def lean(trainer, cfg, generates: bool = False):
     - TRL's fused LM head scores only the positions that have a label. Off Triton devices it
       scores every position, so that a compiler (Neuron) sees the same tile shapes each batch;
       eager CPU has no such need, and the prompt positions it would score are masked to zero.
-      On the demo's SFT data that is 7 positions in 8 (long judge prompts, short judgments).
-    - LoRA dropout masks come from FastDropout (selfreward.core.dropout).
+      On the demo's SFT data that is 7 positions in 8 (long judge prompts, short judgments). Its
+      torch tiles skip identity scalings and fp32 copies (selfreward.core.lmhead).
+    - LoRA dropout masks come from FastDropout, and each adapter's product is added into its
+      base layer's output in place, both scales folded in (selfreward.core.dropout.lean_lora).
     - A right-padded batch goes to the model without its attention mask (causal_only): in a causal
       LM no real token attends to a later position, so the pads at the end change none of the
       real positions' outputs, and attention takes its causal path (half the products of a full
@@ -167,35 +169,45 @@ def lean(trainer, cfg, generates: bool = False):
     - Over a bf16 base under autocast the adapters take their inputs as they come, in bf16 (peft
       would copy each to the adapter's fp32 first, for autocast to copy it back). Trainers that
       generate (`generates`: online RL) keep peft's casting, since generation may run outside
-      autocast."""
+      autocast.
+    - In bf16, causal attention over up to 768 tokens runs as whole-matrix products
+      (selfreward.core.attention) instead of SDPA's flash kernel: half the time a layer. And a
+      right-padded batch of several rows (DPO's chosen and rejected) reaches the decoder packed
+      into one row (selfreward.core.packing): its pads are not computed."""
     import torch
-    import trl.trainer.utils as trl_utils
 
-    from selfreward.core.dropout import fast_lora_dropout
+    from selfreward.core import attention, packing
+    from selfreward.core.dropout import lean_lora
+    from selfreward.core.lmhead import lean_head
 
     cpu = not torch.cuda.is_available()
     if cfg.lean_training == "no" or (cfg.lean_training == "auto" and not cpu):
         yield
         return
-    compact = cpu and callable(getattr(trl_utils, "_use_triton", None))
-    if compact:
-        triton = trl_utils._use_triton
-        trl_utils._use_triton = lambda device: device.type == "cpu" or triton(device)
     layers = []
     if cpu and not generates and use_bf16(cfg.train_precision) and not use_4bit(cfg.load_in_4bit):
         layers = [m for m in trainer.model.modules() if getattr(m, "cast_input_dtype_enabled", False)]
     for m in layers:
         m.cast_input_dtype_enabled = False
-    hook = trainer.model.register_forward_pre_hook(causal_only, with_kwargs=True)
+    config = trainer.model.config
+    implementation = config._attn_implementation
+    decoder = packing.decoder_of(trainer.model)
+    hooks = []
+    if cpu and implementation == "sdpa" and use_bf16(cfg.train_precision):
+        config._attn_implementation = attention.register()
+        if decoder is not None:
+            hooks = packing.install(decoder, pad_multiple(cfg), attention.MAX_TOKENS)
+    # After packing: a packed call has no mask left to drop.
+    hooks.append((decoder or trainer.model).register_forward_pre_hook(causal_only, with_kwargs=True))
     try:
-        with fast_lora_dropout(trainer.model):
+        with lean_lora(trainer.model), (lean_head() if cpu else nullcontext()):
             yield
     finally:
-        hook.remove()
+        config._attn_implementation = implementation
+        for hook in hooks:
+            hook.remove()
         for m in layers:
             m.cast_input_dtype_enabled = True
-        if compact:
-            trl_utils._use_triton = triton
 
 
 def causal_only(module, args, kwargs):
