@@ -178,7 +178,7 @@ def test_concurrency_is_bounded_per_replica_and_load_is_spread():
 def test_a_400_on_one_replica_stays_an_item_failure():
     # A rejects "long" prompts (say its context is shorter); B would answer them, yet a 400 is the
     # item's own failure: never moved to B, never retried, and A stays in rotation.
-    prompts = [f"{'long' if i % 2 else 'short'} prompt {i}" for i in range(24)]
+    prompts = [f"{'long' if i % 3 else 'short'} prompt {i}" for i in range(24)]  # not aligned with a two-way rotation
     with EchoReplica(reject=lambda p: p.startswith("long")) as a, EchoReplica() as b:
         e = engine([a.url, b.url], concurrency=2)
         outs = e.generate(chats(prompts), 1, SAMPLING)
