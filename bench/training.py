@@ -19,8 +19,9 @@ the base).
 
 Variants: fp32 or a bf16 base under bf16 autocast (train_precision; today's
 default on CPUs with AMX or AVX-512 BF16), lean training or not (lean_training:
-TRL's fused head over labelled positions only, FastDropout, no input casting in
-the adapters; "plain" is without), micro-batch 1 or 4 (reached batch sizes stay
+TRL's fused head over labelled positions only in leaner CPU tiles, FastDropout and
+in-place adapters, no input casting in the adapters, and in bf16 whole-matrix
+attention and packed DPO rows; "plain" is without), micro-batch 1 or 4 (reached batch sizes stay
 the same), QLoRA (nf4 base, bitsandbytes' CPU kernel), the reference-free SimPO
 and IPO beside DPO, and a second seed of the baseline: the noise that a loss
 difference is measured against.

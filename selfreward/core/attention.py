@@ -2,23 +2,25 @@
 
 SDPA's CPU kernel for a causal bf16 attention is flash attention: it walks the score matrix in
 small tiles, which keeps memory O(T) but multiplies slowly at a head size of 64. On the
-embedded SmolLM2-135M at 512 tokens its forward and backward take about 17 ms a layer, against
-about 9 ms here (bench/attention.py), where each step is one batched product over all heads
-that share a key/value head (grouped-query attention needs no copies of K and V):
+embedded SmolLM2-135M at 512 tokens its forward and backward took about 17 ms a layer on this
+project's 2-core CPU, against about 9 ms here, where each step is one batched product over all
+heads that share a key/value head (grouped-query attention needs no copies of K and V):
 
-    S = Q K^T * scale + causal bias      one baddbmm, the mask as its additive input
-    P = softmax(S)                      computed in fp32 inside the kernel, stored in bf16
+    S = Q K^T * scale + bias      one baddbmm, the (causal or packed) mask as its additive input
+    P = softmax(S)                computed in fp32 inside the kernel, stored in bf16
     O = P V
 
 The backward pass recomputes S and P from Q and K (deterministically: the same P as the
 forward's) rather than keeping P, so what a layer keeps between the passes is Q, K, V and O,
 as with flash attention. Scores are rounded to bf16 before the softmax, as transformers'
-eager attention does in bf16; tests/test_attention.py bounds the difference from SDPA.
+eager attention does in bf16; tests/test_attention.py bounds the difference from float64
+against bf16 SDPA's.
 
-`attention_forward` takes this path where it is exact: on CPU, in bf16, with grads (training),
-no padding mask (a right-padded batch has had its mask removed by lean training's causal_only),
-queries and keys of the same length up to MAX_TOKENS (beyond it, flash attention's O(T) memory
-traffic wins), no attention dropout. Anything else goes to transformers' SDPA function.
+`attention_forward` takes this path on CPU, in bf16, for queries and keys of the same length
+up to MAX_TOKENS (beyond it, flash attention's O(T) memory traffic wins), no attention dropout,
+and either no mask (causal; lean training's causal_only removed a right-padded batch's) or a
+boolean (1, 1, T, T) one (a packed row's block-diagonal causal mask, selfreward.core.packing).
+Anything else goes to transformers' SDPA function.
 """
 
 from __future__ import annotations

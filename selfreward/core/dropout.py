@@ -5,8 +5,8 @@ full hidden state. On CPU its mask comes from `bernoulli_`, which draws one rand
 per element in a scalar loop; in a LoRA step of SmolLM2-135M that was a fifth of the time
 (bench/training.py). `FastDropout` draws 64-bit words with `random_` (a vectorised
 generator) and cuts each into four 16-bit lanes, 15 of whose bits decide whether an element
-is dropped: p is rounded to a multiple of 1/32768 (0.1 becomes 0.100006), and the same torch seed gives the
-same masks. The backward pass reuses the boolean mask it saved.
+is dropped: p is rounded to a multiple of 1/32768 (0.1 becomes 0.100006), and the same
+torch seed gives the same masks. The backward pass reuses the boolean mask it saved.
 
 Only the mask's random stream differs from `nn.Dropout`; the rule is the same inverted
 dropout (kept elements scaled by 1 / (1 - p)).
@@ -28,16 +28,21 @@ LANES = 32768  # 15 random bits per element
 
 
 class _Drop(torch.autograd.Function):
+    """x with the `drop` elements zeroed and the rest scaled (no pass for a scale of 1); the
+    gradient likewise."""
+
     @staticmethod
     def forward(ctx, x, drop, scale):
         ctx.save_for_backward(drop)
         ctx.scale = scale
-        return x.masked_fill(drop, 0).mul_(scale)
+        out = x.masked_fill(drop, 0)
+        return out if scale == 1 else out.mul_(scale)
 
     @staticmethod
     def backward(ctx, grad):
         (drop,) = ctx.saved_tensors
-        return grad.masked_fill(drop, 0).mul_(ctx.scale), None, None
+        grad = grad.masked_fill(drop, 0)
+        return (grad if ctx.scale == 1 else grad.mul_(ctx.scale)), None, None
 
 
 class FastDropout(torch.nn.Module):
@@ -86,20 +91,6 @@ def fast_lora_dropout(model):
             drops[name] = drop
 
 
-class _Zero(torch.autograd.Function):
-    """x with the `drop` elements zeroed; the same elements of the gradient zeroed."""
-
-    @staticmethod
-    def forward(ctx, x, drop):
-        ctx.save_for_backward(drop)
-        return x.masked_fill(drop, 0)
-
-    @staticmethod
-    def backward(ctx, grad):
-        (drop,) = ctx.saved_tensors
-        return grad.masked_fill(drop, 0), None
-
-
 def _adapter(layer) -> str | None:
     """The one plain adapter `layer` (a PEFT LoRA Linear) runs unmerged, or None."""
     active = layer.active_adapters
@@ -118,18 +109,16 @@ def lean_forward(layer, original, x, *args, **kwargs):
     name = None if args or kwargs else _adapter(layer)
     drop = layer.lora_dropout[name] if name else None
     scale = layer.scaling[name] if name else 1.0
-    if isinstance(drop, FastDropout) and drop.training and drop.threshold:
-        mask = drop.mask
-    elif isinstance(drop, torch.nn.Identity) or (isinstance(drop, torch.nn.Dropout) and (drop.p == 0 or not drop.training)) \
-            or (isinstance(drop, FastDropout) and not (drop.training and drop.threshold)):
-        mask = None
-    else:
+    drops = isinstance(drop, FastDropout) and drop.training and drop.threshold > 0
+    inert = isinstance(drop, (FastDropout, torch.nn.Identity)) or (isinstance(drop, torch.nn.Dropout)
+                                                                   and (drop.p == 0 or not drop.training))
+    if not (drops or inert):
         return original(x, *args, **kwargs)
     result = layer.base_layer(x)
     lora_a, lora_b = layer.lora_A[name], layer.lora_B[name]
     x = layer._cast_input_dtype(x, lora_a.weight.dtype)
-    if mask is not None:
-        x = _Zero.apply(x, mask(x))
+    if drops:  # dropout's 1 / (1 - p) goes into the rank-r product's scale
+        x = _Drop.apply(x, drop.mask(x), 1.0)
         scale = scale / (1.0 - drop.p)
     low = lora_a(x)
     dtype = result.dtype

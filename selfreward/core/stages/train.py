@@ -214,11 +214,11 @@ def causal_only(module, args, kwargs):
     """Forward pre-hook: drops kwargs' attention_mask where every row is right-padded (ones, then
     only zeros) and no position_ids or cache are passed: what the causal mask alone gives the
     real tokens is then exactly what the padding mask added to it gives them."""
+    from selfreward.core.packing import right_padded
+
     mask = kwargs.get("attention_mask")
-    if mask is None or mask.dim() != 2 or kwargs.get("position_ids") is not None \
-            or kwargs.get("past_key_values") is not None or not mask[:, 0].all():
-        return None
-    if mask.shape[1] > 1 and not (mask[:, :-1] >= mask[:, 1:]).all():
+    if mask is None or kwargs.get("position_ids") is not None or kwargs.get("past_key_values") is not None \
+            or not right_padded(mask):
         return None
     return args, {**kwargs, "attention_mask": None}
 
