@@ -71,6 +71,9 @@ def rows_training(r: dict) -> list[tuple]:
             out.append((f"{x['variant']}: s per sequence", x["s_per_seq"], "s", base["s_per_seq"] / x["s_per_seq"]))
             out.append((f"{x['variant']}: peak training memory", x["train_peak_mib"], "MiB",
                         x["train_peak_mib"] / base["train_peak_mib"]))
+            if x.get("exact") and base.get("exact"):
+                out.append((f"{x['variant']}: DPO loss after, in fp32", x["exact"]["loss"], "nats",
+                            x["exact"]["loss"] / base["exact"]["loss"]))
     return out
 
 
@@ -128,11 +131,12 @@ def main() -> None:
             print(f"{name:9} FAILED (see its output above)")
             continue
         for label, value, unit, ratio in READERS[name](results[name]):
-            shown = ("yes" if value else "NO") if unit == "bool" else f"{value:11.2f}"
+            shown = ("yes" if value else "NO") if unit == "bool" else f"{value:11.4f}" if unit == "nats" \
+                else f"{value:11.2f}"
             print(f"{name:9} {label[:62]:62} {shown:>11} {'' if unit == 'bool' else unit:12} "
                   f"{'' if ratio is None else f'{ratio:7.2f}x':>8}")
-    print("\nratio: against the first row of its block, measured in this run (for memory, above 1 is more; for "
-          "everything else, above 1 is better). Wall time per part: "
+    print("\nratio: against the first row of its block, measured in this run (for memory and loss, above 1 is "
+          "more; for everything else, above 1 is better). Wall time per part: "
           + ", ".join(f"{k} {v / 60:.1f} min" for k, v in walls.items()))
     if args.json:
         args.json.write_text(json.dumps(results, indent=2) + "\n")

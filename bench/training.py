@@ -89,8 +89,9 @@ def sft_data(n: int) -> tuple[list[dict], list[tuple[str, str]]]:
     return ift, eft
 
 
-def child(variant: str, n: int, out: str) -> None:
-    """One variant in this process: prints one JSON line."""
+def child(variant: str, n: int, out: str, cache: Path) -> None:
+    """One variant in this process: prints one JSON line. `cache`: a folder the variants of one
+    run share (the base's log-probabilities on the DPO pairs)."""
     from transformers import TrainerCallback
 
     from selfreward.backends.models import resolve_source
@@ -129,6 +130,8 @@ def child(variant: str, n: int, out: str) -> None:
             rows, _, info = train.preference(base, seed_pairs()[:n], cfg, target, round=2)
     total = time.perf_counter() - t0
     batch = cfg.sft_batch_size if stage == "sft" else cfg.dpo_batch_size
+    exact = exact_dpo(base, str(target), seed_pairs()[:n], cfg.dpo_beta, cache / f"base-logps-{n}.json") \
+        if stage == "dpo" else None
     steps = [b - a for a, b in zip(stamps, stamps[1:])]
     losses = [r["loss"] for r in rows]
     print(json.dumps({"variant": variant, "stage": stage, "steps": len(stamps), "batch": batch,
@@ -136,13 +139,34 @@ def child(variant: str, n: int, out: str) -> None:
                       "losses": losses,
                       "total_s": total, "train_peak_mib": train_peak["rss"] / 2**20,
                       "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-                      "merge_gap": info.get("merge_gap"),
+                      "merge_gap": info.get("merge_gap"), "exact": exact,
                       "four_bit": info["four_bit"]}))
 
 
-def run_variant(name: str, n: int) -> dict:
+def exact_dpo(base: str, trained: str, pairs: list[dict], beta: float, cache: Path) -> dict:
+    """What the training did, measured in fp32 whatever it trained in: DPO's loss, reward margin
+    and accuracy of the merged model against its base on the pairs it trained on. A bf16 step logs
+    log-ratios whose rounding noise is of the size of an early step's signal; this is the same
+    measure without it. The base's log-probabilities are computed once a run, into `cache`."""
+    import torch
+    import torch.nn.functional as F
+
+    from selfreward.backends.models import load_model, load_tokenizer, sequence_logps
+
+    tok = load_tokenizer(base)
+    if not cache.is_file():
+        cache.write_text(json.dumps(sequence_logps(load_model(base), tok, pairs)))
+    ref = torch.tensor(json.loads(cache.read_text()))
+    pol = torch.tensor(sequence_logps(load_model(trained), tok, pairs))
+    ratios = (pol - ref).view(-1, 2)  # per pair: chosen, rejected
+    margins = beta * (ratios[:, 0] - ratios[:, 1])
+    return {"loss": float(-F.logsigmoid(margins).mean()), "margin": float(margins.mean()),
+            "accuracy": float((margins > 0).float().mean())}
+
+
+def run_variant(name: str, n: int, cache: str) -> dict:
     print(f"training {name} ...", file=sys.stderr, flush=True)
-    proc = subprocess.run([sys.executable, __file__, "--child", name, "--examples", str(n)],
+    proc = subprocess.run([sys.executable, __file__, "--child", name, "--examples", str(n), "--cache", cache],
                           capture_output=True, text=True, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
     if proc.returncode != 0:
         sys.exit(f"error: {name} failed:\n{proc.stderr[-3000:]}")
@@ -152,7 +176,8 @@ def run_variant(name: str, n: int) -> dict:
 def table(results: list[dict]) -> str:
     """One block per stage; ratios against the stage's first variant (its baseline)."""
     lines = [f"{'variant':20} {'steps':>5} {'s/seq':>6} {'speed x':>8} {'train MiB':>10} {'memory x':>9} "
-             f"{'process MiB':>12} {'mean loss':>10} {'last loss':>10} {'merge gap':>10}"]
+             f"{'process MiB':>12} {'mean loss':>10} {'last loss':>10} {'merge gap':>10} {'fp32 loss':>10} "
+             f"{'fp32 margin':>12}"]
     for stage in ("sft", "dpo"):
         rows = [r for r in results if r["stage"] == stage]
         if not rows:
@@ -161,10 +186,12 @@ def table(results: list[dict]) -> str:
         for r in rows:
             speed = base["s_per_seq"] / r["s_per_seq"] if r["s_per_seq"] else float("nan")
             gap = "-" if r["merge_gap"] is None else f"{r['merge_gap']:.4f}"
+            exact = r.get("exact") or {}
+            loss, margin = (f"{exact[k]:.4f}" if k in exact else "-" for k in ("loss", "margin"))
             lines.append(f"{r['variant']:20} {r['steps']:5d} {r['s_per_seq']:6.2f} {speed:8.2f} "
                          f"{r['train_peak_mib']:10.0f} {r['train_peak_mib'] / base['train_peak_mib']:9.2f} "
                          f"{r['peak_rss_mib']:12.0f} {sum(r['losses']) / len(r['losses']):10.3f} "
-                         f"{r['losses'][-1]:10.3f} {gap:>10}")
+                         f"{r['losses'][-1]:10.3f} {gap:>10} {loss:>10} {margin:>12}")
     return "\n".join(lines)
 
 
@@ -175,16 +202,19 @@ def main() -> None:
     ap.add_argument("--variants", default=",".join(VARIANTS), help="comma list of: " + ", ".join(VARIANTS))
     ap.add_argument("--json", help="also write the results here")
     ap.add_argument("--child", help=argparse.SUPPRESS)
+    ap.add_argument("--cache", help=argparse.SUPPRESS)
     args = ap.parse_args()
     n = args.examples or (8 if args.quick else 32)
     if args.child:
-        child(args.child, n, tempfile.mkdtemp(prefix="bench-train-"))
+        with tempfile.TemporaryDirectory(prefix="bench-train-") as out:  # a merged model: 0.5 GB
+            child(args.child, n, out, Path(args.cache))
         return
     names = [m.strip() for m in args.variants.split(",") if m.strip()]
     unknown = [m for m in names if m not in VARIANTS]
     if unknown:
         sys.exit(f"error: unknown variant {', '.join(unknown)}; choose from {', '.join(VARIANTS)}")
-    results = [run_variant(name, n) for name in names]
+    with tempfile.TemporaryDirectory(prefix="bench-cache-") as cache:
+        results = [run_variant(name, n, cache) for name in names]
     print(f"\ntraining on the embedded SmolLM2-135M, {n} examples a variant (batch 4 SFT examples or DPO "
           f"pairs), one epoch, LoRA r16; {platform.machine()}, {os.cpu_count()} cores, "
           f"{datetime.date.today()}\n")
@@ -193,7 +223,10 @@ def main() -> None:
           "resident memory from the first to the last step (sampled every 50 ms); process MiB: the whole process, "
           "merge included (the merge reloads the base at full precision). speed x, memory x: against the first "
           "variant of the stage, measured in this run; speed above 1 is faster. Same data, seed and learning rate "
-          "in every variant of a stage, so the losses compare.")
+          "in every variant of a stage, so the losses compare. fp32 loss, fp32 margin (DPO): the trained, merged "
+          "model against its base on the pairs it trained on, DPO's loss and mean reward margin computed in fp32 "
+          "whatever the training's arithmetic: the logged losses of a bf16 step carry rounding noise in the "
+          "log-ratios.")
     if args.json:
         Path(args.json).write_text(json.dumps({"when": datetime.datetime.now().isoformat(timespec="seconds"),
                                                "examples": n, "results": results}, indent=2))
