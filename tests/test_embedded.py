@@ -1,5 +1,6 @@
 """The real CLI, as a user runs it, on the embedded SmolLM2-135M at the tiny preset."""
 
+import json
 import subprocess
 import sys
 
@@ -28,6 +29,11 @@ def test_embedded_model_two_rounds(tmp_path):
     # Whatever the 135M model wrote, a score is either parsed from its text or NULL with a reason.
     assert all((j["score"] is None) == (j["reason"] is not None) for j in judgments)
     assert db["pairs"].count == db["prompts"].count_where("round = 2")
+    # DPO's pairs scored after training, in fp32: every kept pair (a round without any copies M1).
+    kept = db["pairs"].count_where("round = 2 and status = 'kept'")
+    fit = json.loads(models["M2"]["detail"] or "{}").get("fit_pairs", 0)
+    assert fit == (kept if models["M2"]["kind"] != "copy" else 0)
+    assert "acc after" in proc.stdout
 
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0 and "nothing to do" in again.stdout

@@ -68,6 +68,32 @@ def test_lora_merge_gap_is_rounding_only(tiny64, tmp_path, heldout):
     assert info["four_bit"] is False and 0 < info["merge_gap"] < 5
 
 
+def test_dpo_records_its_pairs_margins_after_training_in_full_precision(tiny64, tmp_path, heldout):
+    from selfreward.backends.models import load_model, load_tokenizer, sequence_logps
+    from selfreward.core.stages.train import dpo_fit
+
+    out = tmp_path / "runs" / "f" / "models" / "M2"
+    _, _, info = train(tiny64, out, heldout, load_in_4bit="no", train_precision="bf16")
+    # The merged model against its base on the trained pairs, recomputed here in fp32 from the folders.
+    tok = load_tokenizer(str(tiny64))
+    again = dpo_fit(sequence_logps(load_model(str(tiny64)), tok, PAIRS), sequence_logps(load_model(str(out)), tok, PAIRS),
+                    0.1)
+    assert info["fit_pairs"] == again["fit_pairs"] == len(PAIRS)
+    assert info["fit_margin"] == pytest.approx(again["fit_margin"], abs=1e-5)
+    assert info["fit_accuracy"] == again["fit_accuracy"]
+    # At this learning rate two epochs separate every pair.
+    assert info["fit_accuracy"] == 1.0 and info["fit_margin"] > 0
+
+
+def test_dpo_fit_margins():
+    from selfreward.core.stages.train import dpo_fit
+
+    # Pair 1: chosen up 2 nats, rejected down 1: margin 0.1 * 3. Pair 2: chosen down 1, rejected unchanged.
+    fit = dpo_fit([-10.0, -12.0, -5.0, -6.0], [-8.0, -13.0, -6.0, -6.0], 0.1)
+    assert fit["fit_margin"] == pytest.approx((0.3 - 0.1) / 2) and fit["fit_accuracy"] == 0.5
+    assert fit["fit_pairs"] == 2
+
+
 @pytest.mark.parametrize("overrides, label, own_metric", [
     ({"dpo_loss_type": "sigmoid"}, "dpo", "rewards/margins"),
     ({"dpo_loss_type": "ipo"}, "dpo:ipo", "rewards/margins"),
@@ -85,6 +111,7 @@ def test_each_method_moves_the_weights_with_a_finite_loss(tiny_model, tmp_path, 
     merged = load_file(next(out.glob("*.safetensors")))
     assert any(not torch.equal(parent[k], merged[k]) for k in parent)
     assert info["label"] == label and info["steps"] == len(rows) > 0
+    assert ("fit_margin" in info) == (overrides.get("train_method", "dpo") == "dpo")  # SimPO has no reference
     assert rows and all(math.isfinite(r["loss"]) for r in rows)
     assert all(r["kind"] == overrides.get("train_method", "dpo") for r in rows)
     logged = [json.loads(r["metrics"]) for r in rows]

@@ -193,18 +193,20 @@ def sequence_logps(model, tokenizer, pairs: list[dict]) -> list[float]:
     return out
 
 
-def merge_adapter(base_path: str, adapter_path: Path, out: Path, probe=None, load=None):
+def merge_adapter(base_path: str, adapter_path: Path, out: Path, probe=None, load=None, before=None):
     """Merge a LoRA adapter into a full-precision reload of its base (never into 4-bit weights:
     the merged model has no quantization_config and no quantized tensors) and write it, with the
     base's tokenizer, to `out` (via out.tmp, renamed into place). `load(path)` loads the base
     (default: the causal LM at full precision; a reward model passes its classifier loader).
     `probe(model, tokenizer)`, if given, runs on the merged model before it is saved, and its
-    result is returned."""
+    result is returned; with `before(model, tokenizer)`, (before's result on the base as loaded,
+    probe's result) is."""
     from peft import PeftModel
 
     base = (load or (lambda path: load_model(path, four_bit=False)))(base_path)
-    merged = PeftModel.from_pretrained(base, str(adapter_path)).merge_and_unload()
     tokenizer = load_tokenizer(base_path)
+    earlier = before(base, tokenizer) if before else None
+    merged = PeftModel.from_pretrained(base, str(adapter_path)).merge_and_unload()
     result = probe(merged, tokenizer) if probe else None
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -215,7 +217,7 @@ def merge_adapter(base_path: str, adapter_path: Path, out: Path, probe=None, loa
     failpoints.hit("merge")
     shutil.rmtree(out, ignore_errors=True)
     os.replace(tmp, out)
-    return result
+    return (earlier, result) if before else result
 
 
 def fsync_tree(folder: Path) -> None:

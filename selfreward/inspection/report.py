@@ -45,11 +45,18 @@ def round_summary(run: Run) -> list[dict]:
             "train": kind, "train_steps": train["steps"], "loss": train["loss"],
             "merge_gap": _one(run, "select max(merge_gap) from models where name=?", [f"M{t}"]),
             "reward_margin": train["margin"], "reward_acc": train["acc"],
+            "fit_acc": _detail(run, f"M{t}").get("fit_accuracy"),
             "chosen_len": lengths["chosen"], "rejected_len": lengths["rejected"],
             "eft_parse_rate": parse[0] if parse else None,
             "wall_s": r["wall_s"] if r["finished_at"] else _one(run, "select sum(wall_s) from stages where round=?", [t]),
         })
     return out
+
+
+def _detail(run: Run, name: str) -> dict:
+    """A models row's detail (what its training and merge recorded); {} for a model not trained yet."""
+    row = run.db.execute("select detail from models where name=?", [name]).fetchone()
+    return json.loads(row[0] or "{}") if row else {}
 
 
 def _method(run: Run, t: int) -> str:
@@ -67,7 +74,7 @@ COLUMNS = [("round", "round"), ("model", "model"), ("prompts", "prompts"), ("can
            ("judgments", "judged"), ("parse_rate", "parse%"), ("mean_score", "score"),
            ("pairs_kept", "kept"), ("dropped_tie", "tie"), ("dropped_unscored", "unscored"),
            ("train", "train"), ("loss", "loss"), ("reward_margin", "margin"), ("reward_acc", "acc"),
-           ("merge_gap", "merge gap"), ("chosen_len", "len+"), ("rejected_len", "len-"),
+           ("fit_acc", "acc after"), ("merge_gap", "merge gap"), ("chosen_len", "len+"), ("rejected_len", "len-"),
            ("eft_parse_rate", "EFT parse%"),
            ("wall_s", "wall")]
 
@@ -82,7 +89,7 @@ EVAL_COLUMNS = [("model", "model"), ("judge", "judge"), ("n_prompts", "prompts")
 H2H_COLUMNS = [("a", "A"), ("b", "B"), ("judge", "judge"), ("n", "prompts"), ("wins", "A wins"), ("ties", "ties"),
                ("losses", "A losses"), ("inconsistent", "inconsistent"), ("unscored", "unscored"),
                ("win_rate", "A win rate"), ("a_mean_tokens", "A len"), ("b_mean_tokens", "B len")]
-PERCENT = {"parse_rate", "eft_parse_rate", "reward_acc", "pairwise_accuracy", "pairwise_ties", "five_best",
+PERCENT = {"parse_rate", "eft_parse_rate", "reward_acc", "fit_acc", "pairwise_accuracy", "pairwise_ties", "five_best",
            "expected_pairwise_accuracy", "expected_pairwise_ties", "expected_coverage", "eft_expected_pairwise_accuracy",
            "eft_expected_pairwise_ties",
            "exact_match", "position_inconsistency", "verbosity_padded_wins", "win_rate", "canary_moved",

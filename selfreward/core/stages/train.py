@@ -29,6 +29,8 @@ LOG_KEYS = {"loss": "loss", "learning_rate": "learning_rate", "grad_norm": "grad
             "reward": "reward", "kl": "kl"}
 # Held-out pairs on which the 4-bit model with its adapter is compared with the merged model.
 MERGE_PROBE_PAIRS = 8
+# A DPO round's pairs (the first so many) on which the merged model is scored against its base.
+FIT_PROBE_PAIRS = 64
 
 
 class LogRows(TrainerCallback):
@@ -252,7 +254,7 @@ def tracking(cfg, out: Path):
 
 
 def _train_and_merge(trainer, cfg, base_path: str, out: Path, probe: list[dict] | None = None,
-                     generates: bool = False) -> tuple[Path, dict]:
+                     generates: bool = False, fit: tuple[list[dict], float] | None = None) -> tuple[Path, dict]:
     """Train, keep the adapter, free the trainer, then merge into a freshly loaded full-precision
     base: out/ (merged weights) and out/adapter. Callers pass the trainer without keeping a name
     for it, so the training copy of the model is gone before the merge copy loads.
@@ -260,7 +262,7 @@ def _train_and_merge(trainer, cfg, base_path: str, out: Path, probe: list[dict] 
     With `probe` (held-out pairs), the log-probabilities of their chosen and rejected responses
     are computed under the trained model (4-bit base + adapter, or full base + adapter) and under
     the merged model; `merge_gap` is the mean absolute difference (nats): what merging into full
-    precision changed about what DPO sees."""
+    precision changed about what DPO sees. `fit`: see _merge."""
     with lean(trainer, cfg, generates):
         _quiet(trainer).train()
     tmp = Path(trainer.args.output_dir) / "adapter"
@@ -272,13 +274,24 @@ def _train_and_merge(trainer, cfg, base_path: str, out: Path, probe: list[dict] 
     # with bf16 embeddings that only run under autocast.
     trained = _adapter_logps(base_path, use_4bit(cfg.load_in_4bit), use_bf16(cfg.train_precision), tmp, probe) \
         if probe else None
-    return _merge(base_path, tmp, out, probe, trained)
+    return _merge(base_path, tmp, out, probe, trained, fit)
 
 
-def _merge(base_path: str, tmp: Path, out: Path, probe: list[dict] | None, trained: list[float] | None):
+def _merge(base_path: str, tmp: Path, out: Path, probe: list[dict] | None, trained: list[float] | None,
+           fit: tuple[list[dict], float] | None = None):
     """The trained adapter at `tmp` merged into out/, the adapter moved to out/adapter; with
-    `probe`, the merge gap against `trained` (the probe's log-probabilities before the merge)."""
-    merged = merge_adapter(base_path, tmp, out, probe=(lambda m, tok: sequence_logps(m, tok, probe)) if probe else None)
+    `probe`, the merge gap against `trained` (the probe's log-probabilities before the merge).
+
+    With `fit` (DPO's pairs and beta), what the training did to them, measured on the merged model
+    against the base it was loaded on, in the merge's precision (fp32 on CPU) whatever the
+    training's: see dpo_fit. The margins a bf16 training logs carry the rounding noise of
+    bf16 log-ratios, which over a small round's few steps is of the size of what they measure."""
+    pairs, beta = fit or ([], 0.0)
+    pairs = pairs[:FIT_PROBE_PAIRS]
+    before = (lambda m, tok: sequence_logps(m, tok, pairs)) if pairs else None
+    result = merge_adapter(base_path, tmp, out, before=before, probe=lambda m, tok: (
+        sequence_logps(m, tok, probe) if probe else None, sequence_logps(m, tok, pairs) if pairs else None))
+    base_logps, (merged, after) = result if pairs else (None, result)
     adapter = out / "adapter"
     shutil.rmtree(adapter, ignore_errors=True)
     shutil.move(str(tmp), adapter)
@@ -286,7 +299,20 @@ def _merge(base_path: str, tmp: Path, out: Path, probe: list[dict] | None, train
     if probe:
         info = {"merge_gap": sum(abs(a - b) for a, b in zip(trained, merged)) / len(trained),
                 "merge_probe_pairs": len(probe)}
+    if pairs:
+        info.update(dpo_fit(base_logps, after, beta))
     return adapter, info
+
+
+def dpo_fit(reference: list[float], policy: list[float], beta: float) -> dict:
+    """DPO's implicit reward margin of each pair, beta * ((policy - reference)(chosen) -
+    (policy - reference)(rejected)), from summed log-probabilities in the order chosen_0,
+    rejected_0, chosen_1, ...: their mean (fit_margin), the share above 0 (fit_accuracy) and
+    how many pairs (fit_pairs)."""
+    ratios = [p - r for p, r in zip(policy, reference)]
+    margins = [beta * (c - r) for c, r in zip(ratios[0::2], ratios[1::2])]
+    return {"fit_margin": sum(margins) / len(margins), "fit_accuracy": sum(m > 0 for m in margins) / len(margins),
+            "fit_pairs": len(margins)}
 
 
 def heldout_pairs(cfg, limit: int = MERGE_PROBE_PAIRS) -> list[dict]:
@@ -317,12 +343,13 @@ def best_worst(groups) -> list[dict]:
 
 
 def _fit(kind: str, cfg, base_path: str, out: Path, round: int, build,
-         entry: tuple[str, dict] | None = None, generates: bool = False) -> tuple[list[dict], Path, dict]:
+         entry: tuple[str, dict] | None = None, generates: bool = False,
+         fit: tuple[list[dict], float] | None = None) -> tuple[list[dict], Path, dict]:
     """Load, train, merge: (logged rows, adapter folder, info for the models row).
     `build(model, work_dir, callbacks)` makes the trainer. `entry` is the name of the function
     of this module that made `build` and its data (JSON): where cfg says so (train_processes > 1,
     an accelerate_config), each process of `accelerate launch` calls that function with that data
-    and so builds this very trainer (selfreward.core.train_worker)."""
+    and so builds this very trainer (selfreward.core.train_worker). `fit`: see _merge."""
     from selfreward.core import train_worker
 
     work = train_worker.inside()
@@ -336,13 +363,13 @@ def _fit(kind: str, cfg, base_path: str, out: Path, round: int, build,
             if launched(cfg):
                 rows, tmp = train_worker.launch(cfg, work, base_path, out, round, entry)
                 trained = _adapter_logps(base_path, four_bit, bf16, tmp, probe) if probe else None
-                adapter, info = _merge(base_path, tmp, out, probe, trained)
+                adapter, info = _merge(base_path, tmp, out, probe, trained, fit)
             else:
                 logs = LogRows(round, kind)
                 # No name for the trainer here: _train_and_merge frees it before the merge loads a copy.
                 adapter, info = _train_and_merge(
                     build(_load_for_training(base_path, four_bit, bf16), str(work), [logs]),
-                    cfg, base_path, out, probe, generates)
+                    cfg, base_path, out, probe, generates, fit)
                 rows = logs.rows
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -477,7 +504,8 @@ def preference(base_path: str, pairs: list[dict], cfg, out: Path, round: int):
 
     build = {"dpo": build_dpo, "simpo": build_simpo}[cfg.train_method]
     rows, adapter, info = _fit(cfg.train_method, cfg, base_path, out, round, build,
-                               entry=("preference", {"pairs": pairs}))
+                               entry=("preference", {"pairs": pairs}),
+                               fit=(pairs, cfg.dpo_beta) if cfg.train_method == "dpo" else None)
     info["label"] = method_label(cfg)
     return rows, adapter, info
 
@@ -614,7 +642,7 @@ def _kind(info: dict) -> str:
 
 
 def _stage_detail(info: dict) -> dict:
-    keep = ("label", "steps", "four_bit", "merge_gap")
+    keep = ("label", "steps", "four_bit", "merge_gap", "fit_margin", "fit_accuracy")
     return {k: info[k] for k in keep if k in info}
 
 
