@@ -89,9 +89,8 @@ def sft_data(n: int) -> tuple[list[dict], list[tuple[str, str]]]:
     return ift, eft
 
 
-def child(variant: str, n: int, out: str, cache: Path) -> None:
-    """One variant in this process: prints one JSON line. `cache`: a folder the variants of one
-    run share (the base's log-probabilities on the DPO pairs)."""
+def child(variant: str, n: int, out: str) -> None:
+    """One variant in this process: prints one JSON line."""
     from transformers import TrainerCallback
 
     from selfreward.backends.models import resolve_source
@@ -130,8 +129,8 @@ def child(variant: str, n: int, out: str, cache: Path) -> None:
             rows, _, info = train.preference(base, seed_pairs()[:n], cfg, target, round=2)
     total = time.perf_counter() - t0
     batch = cfg.sft_batch_size if stage == "sft" else cfg.dpo_batch_size
-    exact = exact_dpo(base, str(target), seed_pairs()[:n], cfg.dpo_beta, cache / f"base-logps-{n}.json") \
-        if stage == "dpo" else None
+    # DPO: the merge scored the merged model against its base on the trained pairs, in fp32.
+    exact = {k: info[f"fit_{k}"] for k in ("loss", "margin", "accuracy")} if "fit_loss" in info else None
     steps = [b - a for a, b in zip(stamps, stamps[1:])]
     losses = [r["loss"] for r in rows]
     print(json.dumps({"variant": variant, "stage": stage, "steps": len(stamps), "batch": batch,
@@ -143,30 +142,9 @@ def child(variant: str, n: int, out: str, cache: Path) -> None:
                       "four_bit": info["four_bit"]}))
 
 
-def exact_dpo(base: str, trained: str, pairs: list[dict], beta: float, cache: Path) -> dict:
-    """What the training did, measured in fp32 whatever it trained in: DPO's loss, reward margin
-    and accuracy of the merged model against its base on the pairs it trained on. A bf16 step logs
-    log-ratios whose rounding noise is of the size of an early step's signal; this is the same
-    measure without it. The base's log-probabilities are computed once a run, into `cache`."""
-    import torch
-    import torch.nn.functional as F
-
-    from selfreward.backends.models import load_model, load_tokenizer, sequence_logps
-
-    tok = load_tokenizer(base)
-    if not cache.is_file():
-        cache.write_text(json.dumps(sequence_logps(load_model(base), tok, pairs)))
-    ref = torch.tensor(json.loads(cache.read_text()))
-    pol = torch.tensor(sequence_logps(load_model(trained), tok, pairs))
-    ratios = (pol - ref).view(-1, 2)  # per pair: chosen, rejected
-    margins = beta * (ratios[:, 0] - ratios[:, 1])
-    return {"loss": float(-F.logsigmoid(margins).mean()), "margin": float(margins.mean()),
-            "accuracy": float((margins > 0).float().mean())}
-
-
-def run_variant(name: str, n: int, cache: str) -> dict:
+def run_variant(name: str, n: int) -> dict:
     print(f"training {name} ...", file=sys.stderr, flush=True)
-    proc = subprocess.run([sys.executable, __file__, "--child", name, "--examples", str(n), "--cache", cache],
+    proc = subprocess.run([sys.executable, __file__, "--child", name, "--examples", str(n)],
                           capture_output=True, text=True, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
     if proc.returncode != 0:
         sys.exit(f"error: {name} failed:\n{proc.stderr[-3000:]}")
@@ -202,19 +180,17 @@ def main() -> None:
     ap.add_argument("--variants", default=",".join(VARIANTS), help="comma list of: " + ", ".join(VARIANTS))
     ap.add_argument("--json", help="also write the results here")
     ap.add_argument("--child", help=argparse.SUPPRESS)
-    ap.add_argument("--cache", help=argparse.SUPPRESS)
     args = ap.parse_args()
     n = args.examples or (8 if args.quick else 32)
     if args.child:
         with tempfile.TemporaryDirectory(prefix="bench-train-") as out:  # a merged model: 0.5 GB
-            child(args.child, n, out, Path(args.cache))
+            child(args.child, n, out)
         return
     names = [m.strip() for m in args.variants.split(",") if m.strip()]
     unknown = [m for m in names if m not in VARIANTS]
     if unknown:
         sys.exit(f"error: unknown variant {', '.join(unknown)}; choose from {', '.join(VARIANTS)}")
-    with tempfile.TemporaryDirectory(prefix="bench-cache-") as cache:
-        results = [run_variant(name, n, cache) for name in names]
+    results = [run_variant(name, n) for name in names]
     print(f"\ntraining on the embedded SmolLM2-135M, {n} examples a variant (batch 4 SFT examples or DPO "
           f"pairs), one epoch, LoRA r16; {platform.machine()}, {os.cpu_count()} cores, "
           f"{datetime.date.today()}\n")

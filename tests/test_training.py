@@ -92,6 +92,7 @@ def test_dpo_fit_margins():
     fit = dpo_fit([-10.0, -12.0, -5.0, -6.0], [-8.0, -13.0, -6.0, -6.0], 0.1)
     assert fit["fit_margin"] == pytest.approx((0.3 - 0.1) / 2) and fit["fit_accuracy"] == 0.5
     assert fit["fit_pairs"] == 2
+    assert fit["fit_loss"] == pytest.approx((math.log1p(math.exp(-0.3)) + math.log1p(math.exp(0.1))) / 2)
 
 
 @pytest.mark.parametrize("overrides, label, own_metric", [

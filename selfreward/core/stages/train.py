@@ -307,12 +307,14 @@ def _merge(base_path: str, tmp: Path, out: Path, probe: list[dict] | None, train
 def dpo_fit(reference: list[float], policy: list[float], beta: float) -> dict:
     """DPO's implicit reward margin of each pair, beta * ((policy - reference)(chosen) -
     (policy - reference)(rejected)), from summed log-probabilities in the order chosen_0,
-    rejected_0, chosen_1, ...: their mean (fit_margin), the share above 0 (fit_accuracy) and
-    how many pairs (fit_pairs)."""
+    rejected_0, chosen_1, ...: their mean (fit_margin), the share above 0 (fit_accuracy), DPO's
+    sigmoid loss -log sigmoid(margin) over them (fit_loss, whatever loss type trained) and how
+    many pairs (fit_pairs)."""
     ratios = [p - r for p, r in zip(policy, reference)]
     margins = [beta * (c - r) for c, r in zip(ratios[0::2], ratios[1::2])]
-    return {"fit_margin": sum(margins) / len(margins), "fit_accuracy": sum(m > 0 for m in margins) / len(margins),
-            "fit_pairs": len(margins)}
+    n = len(margins)
+    return {"fit_margin": sum(margins) / n, "fit_accuracy": sum(m > 0 for m in margins) / n,
+            "fit_loss": sum(math.log1p(math.exp(-m)) for m in margins) / n, "fit_pairs": n}
 
 
 def heldout_pairs(cfg, limit: int = MERGE_PROBE_PAIRS) -> list[dict]:
