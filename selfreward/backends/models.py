@@ -198,9 +198,8 @@ def merge_adapter(base_path: str, adapter_path: Path, out: Path, probe=None, loa
     the merged model has no quantization_config and no quantized tensors) and write it, with the
     base's tokenizer, to `out` (via out.tmp, renamed into place). `load(path)` loads the base
     (default: the causal LM at full precision; a reward model passes its classifier loader).
-    `probe(model, tokenizer)`, if given, runs on the merged model before it is saved, and its
-    result is returned; with `before(model, tokenizer)`, (before's result on the base as loaded,
-    probe's result) is."""
+    Returns (before's result on the base as loaded, probe's on the merged model before it is
+    saved): `before(model, tokenizer)` and `probe(model, tokenizer)`, each None where not given."""
     from peft import PeftModel
 
     base = (load or (lambda path: load_model(path, four_bit=False)))(base_path)
@@ -217,7 +216,7 @@ def merge_adapter(base_path: str, adapter_path: Path, out: Path, probe=None, loa
     failpoints.hit("merge")
     shutil.rmtree(out, ignore_errors=True)
     os.replace(tmp, out)
-    return (earlier, result) if before else result
+    return earlier, result
 
 
 def fsync_tree(folder: Path) -> None:

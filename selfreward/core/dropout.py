@@ -68,10 +68,6 @@ class FastDropout(torch.nn.Module):
         dropped = lanes.sub_(self.threshold).bitwise_right_shift_(15)  # -1 below the threshold, else 0
         return dropped.bitwise_not_().bitwise_and_(BF16_ONE).view(torch.bfloat16).view(x.shape)
 
-    def mask(self, x: torch.Tensor) -> torch.Tensor:
-        """keep's draws as a boolean mask: True where an element is dropped."""
-        return self.keep(x) == 0
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or self.threshold == 0:
             return x

@@ -45,7 +45,7 @@ def round_summary(run: Run) -> list[dict]:
             "train": kind, "train_steps": train["steps"], "loss": train["loss"],
             "merge_gap": _one(run, "select max(merge_gap) from models where name=?", [f"M{t}"]),
             "reward_margin": train["margin"], "reward_acc": train["acc"],
-            "fit_acc": _detail(run, f"M{t}").get("fit_accuracy"),
+            "fit_acc": _model(run, f"M{t}")[1].get("fit_accuracy"),
             "chosen_len": lengths["chosen"], "rejected_len": lengths["rejected"],
             "eft_parse_rate": parse[0] if parse else None,
             "wall_s": r["wall_s"] if r["finished_at"] else _one(run, "select sum(wall_s) from stages where round=?", [t]),
@@ -53,21 +53,21 @@ def round_summary(run: Run) -> list[dict]:
     return out
 
 
-def _detail(run: Run, name: str) -> dict:
-    """A models row's detail (what its training and merge recorded); {} for a model not trained yet."""
-    row = run.db.execute("select detail from models where name=?", [name]).fetchone()
-    return json.loads(row[0] or "{}") if row else {}
+def _model(run: Run, name: str) -> tuple[str | None, dict]:
+    """A models row's kind and detail (what its training and merge recorded); (None, {}) for a
+    model not trained yet."""
+    row = run.db.execute("select kind, detail from models where name=?", [name]).fetchone()
+    return (row[0], json.loads(row[1] or "{}")) if row else (None, {})
 
 
 def _method(run: Run, t: int) -> str:
     """How M_t was trained, as its models row says: 'dpo', 'dpo:ipo', 'simpo', with '+4bit' for QLoRA."""
-    row = run.db.execute("select kind, detail from models where name=?", [f"M{t}"]).fetchone()
-    if row is None:  # not trained yet
+    kind, detail = _model(run, f"M{t}")
+    if kind is None:  # not trained yet
         return "sft" if t == 1 else run.config_values().get("train_method", "dpo")
-    detail = json.loads(row[1] or "{}")
-    if row[0] == "copy":
+    if kind == "copy":
         return "copy"
-    return detail.get("label", row[0].split("-")[0]) + ("+4bit" if detail.get("four_bit") else "")
+    return detail.get("label", kind.split("-")[0]) + ("+4bit" if detail.get("four_bit") else "")
 
 
 COLUMNS = [("round", "round"), ("model", "model"), ("prompts", "prompts"), ("candidates", "cands"),

@@ -289,9 +289,8 @@ def _merge(base_path: str, tmp: Path, out: Path, probe: list[dict] | None, train
     pairs, beta = fit or ([], 0.0)
     pairs = pairs[:FIT_PROBE_PAIRS]
     before = (lambda m, tok: sequence_logps(m, tok, pairs)) if pairs else None
-    result = merge_adapter(base_path, tmp, out, before=before, probe=lambda m, tok: (
+    base_logps, (merged, after) = merge_adapter(base_path, tmp, out, before=before, probe=lambda m, tok: (
         sequence_logps(m, tok, probe) if probe else None, sequence_logps(m, tok, pairs) if pairs else None))
-    base_logps, (merged, after) = result if pairs else (None, result)
     adapter = out / "adapter"
     shutil.rmtree(adapter, ignore_errors=True)
     shutil.move(str(tmp), adapter)
