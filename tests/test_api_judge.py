@@ -21,6 +21,12 @@ from selfreward.backends.engines.openai import OpenAIEngine
 from selfreward.backends.judges.llm import LLMJudge
 
 
+class Listener(ThreadingHTTPServer):
+    """socketserver's backlog is 5: a sixth client connecting at once has its SYN dropped and retries
+    a second later, which would stretch a test's timeline by whole seconds."""
+    request_queue_size = 64
+
+
 class ScriptedServer:
     """Pops one scripted step per request: {"content": str} | {"status": int} | {"delay": s, "content": str}
     | {"reset": True} (hang up without a reply) | {"raw": str} (a 200 whose body is this text).
@@ -76,7 +82,7 @@ class ScriptedServer:
                 except (BrokenPipeError, ConnectionResetError):
                     pass  # the client timed out and hung up
 
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd = Listener(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
         self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
 

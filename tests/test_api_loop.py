@@ -86,7 +86,10 @@ def test_eval_probes_judge_at_once_on_a_server_as_they_would_one_by_one(tmp_path
                                                         {"text": "No idea.", "rank": 2}]}) + "\n"
                               for w in ("tides", "rust")))
     extra = ["--rounds", "1", "--eft-eval", str(ranked), "--set", "eval_eft_size=0", "--set", "eval_bias_prompts=2",
-             "--set", "judge_api_concurrency=4"]
+             "--set", "judge_api_concurrency=10"]
+    # Ten slots for a wave of at most eight requests (six held-out scores, the probe's two pairs in both
+    # orders): whichever part's requests reach the client's queue first, the other part's are sent at once
+    # rather than after the first part's replies, so that the overlap is the stage's doing, not a race.
     tables = {}
     for name, parallel in (("together", None), ("in_order", False)):
         together = evaluate.together
