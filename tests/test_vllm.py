@@ -241,6 +241,11 @@ def test_vllm_engine_loads_another_model_in_place(embedded, tmp_path):
     engine = VLLMEngine(cfg, embedded, tmp_path / "a")
     try:
         assert engine.swappable  # auto: on CPU
+        # One worker on CPU runs inside the engine-core process (VLLM_ENABLE_V1_MULTIPROCESSING=0): the
+        # group is the launcher (vLLM's API server) and the engine core, with no third process importing vLLM.
+        (pgid,) = server_groups(tmp_path / "a")
+        titles = [Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].decode() for pid in group_members(pgid)]
+        assert sorted(t for t in titles if t.startswith("VLLM::")) == ["VLLM::EngineCore"], titles
         before = answer(engine)  # also fills the prefix cache with the old weights' keys and values
         assert engine.swap(str(other)) < 30
         assert engine.model_path == str(other)
