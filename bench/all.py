@@ -68,7 +68,7 @@ def rows_training(r: dict) -> list[tuple]:
             continue
         base = rows[0]
         for x in rows:
-            out.append((f"{x['variant']}: s per sequence", x["s_per_seq"], "s", base["s_per_seq"] / x["s_per_seq"]))
+            out.append((f"{x['variant']}: s per sequence", x["s_per_seq"], "s", x["speed_x"]))
             out.append((f"{x['variant']}: peak training memory", x["train_peak_mib"], "MiB",
                         x["train_peak_mib"] / base["train_peak_mib"]))
             if x.get("exact") and base.get("exact"):
@@ -136,7 +136,8 @@ def main() -> None:
             print(f"{name:9} {label[:62]:62} {shown:>11} {'' if unit == 'bool' else unit:12} "
                   f"{'' if ratio is None else f'{ratio:7.2f}x':>8}")
     print("\nratio: against the first row of its block, measured in this run (for memory and loss, above 1 is "
-          "more; for everything else, above 1 is better). Wall time per part: "
+          "more; for everything else, above 1 is better); a training speed against the mean of the fp32 runs "
+          "(seeds 0 and 1, the same work). Wall time per part: "
           + ", ".join(f"{k} {v / 60:.1f} min" for k, v in walls.items()))
     if args.json:
         args.json.write_text(json.dumps(results, indent=2) + "\n")

@@ -4,7 +4,7 @@ SmolLM2-135M-Instruct.
 
     .venv/bin/python bench/engines.py                  # full sizes (tens of minutes on 2 CPU cores)
     .venv/bin/python bench/engines.py --quick          # smoke run at tiny sizes
-    .venv/bin/python bench/engines.py --medium         # make bench's sizes (about 6 minutes)
+    .venv/bin/python bench/engines.py --medium         # make bench's sizes (about 4 minutes)
     .venv/bin/python bench/engines.py --json bench.json --skip-bare
 
 Blocks (progress goes to stderr, the table to stdout):
@@ -72,7 +72,7 @@ class Sizes:
 
 FULL = Sizes(prompts=32, samples=4, gen_tokens=64, answers=36, judge_samples=3, judge_tokens=128)
 # `make bench` (bench/all.py): big enough for stable ratios, small enough for its 15-minute budget.
-MEDIUM = Sizes(prompts=16, samples=4, gen_tokens=64, answers=12, judge_samples=3, judge_tokens=128)
+MEDIUM = Sizes(prompts=16, samples=4, gen_tokens=64, answers=12, judge_samples=2, judge_tokens=128)
 QUICK = Sizes(prompts=8, samples=2, gen_tokens=16, answers=6, judge_samples=1, judge_tokens=32)
 
 

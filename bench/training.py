@@ -151,8 +151,31 @@ def run_variant(name: str, n: int) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def reruns(a: str, b: str) -> bool:
+    """Whether variants a and b train the same way apart from the seed (the same work)."""
+    def plain(name):
+        stage, overrides = VARIANTS[name]
+        return stage, {k: v for k, v in overrides.items() if k != "seed"}
+    return plain(a) == plain(b)
+
+
+def add_speed(results: list[dict]) -> None:
+    """Each result's speed x: the speed baseline's s/seq over its own. The baseline is the mean of
+    the stage's first variant and of its reruns at another seed (fp32 seed 1): on a shared 2-core
+    machine the same variant's s/seq moves by 10-20% between runs a minute apart, and the mean of
+    two samples carries less of that than one."""
+    for stage in ("sft", "dpo"):
+        rows = [r for r in results if r["stage"] == stage]
+        if rows:
+            same = [r["s_per_seq"] for r in rows if reruns(rows[0]["variant"], r["variant"])]
+            base = sum(same) / len(same)
+            for r in rows:
+                r["speed_x"], r["speed_baseline_runs"] = base / r["s_per_seq"], len(same)
+
+
 def table(results: list[dict]) -> str:
-    """One block per stage; ratios against the stage's first variant (its baseline)."""
+    """One block per stage; ratios against the stage's first variant (its baseline; for speed,
+    with its reruns at other seeds: add_speed)."""
     lines = [f"{'variant':20} {'steps':>5} {'s/seq':>6} {'speed x':>8} {'train MiB':>10} {'memory x':>9} "
              f"{'process MiB':>12} {'mean loss':>10} {'last loss':>10} {'merge gap':>10} {'fp32 loss':>10} "
              f"{'fp32 margin':>12}"]
@@ -162,7 +185,7 @@ def table(results: list[dict]) -> str:
             continue
         base = rows[0]
         for r in rows:
-            speed = base["s_per_seq"] / r["s_per_seq"] if r["s_per_seq"] else float("nan")
+            speed = r["speed_x"]
             gap = "-" if r["merge_gap"] is None else f"{r['merge_gap']:.4f}"
             exact = r.get("exact") or {}
             loss, margin = (f"{exact[k]:.4f}" if k in exact else "-" for k in ("loss", "margin"))
@@ -191,6 +214,7 @@ def main() -> None:
     if unknown:
         sys.exit(f"error: unknown variant {', '.join(unknown)}; choose from {', '.join(VARIANTS)}")
     results = [run_variant(name, n) for name in names]
+    add_speed(results)
     print(f"\ntraining on the embedded SmolLM2-135M, {n} examples a variant (batch 4 SFT examples or DPO "
           f"pairs), one epoch, LoRA r16; {platform.machine()}, {os.cpu_count()} cores, "
           f"{datetime.date.today()}\n")
@@ -198,7 +222,8 @@ def main() -> None:
     print("\ns/seq: seconds per training sequence (SFT example or DPO pair), first step left out. train MiB: peak "
           "resident memory from the first to the last step (sampled every 50 ms); process MiB: the whole process, "
           "merge included (the merge reloads the base at full precision). speed x, memory x: against the first "
-          "variant of the stage, measured in this run; speed above 1 is faster. Same data, seed and learning rate "
+          "variant of the stage, measured in this run; for speed, the mean of it and of its reruns at another seed "
+          "(the same work: one run's s/seq moves by 10-20% with the machine); speed above 1 is faster. Same data, seed and learning rate "
           "in every variant of a stage, so the losses compare. fp32 loss, fp32 margin (DPO): the trained, merged "
           "model against its base on the pairs it trained on, DPO's loss and mean reward margin computed in fp32 "
           "whatever the training's arithmetic: the logged losses of a bf16 step carry rounding noise in the "

@@ -26,3 +26,18 @@ def test_bench_runner_refuses_an_unknown_part():
     proc = subprocess.run([sys.executable, str(ROOT / "bench" / "all.py"), "--only", "nope"], capture_output=True,
                           text=True, timeout=60)
     assert proc.returncode != 0 and "unknown part nope" in proc.stderr
+
+
+def test_training_speed_is_against_the_mean_of_the_baseline_and_its_reruns_at_another_seed():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_training", ROOT / "bench" / "training.py")
+    training = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(training)
+    results = [{"variant": v, "stage": v.split("-")[0], "s_per_seq": s}
+               for v, s in (("sft-fp32-mb1", 3.0), ("sft-fp32-seed1", 2.0), ("sft-bf16-lean", 1.25),
+                            ("sft-qlora-mb1", 2.5), ("dpo-fp32-mb1", 2.0), ("dpo-bf16-lean", 0.5))]
+    training.add_speed(results)
+    speed = {r["variant"]: (r["speed_x"], r["speed_baseline_runs"]) for r in results}
+    assert speed == {"sft-fp32-mb1": (2.5 / 3.0, 2), "sft-fp32-seed1": (1.25, 2), "sft-bf16-lean": (2.0, 2),
+                     "sft-qlora-mb1": (1.0, 2), "dpo-fp32-mb1": (1.0, 1), "dpo-bf16-lean": (4.0, 1)}
