@@ -205,6 +205,8 @@ def main() -> None:
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
     n = args.examples or (8 if args.quick else 32)
+    if n < 8:  # batch 4: the first step is left out of s/seq, so a variant needs two steps at least
+        sys.exit(f"error: --examples {n}: at least 8 (two steps of 4, the first of which is not timed)")
     if args.child:
         with tempfile.TemporaryDirectory(prefix="bench-train-") as out:  # a merged model: 0.5 GB
             child(args.child, n, out)
@@ -223,8 +225,8 @@ def main() -> None:
           "resident memory from the first to the last step (sampled every 50 ms); process MiB: the whole process, "
           "merge included (the merge reloads the base at full precision). speed x, memory x: against the first "
           "variant of the stage, measured in this run; for speed, the mean of it and of its reruns at another seed "
-          "(the same work: one run's s/seq moves by 10-20% with the machine); speed above 1 is faster. Same data, seed and learning rate "
-          "in every variant of a stage, so the losses compare. fp32 loss, fp32 margin (DPO): the trained, merged "
+          "(the same work: one run's s/seq moves by 10-20% with the machine); speed above 1 is faster. Same data, "
+          "seed and learning rate in every variant of a stage, so the losses compare. fp32 loss, fp32 margin (DPO): the trained, merged "
           "model against its base on the pairs it trained on, DPO's loss and mean reward margin computed in fp32 "
           "whatever the training's arithmetic: the logged losses of a bf16 step carry rounding noise in the "
           "log-ratios.")
