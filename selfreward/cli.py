@@ -180,15 +180,19 @@ def iterate(name, runs_dir, rounds, model, ift, eft, eft_eval, preset, config_fi
             done = run_loop(ctx, rounds)
         finally:
             ctx.close()  # a vLLM server's process group ends on every way out
-    if not done:
+    if ctx.stopped:
+        click.echo(ctx.stopped)
+    elif not done:
         click.echo(f"nothing to do: {path} already has M{rounds} (rounds 1..{rounds} finished)")
     from selfreward.inspection.report import COLUMNS, round_summary, table
-    from selfreward.inspection.trend import trend_text
+    from selfreward.inspection.trend import actor_text, trend_text
 
     with Run.open(path) as run:
         click.echo(table(round_summary(run), COLUMNS))
         click.echo()
         click.echo(trend_text(run))
+        click.echo()
+        click.echo(actor_text(run))
 
 
 RUN_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,99}")
@@ -244,6 +248,12 @@ def _check_inputs(cfg) -> None:
         from selfreward.inspection.metrics import load_eval_set
 
         load_eval_set(cfg.eft_eval)  # flat EFT or ranked: checked line by line before a run exists
+    if cfg.if_eval:
+        from selfreward.evaluation.instruct import load_if_eval
+
+        load_if_eval(cfg.if_eval)  # a malformed line is one error naming the file and line
+    if cfg.eval_judge != "none":
+        read_ift(cfg.win_eval)
     load_template("additive_judge")
     load_template("self_instruct")
     check_judge(cfg)
@@ -285,19 +295,21 @@ def status(run, runs_dir, by_stage, as_json):
         selfreward status demo --json | jq '.rounds[].pairs_kept'
     """
     from selfreward.inspection.report import COLUMNS, round_summary, stage_summary, table
-    from selfreward.inspection.trend import judge_trend, trend_text
+    from selfreward.inspection.trend import actor_text, actor_trend, judge_trend, trend_text
     from selfreward.core.store import Run
 
     r = Run.open(_run_path(run, runs_dir))
     rounds, stages = round_summary(r), stage_summary(r)
     if as_json:
-        click.echo(json.dumps({"run": str(r.path), "rounds": rounds, "stages": stages, "judge": judge_trend(r)},
-                              indent=2))
+        click.echo(json.dumps({"run": str(r.path), "rounds": rounds, "stages": stages, "judge": judge_trend(r),
+                               "actor": actor_trend(r)}, indent=2))
         return
     click.echo(table(rounds, COLUMNS) if rounds else "no rounds started yet")
     if rounds:
         click.echo()
         click.echo(trend_text(r))
+        click.echo()
+        click.echo(actor_text(r))
     if by_stage:
         click.echo()
         rows = [{**s, "detail": s["detail"]} for s in stages]
@@ -375,6 +387,7 @@ def eval_group():
     Example:
         selfreward eval judge demo
         selfreward eval head2head demo --a M1 --b M3
+        selfreward eval instruct demo --data ifeval.jsonl
     """
 
 
@@ -463,6 +476,52 @@ def head2head_cmd(run, model_a, model_b, prompts, limit, as_json, runs_dir, **ju
     from selfreward.inspection.report import H2H_COLUMNS, table
 
     click.echo(table([result], H2H_COLUMNS))
+
+
+@eval_group.command(name="instruct")
+@click.argument("run")
+@click.option("--data", "dataset", type=click.Path(), help="IFEval-format JSONL: key, prompt, instruction_id_list, "
+                                                           "kwargs (default: the run's if_eval).")
+@click.option("--models", help="Comma-separated models of the run (default: every policy model).")
+@click.option("--limit", type=click.IntRange(0), default=0, help="Use only the first N prompts (0 = all).")
+@click.option("--max-new-tokens", type=click.IntRange(1), help="Answer length limit (default: eval_max_new_tokens).")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+@click.option("--runs-dir", default="runs", show_default=True, type=click.Path(file_okay=False))
+def eval_instruct_cmd(run, dataset, models, limit, max_new_tokens, as_json, runs_dir):
+    """Verifiable instruction following: each model answers the prompts
+    greedily, and every constraint is checked by the IFEval/IFBench checkers
+    (if-verifiable). Prompt-level scores count fully checked prompts only; a
+    constraint whose checker cannot run (missing NLTK data, an id newer than
+    the checkers) is unchecked, never a pass or a fail. The fixed-answer floor
+    (every prompt answered with one short sentence) is shown beside.
+
+    \b
+    Example:
+        selfreward eval instruct demo                          # the run's if_eval, every model
+        selfreward eval instruct demo --data ifeval.jsonl --models M1,M3 --limit 100
+        selfreward eval instruct demo --json | jq '.[].if_prompt_strict'
+    """
+    from selfreward.core.store import Run
+    from selfreward.evaluation.commands import eval_instruct
+    from selfreward.evaluation.instruct import load_if_eval
+
+    with Run.open(_run_path(run, runs_dir), writer=True) as r:
+        data = dataset or r.config().if_eval
+        if not data:
+            raise SelfRewardError("this run has no if_eval set; give one with --data FILE")
+        load_if_eval(data)  # a malformed line is one error line, before any model loads
+        names = models.split(",") if models else [m["name"] for m in r.rows(
+            "select name from models where kind != 'reward-model' order by round")]
+        for name in names:
+            _policy(r, name)
+        _quiet_libraries()
+        rows = eval_instruct(r, names, data, limit, max_new_tokens)
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    from selfreward.inspection.report import IF_COLUMNS, table
+
+    click.echo(table(rows, IF_COLUMNS))
 
 
 @cli.command(name="train-rm")

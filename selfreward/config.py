@@ -110,6 +110,17 @@ class Config:
     max_length: int = _f(2048, "Token limit for one training sequence (prompt + response).")
     eval_eft_size: int = _f(0, "Held-out examples judged by M0 and each new M_t for the Table-4 metrics (0 = all).")
     eval_bias_prompts: int = _f(8, "Held-out prompts for the bias panels after each round (position inconsistency as a pairwise judge, the verbosity probe, self-preference); 0 = off.")
+    # --- evaluating the actor (yardsticks the loop never trains on) ---
+    if_eval: str = _f(str(SEED_DIR / "if_eval.jsonl"), "Verifiable instructions in IFEval's JSONL format (key, prompt, instruction_id_list, kwargs) that each model answers after its round; every constraint is checked by the IFEval/IFBench checkers (if-verifiable). The default is the project's own set ('' to skip).")
+    if_eval_size: int = _f(0, "Verifiable prompts answered per model (the first N of if_eval; 0 = all).")
+    eval_max_new_tokens: int = _f(256, "Token limit for a model's greedy answer to a held-out prompt (verifiable instructions, win rates).")
+    win_eval: str = _f(str(SEED_DIR / "ift_heldout.jsonl"), "Held-out instructions (JSONL with 'instruction') on which eval_judge compares M_t with M_{t-1} and with M1.")
+    win_eval_size: int = _f(0, "Held-out instructions for the win rates (the first N of win_eval; 0 = all).")
+    eval_judge: str = _f("none", "The independent judge of the win rates (never the model being evaluated): 'api' (the api_base server, pairwise in both orders), 'reward-model' or 'pairrm' (eval_judge_model), or 'none'.")
+    eval_judge_model: str = _f("", "For eval_judge 'reward-model' or 'pairrm': a local folder or hub id (pairrm defaults to llm-blender/PairRM-hf).")
+    promote: str = _f("always", "Which M_t the next round trains from: 'always' (the paper's loop) or 'no-regress' (M_t only if it is not worse than M_{t-1} on promote_metric beyond its 95% interval; else M_{t-1} again).")
+    promote_metric: str = _f("if_prompt_strict", "The yardstick of promote='no-regress': if_prompt_strict, if_prompt_loose, if_inst_strict, if_inst_loose (paired bootstrap of M_t - M_{t-1}), or win_vs_prev, win_lc_vs_prev (interval below 50%).")
+    promote_patience: int = _f(2, "promote='no-regress': the loop stops after this many rounds in a row whose model was not promoted.")
     # --- training M_t from M_{t-1} (rounds t >= 2) ---
     train_method: str = _f("dpo", "How M_t (t >= 2) is trained from M_{t-1}: 'dpo' (TRL DPOTrainer on the round's pairs, loss dpo_loss_type, reference M_{t-1}), 'simpo' (TRL's CPO trainer with loss_type='simpo' and cpo_alpha=0: reference-free SimPO), or online RL in place of candidates/judging/pairs/DPO: 'grpo' or 'rloo' (the policy samples n_candidates answers per prompt, the configured judge scores them, KL to M_{t-1}).")
     report_to: str = _f("none", "Experiment tracking for every trainer, passed to TRL: 'none', or a comma list of tensorboard, wandb, trackio, mlflow, ... (the package must be installed). Each logged run is named <run>-r<t>-<method>; TensorBoard logs go to runs/<name>/tensorboard. run.db stays the record.")
@@ -163,6 +174,9 @@ PRESETS: dict[str, dict] = {
         "max_length": 640,
         "eval_eft_size": 18,
         "eval_bias_prompts": 6,
+        "if_eval_size": 40,
+        "eval_max_new_tokens": 128,
+        "win_eval_size": 16,
         "dpo_learning_rate": 5e-5,
         "dpo_learning_rate_end": 5e-6,
         "rl_learning_rate": 5e-5,
@@ -186,6 +200,9 @@ PRESETS: dict[str, dict] = {
         "max_length": 512,
         "eval_eft_size": 3,
         "eval_bias_prompts": 2,
+        "if_eval_size": 4,
+        "eval_max_new_tokens": 8,
+        "win_eval_size": 2,
         "dpo_learning_rate": 5e-5,
         "dpo_learning_rate_end": 5e-6,
         "rl_learning_rate": 5e-5,
@@ -329,8 +346,36 @@ def validate(c: Config) -> None:
         raise SelfRewardError("vllm_gpu_memory_utilization must lie in (0, 1]")
     check_api_settings(c)
     check_judge_training(c)
+    check_actor_eval(c)
     if c.judge == "scripted" and not c.judge_script:
         raise SelfRewardError("judge 'scripted' needs judge_script: a JSON file with a list of raw judge outputs")
+
+
+EVAL_JUDGES = ("none", "api", "reward-model", "pairrm")
+PROMOTE_METRICS = ("if_prompt_strict", "if_prompt_loose", "if_inst_strict", "if_inst_loose", "win_vs_prev",
+                   "win_lc_vs_prev")
+
+
+def check_actor_eval(c: Config) -> None:
+    if c.eval_judge not in EVAL_JUDGES:
+        raise SelfRewardError(f"eval_judge must be one of: {', '.join(EVAL_JUDGES)}")
+    if c.eval_judge == "reward-model" and not c.eval_judge_model:
+        raise SelfRewardError("eval_judge 'reward-model' needs eval_judge_model: a sequence-classification model")
+    if c.eval_judge == "api" and not (c.api_base and c.api_model):
+        raise SelfRewardError("eval_judge 'api' needs api_base and api_model (the server that judges the win rates)")
+    if c.promote not in ("always", "no-regress"):
+        raise SelfRewardError("promote must be 'always' or 'no-regress'")
+    if c.promote_metric not in PROMOTE_METRICS:
+        raise SelfRewardError(f"promote_metric must be one of: {', '.join(PROMOTE_METRICS)}")
+    if c.promote == "no-regress" and c.promote_metric.startswith("win") and c.eval_judge == "none":
+        raise SelfRewardError(f"promote_metric '{c.promote_metric}' needs an eval_judge (api, reward-model or pairrm)")
+    if c.promote == "no-regress" and c.promote_metric.startswith("if_") and not c.if_eval:
+        raise SelfRewardError(f"promote_metric '{c.promote_metric}' needs if_eval (a verifiable-instruction set)")
+    for key in ("if_eval_size", "win_eval_size"):
+        if getattr(c, key) < 0:
+            raise SelfRewardError(f"config key '{key}' must be >= 0 (0 = all)")
+    if c.eval_max_new_tokens <= 0 or c.promote_patience <= 0:
+        raise SelfRewardError("eval_max_new_tokens and promote_patience must be positive")
 
 
 TRAIN_METHODS = ("dpo", "simpo", "grpo", "rloo")

@@ -24,6 +24,7 @@ class Context:
     def __init__(self, run: Run, cfg: Config, checkpoint: bool = False):
         """checkpoint: keep each finished part of a stage's generations while it runs (the loop does)."""
         self.run, self.cfg = run, cfg
+        self.stopped: str | None = None  # why the loop ended early (the promotion gate's patience ran out)
         self.checkpoint = Checkpoint(run.db) if checkpoint else None
         self._engine: Engine | None = None
         self._engine_model: str | None = None
@@ -100,6 +101,23 @@ class Context:
         if model not in self._judges:
             self._judges[model] = build_judge(self.cfg, lambda kind: self._engine_for(kind, model), model)
         return self._judges[model]
+
+    def eval_judge(self) -> Judge:
+        """The independent judge of the actor's win rates (eval_judge): never the policy. An LLM judge
+        compares the two answers directly (pairwise, both orders)."""
+        import dataclasses
+
+        if "eval:" not in self._judges:
+            cfg = self.cfg
+            cfg = dataclasses.replace(cfg, judge=cfg.eval_judge, judge_mode="pairwise", judge_logprobs="no",
+                                      judge_model=cfg.eval_judge_model)
+            self._judges["eval:"] = build_judge(cfg, lambda kind: self._engine_for(kind, "-"), "eval")
+        return self._judges["eval:"]
+
+    def parent(self, t: int) -> str:
+        """The model round t trains from: M_{t-1}, unless the promotion gate kept an earlier one."""
+        row = self.run.db.execute("select model_in from rounds where round = ?", [t]).fetchone()
+        return row[0] if row and row[0] else f"M{t - 1}"
 
     def _engine_for(self, kind: str, model: str) -> Engine:
         if kind == "policy":

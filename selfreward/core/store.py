@@ -209,6 +209,37 @@ def m009_judge_training(db: sqlite_utils.Database):
     db["meta_judgments"].enable_fts(["rationale", "raw"], create_triggers=True)
 
 
+@migrations()
+def m010_actor_eval(db: sqlite_utils.Database):
+    # The actor on yardsticks the loop never trains on. Each model's greedy answers to held-out
+    # prompts ('if': verifiable instructions; 'win': the win-rate instructions), written once per model.
+    db["eval_answers"].create(
+        {"id": int, "round": int, "model": str, "dataset": str, "key": str, "prompt": str, "text": str,
+         "n_tokens": int, "finish_reason": str, "error": str, "created_at": str},
+        pk="id")
+    db["eval_answers"].create_index(["model", "dataset"])
+    # Every constraint of a verifiable answer: passed (1), failed (0), or unchecked (both NULL, with the reason).
+    db["if_checks"].create(
+        {"id": int, "answer_id": int, "idx": int, "instruction_id": str, "kwargs": str, "strict": int,
+         "loose": int, "unchecked": str, "checker": str},
+        pk="id", foreign_keys=[("answer_id", "eval_answers", "id")])
+    db["if_checks"].create_index(["answer_id"])
+    # M_t against a baseline (M_{t-1}, M1) by the independent eval judge: preference 1 (M_t wins), 0.5, 0,
+    # or NULL (unscored), with the judge's raw text in both orders.
+    db["eval_comparisons"].create(
+        {"id": int, "round": int, "model": str, "baseline": str, "answer_id": int, "baseline_answer_id": int,
+         "judge": str, "preference": float, "outcome": str, "ab_score": float, "ba_score": float, "ab_raw": str,
+         "ba_raw": str, "created_at": str},
+        pk="id", foreign_keys=[("answer_id", "eval_answers", "id"), ("baseline_answer_id", "eval_answers", "id")])
+    db["eval_comparisons"].create_index(["round"])
+    # The promotion gate: whether M_t became the next round's parent, and why.
+    db["promotions"].create(
+        {"round": int, "model": str, "promoted": int, "parent": str, "metric": str, "value": float,
+         "lo": float, "hi": float, "reason": str, "created_at": str},
+        pk="round")
+    append_only(db, ("eval_answers", "if_checks", "eval_comparisons", "promotions"))
+
+
 def take_lock(path: Path, wait: bool = False, quiet: bool = False):
     """The run's lock (an flock on runs/<name>/.lock): one writer per run."""
     fh = open(path / ".lock", "w")

@@ -57,7 +57,7 @@ def build_report(run: Run, out_dir: str | Path | None = None) -> Path:
                      "(DPO, or the method in the train column).</p>")
     else:
         parts.append(f"<p class=empty>No rounds yet: {NO_DATA}.</p>")
-    for section in (_scores, _pairs, _lengths, _training, _models, _judge_quality, _judge_training):
+    for section in (_scores, _pairs, _lengths, _training, _models, _actor_quality, _judge_quality, _judge_training):
         parts.append(section(run, out))
     page = ("<!DOCTYPE html>\n<html lang=en><head><meta charset=utf-8>"
             f"<title>selfreward report: {_e(name)}</title><style>{CSS}</style></head><body>\n"
@@ -223,6 +223,54 @@ def _models(run: Run, out: Path) -> str:
                      (r["sha256"] or "")[:12]])
     return "\n".join(html_ + [_table([["model", "kind", "parent", "method", "4-bit", "merge gap", "note",
                                        "sha256"]] + body)])
+
+
+def _actor_quality(run: Run, out: Path) -> str:
+    from selfreward.inspection.trend import actor_trend
+
+    trend = actor_trend(run)
+    html_ = ["<h2>Actor quality</h2>",
+             "<p class=note>Did the loop make the model better? Each model's greedy answers to held-out verifiable "
+             "instructions (<code>if_eval</code>, every constraint checked by the IFEval/IFBench checkers; prompt "
+             "level counts fully checked prompts only, with the 95% interval) and, with an independent "
+             "<code>eval_judge</code>, its win rates against its parent and M1 (raw and length-controlled). "
+             "The fixed-answer floor is what one short sentence scores on the same set.</p>"]
+    if not trend["rows"]:
+        return "\n".join(html_ + [f"<p class=empty>{NO_DATA}</p>"])
+    html_.append(_table([["metric", *trend["models"]]] + [[r["metric"], *(r[m] for m in trend["models"])]
+                                                         for r in trend["rows"]]))
+    for model, reason in trend["promoted"].items():
+        if not reason.startswith("promote="):
+            html_.append(f"<p class=note>{_e(model)}: {_e(reason)}</p>")
+    if trend["verdict"]:
+        html_.append(f"<p class={'worse' if trend['worse'] else 'note'}><strong>{_e(trend['verdict'])}</strong></p>")
+    fig, (left, right) = _figure(2, width=5.5, height=3.8)
+    models, values = trend["models"], trend["values"]
+    for ax, names, title in ((left, ("if_prompt_strict", "if_prompt_loose", "if_inst_strict", "if_inst_loose"),
+                              "verifiable instructions"),
+                             (right, ("win_vs_prev", "win_lc_vs_prev", "win_vs_m1", "win_lc_vs_m1"), "win rates")):
+        plotted = False
+        for name in names:
+            ys = [values[m].get(name, float("nan")) for m in models]
+            if all(y != y for y in ys):
+                continue
+            lo = [values[m].get(f"{name}_lo", y) for m, y in zip(models, ys)]
+            hi = [values[m].get(f"{name}_hi", y) for m, y in zip(models, ys)]
+            below = [max(y - a, 0) for y, a in zip(ys, lo)]
+            above = [max(b - y, 0) for y, b in zip(ys, hi)]
+            ax.errorbar(models, ys, yerr=[below, above], fmt="o-", capsize=3, label=name)
+            plotted = True
+        if plotted:
+            if title == "win rates":
+                ax.axhline(0.5, color="grey", lw=0.8, ls="--")
+            ax.set_title(title, fontsize=10)
+            ax.set_ylim(0, 1)
+            ax.legend(fontsize=7)
+        else:
+            _empty(ax)
+    _save(fig, out / "actor.png")
+    html_.append(_img("actor.png", "actor quality per model"))
+    return "\n".join(html_)
 
 
 def _judge_quality(run: Run, out: Path) -> str:

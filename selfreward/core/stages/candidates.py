@@ -12,7 +12,7 @@ def run(ctx, t: int) -> None:
         return
     cfg = ctx.cfg
     prompts = ctx.run.rows("select id, text from prompts where round = ? order by id", [t])
-    model = f"M{t - 1}"
+    model = ctx.parent(t)
     with ctx.stage(t, "candidates") as commit:
         sampling = Sampling(cfg.candidate_temperature, cfg.candidate_top_p, cfg.candidate_max_new_tokens,
                             ctx.seed(t, "candidates"))

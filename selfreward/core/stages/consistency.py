@@ -59,7 +59,7 @@ def run(ctx, t: int) -> None:
     by_prompt: dict[int, list[dict]] = defaultdict(list)
     for c in cands:
         by_prompt[c["prompt_id"]].append(c)
-    previous = f"M{t - 2}"
+    previous = ctx.parent(t - 1)  # the judge before the current one (M_{t-2} when every model was promoted)
     with ctx.stage(t, "consistency") as commit:
         judge = ctx.judge(previous)
         seed = ctx.seed(t, "consistency")

@@ -22,14 +22,14 @@ def run(ctx, t: int) -> None:
     for c in cands:
         by_prompt.setdefault(c["prompt_id"], []).append(c)
     with ctx.stage(t, "judge") as commit:
-        judge = ctx.judge(f"M{t - 1}")
+        judge = ctx.judge(ctx.parent(t))
         # Candidates whose generation failed are not shown to the judge: their judgments are NULL with the reason.
         judged = {pid: [c for c in cs if c["error"] is None] for pid, cs in by_prompt.items()}
         judged = {pid: cs for pid, cs in judged.items() if cs}
         groups = [Group(cs[0]["instruction"], [c["text"] for c in cs]) for cs in judged.values()]
         seed = ctx.seed(t, "judge")
         results = judge.judge_groups(groups, cfg.judge_samples, seed)
-        stamp, provenance = now(), ctx.judge_provenance(f"M{t - 1}", seed)
+        stamp, provenance = now(), ctx.judge_provenance(ctx.parent(t), seed)
         rows, comparisons = [], []
         for cs, result in zip(judged.values(), results):
             for c, verdicts in zip(cs, result.verdicts):

@@ -138,14 +138,14 @@ def run(ctx, t: int) -> None:
     with ctx.stage(t, "meta") as commit:
         meta_rows = []
         if jobs:
-            engine = ctx.judge(f"M{t - 1}").engine  # the self judge's engine: M_{t-1} (a script, in tests)
+            engine = ctx.judge(ctx.parent(t)).engine  # the self judge's engine: M_{t-1} (a script, in tests)
             prompts = [[{"role": "user", "content": template.render(instruction=a["instruction"], response=a["response"],
                                                                     judgment_a=a["raw"], judgment_b=b["raw"])}]
                        for _, a, b, _ in jobs]
             seed = ctx.seed(t, "meta")
             sampling = Sampling(cfg.judge_temperature, cfg.judge_top_p, cfg.meta_judge_max_new_tokens, seed)
             outs = engine.generate(prompts, 1, sampling, desc="meta-judge")
-            stamp, judge_name = now(), ctx.judge(f"M{t - 1}").name
+            stamp, judge_name = now(), ctx.judge(ctx.parent(t)).name
             for (cid, a, b, order), (c,) in zip(jobs, outs):
                 parsed = template.parse(c.text, truncated=c.finish_reason == "length") if not c.error else None
                 winner = {1.0: "a", 0.0: "b", 0.5: "tie"}.get(parsed.score) if parsed else None

@@ -230,9 +230,9 @@ def run(ctx, t: int) -> None:
     with ctx.stage(t, "self_instruct") as commit:
         sampling = Sampling(cfg.instruct_temperature, cfg.instruct_top_p, cfg.instruct_max_new_tokens,
                             ctx.seed(t, "self_instruct"))
-        kept, counts = self_instruct(ctx.engine(f"M{t - 1}"), ctx.template("self_instruct"), ift, earlier,
+        kept, counts = self_instruct(ctx.engine(ctx.parent(t)), ctx.template("self_instruct"), ift, earlier,
                                      cfg.prompts_per_round, sampling, cfg)
         stamp = now()
-        commit.insert_all("prompts", [{"round": t, "text": k, "source": f"self_instruct:M{t - 1}",
+        commit.insert_all("prompts", [{"round": t, "text": k, "source": f"self_instruct:{ctx.parent(t)}",
                                        "created_at": stamp} for k in kept])
         commit.detail = counts
