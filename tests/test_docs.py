@@ -47,6 +47,9 @@ def test_the_readme_is_a_front_page_with_the_two_commands():
     assert re.search(r"^demo:", makefile, re.M) and re.search(r"^test:", makefile, re.M)
     linked = {(ROOT / target).resolve() for target in LINK.findall(README) if not target.startswith(("http", "#"))}
     assert set(PAGES) <= linked, "a docs page the README does not link to"
+    schema = (ROOT / "docs" / "schema.md").read_text()
+    for name in re.findall(r"`(\w+)`", section(README, "Run store").partition("[docs/schema.md]")[0]):
+        assert f"## `{name}`" in schema, f"the README names a table that run.db does not have: {name}"
 
 
 def slug(heading: str) -> str:
