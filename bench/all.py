@@ -5,6 +5,10 @@ ratios, each against a baseline measured in the same run.
     .venv/bin/python bench/all.py --quick              # smoke sizes: checks that everything runs
     .venv/bin/python bench/all.py --json bench.json --only training,store
 
+A run at full sizes also writes its record to bench/results/<date>-bench.json (the
+printed rows and every part's results), which bench/plan.py and docs/benchmarks.md
+read; --results DIR writes it elsewhere (a --quick run writes one only then).
+
 Parts (each is also a script of its own, with its full sizes and its own table):
 - engines   bench/engines.py --medium --skip-bare: generation and judging per engine,
             against the transformers engine.
@@ -103,6 +107,8 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="smoke sizes for every part")
     ap.add_argument("--only", help="comma list of parts: " + ", ".join(READERS))
     ap.add_argument("--json", type=Path, help="also write every part's results here")
+    ap.add_argument("--results", type=Path, metavar="DIR",
+                    help="folder for this run's dated record (default bench/results/; --quick: none unless given)")
     args = ap.parse_args()
     parts = [p.strip() for p in (args.only or ",".join(READERS)).split(",") if p.strip()]
     unknown = [p for p in parts if p not in READERS]
@@ -122,15 +128,19 @@ def main() -> None:
             continue
         print(proc.stdout, file=sys.stderr)  # each part's own table, for the record
         results[name] = json.loads((out / f"{name}.json").read_text())
-    print(f"selfreward benchmarks, {datetime.datetime.now().astimezone().isoformat(timespec='minutes')}"
-          f"{' (--quick)' if args.quick else ''}: {platform.machine()}, {os.cpu_count()} cores, "
-          f"python {platform.python_version()}")
+    started = datetime.datetime.now().astimezone()
+    machine = f"{platform.machine()}, {os.cpu_count()} cores, python {platform.python_version()}"
+    print(f"selfreward benchmarks, {started.isoformat(timespec='minutes')}{' (--quick)' if args.quick else ''}: "
+          f"{machine}")
     print(f"\n{'part':9} {'measurement':62} {'value':>11} {'unit':12} {'ratio':>8}")
+    rows = []
     for name in parts:
         if name not in results:
             print(f"{name:9} FAILED (see its output above)")
             continue
         for label, value, unit, ratio in READERS[name](results[name]):
+            rows.append({"part": name, "measurement": label, "value": bool(value) if unit == "bool" else value,
+                         "unit": unit, "ratio": ratio})
             shown = ("yes" if value else "NO") if unit == "bool" else f"{value:11.4f}" if unit == "nats" \
                 else f"{value:11.2f}"
             print(f"{name:9} {label[:62]:62} {shown:>11} {'' if unit == 'bool' else unit:12} "
@@ -141,6 +151,15 @@ def main() -> None:
           + ", ".join(f"{k} {v / 60:.1f} min" for k, v in walls.items()))
     if args.json:
         args.json.write_text(json.dumps(results, indent=2) + "\n")
+    folder = args.results or (None if args.quick else HERE / "results")
+    if folder is not None and results:
+        folder.mkdir(parents=True, exist_ok=True)
+        record = {"date": started.isoformat(timespec="minutes"), "command": " ".join(["bench/all.py", *sys.argv[1:]]),
+                  "quick": args.quick, "machine": machine, "failed": failed,
+                  "wall_s": {k: round(v, 1) for k, v in walls.items()}, "rows": rows, "parts": results}
+        path = folder / f"{started.strftime('%Y-%m-%dT%H-%M')}-bench.json"
+        path.write_text(json.dumps(record, indent=2) + "\n")
+        print(f"wrote {path}", file=sys.stderr)
     sys.exit(1 if failed else 0)
 
 

@@ -6,6 +6,7 @@ paper scale, on a given number of GPUs, without a GPU.
     .venv/bin/python bench/plan.py --model 13b --gpus 4 --gpu a100 --json
     .venv/bin/python bench/plan.py --model 7b --gpus 8 --set n_candidates=8 --set judge_samples=5
     .venv/bin/python bench/plan.py --figures bench.json              # measured figures from `bench/all.py --json`
+    .venv/bin/python bench/plan.py --results my-results/             # dated runs elsewhere than bench/results/
 
 The round's sizes come from selfreward's config (the `paper` preset: 4,000 prompts,
 N = 4 candidates, K = 3 judgments, the token limits, DPO epochs and batch);
@@ -13,10 +14,11 @@ N = 4 candidates, K = 3 judgments, the token limits, DPO epochs and batch);
 Throughputs come from published figures (PUBLISHED and TRAINING below, each with
 its URL and date; the ones extrapolated say how). What this machine measured
 supplies what transfers from a 2-core CPU to a GPU host: the run.db write rate
-and the vllm engine's overhead over bare vLLM (`make bench`, read from README.md
-or from --figures), and the checkpoint commit rate (measured once; see
-docs/scaling.md). A throughput measured on your own GPU replaces the published
-one through --figures (decode_tokens_per_s, train_tflops_per_gpu).
+and the vllm engine's overhead over bare vLLM (`make bench`: each read from the
+newest dated run in bench/results/ that measured it, or from --figures), and the
+checkpoint commit rate (measured once; see docs/scaling.md). A throughput
+measured on your own GPU replaces the published one through --figures
+(decode_tokens_per_s, train_tflops_per_gpu).
 docs/scaling.md states every assumption and what the estimate leaves out.
 """
 
@@ -25,7 +27,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -121,21 +122,43 @@ class PlanError(Exception):
     pass
 
 
-# --- measured figures: README.md's `make bench` table, or a JSON -------------------------------------------------
+# --- measured figures: the newest of bench/results/*.json, or a JSON --------------------------------------------
 
-def figures_from_readme(path: Path) -> dict:
-    if not path.is_file():
-        raise PlanError(f"{path} not found; pass --figures FILE (the JSON of `bench/all.py --json`)")
-    text = path.read_text()
-    store = re.search(r"^store\s+[\d,]+ judgments into run\.db \(FTS5, triggers\)\s+([\d.]+)", text, re.M)
-    bare = re.search(r"^store\s+[\d,]+ judgments into a bare table\s+([\d.]+)", text, re.M)
-    if not store or not bare:
-        raise PlanError(f"{path} has no `make bench` store rows; pass --figures FILE")
-    overhead = re.search(r"vllm engine's overhead over bare vLLM: (-?[\d.]+)%", text)
-    when = re.search(r"^selfreward benchmarks, (\S+):", text, re.M)
-    return {"store_judgments_per_s": float(store[1]), "store_bare_per_s": float(bare[1]),
-            "engine_overhead_pct": float(overhead[1]) if overhead else 0.0,
-            "source": f"{path.name}, make bench of {when[1] if when else 'unknown date'}"}
+RESULTS = ROOT / "bench" / "results"
+
+
+def figures_from_results(folder: Path) -> dict:
+    """The run.db write rates and the vllm engine's overhead from the dated runs in `folder` (what `make bench`
+    writes there): each figure from the newest full-size run that measured it."""
+    runs = []
+    for path in sorted(folder.glob("*.json")):
+        try:
+            data = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise PlanError(f"{path} is not valid JSON: {e}") from None
+        if not isinstance(data, dict) or not isinstance(data.get("date"), str) \
+                or not isinstance(data.get("parts"), dict):
+            raise PlanError(f"{path}: a dated run needs a 'date' string and a 'parts' object")
+        if not data.get("quick"):
+            runs.append((data["date"], path, data["parts"]))
+    runs.sort(key=lambda run: run[:2])
+
+    def newest(part: str, key: str):
+        for date, path, parts in reversed(runs):
+            value = (parts.get(part) or {}).get(key)
+            if value is not None:
+                return value, str(path.relative_to(ROOT) if path.is_relative_to(ROOT) else path)
+        return None, None
+
+    store, source = newest("store", "run_db_per_s")
+    bare, _ = newest("store", "bare_per_s")
+    if store is None or bare is None:
+        raise PlanError(f"no run in {folder} measured the store (run `make bench`), or pass --figures FILE")
+    overhead, overhead_source = newest("engines", "overhead_pct")
+    if overhead_source and overhead_source != source:
+        source += f"; engine overhead from {overhead_source}"
+    return {"store_judgments_per_s": float(store), "store_bare_per_s": float(bare),
+            "engine_overhead_pct": float(overhead) if overhead is not None else 0.0, "source": source}
 
 
 FLAT_KEYS = {"store_judgments_per_s", "store_bare_per_s", "engine_overhead_pct", "checkpoint_commits_per_s",
@@ -407,7 +430,10 @@ def main(argv: list[str] | None = None) -> None:
                     help="any selfreward config key, over the paper preset (repeatable)")
     ap.add_argument("--figures", type=Path, metavar="FILE",
                     help="measured figures JSON: `bench/all.py --json` or `bench/store.py --json` output, or an object "
-                    f"with any of {', '.join(sorted(FLAT_KEYS))} (default: README.md's make bench table)")
+                    f"with any of {', '.join(sorted(FLAT_KEYS))}; it overrides --results figure by figure")
+    ap.add_argument("--results", type=Path, metavar="DIR", default=RESULTS,
+                    help="dated benchmark runs (default bench/results/, where `make bench` writes): each measured "
+                         "figure from the newest run that has it")
     ap.add_argument("--instruct-keep", type=fraction, metavar="F", default=0.5,
                     help="share of self-instruct generations that pass the filters (default 0.5)")
     ap.add_argument("--pair-rate", type=fraction, metavar="F", default=0.9,
@@ -427,7 +453,7 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     try:
         try:
-            figures = figures_from_readme(ROOT / "README.md")
+            figures = figures_from_results(args.results)
         except PlanError:
             if args.figures is None:
                 raise

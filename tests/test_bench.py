@@ -10,8 +10,9 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def test_bench_runner_prints_one_table_of_ratios(tmp_path):
     out = tmp_path / "bench.json"
+    records = tmp_path / "results"
     proc = subprocess.run([sys.executable, str(ROOT / "bench" / "all.py"), "--quick", "--only", "dedupe,store",
-                           "--json", str(out)], capture_output=True, text=True, timeout=300)
+                           "--json", str(out), "--results", str(records)], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = proc.stdout.splitlines()
     assert any(line.startswith("dedupe") and "DedupePool" in line and line.rstrip().endswith("x") for line in lines)
@@ -20,6 +21,13 @@ def test_bench_runner_prints_one_table_of_ratios(tmp_path):
     results = json.loads(out.read_text())
     assert results["dedupe"]["agree"] is True
     assert results["store"]["judgments"] == 4800 and results["store"]["run_db_per_s"] > 0
+    # The dated record: the printed rows and the parts' results, in the shape bench/plan.py reads.
+    (record_path,) = records.glob("*-bench.json")
+    record = json.loads(record_path.read_text())
+    assert record["quick"] is True and record["failed"] == [] and record["parts"] == results
+    assert record_path.name.startswith(record["date"][:13].replace(":", "-"))
+    assert {(r["part"], r["unit"]) for r in record["rows"]} >= {("store", "judgments/s"), ("dedupe", "bool")}
+    assert next(r for r in record["rows"] if r["unit"] == "bool")["value"] is True
 
 
 def test_bench_runner_refuses_an_unknown_part():

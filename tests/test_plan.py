@@ -50,7 +50,41 @@ def test_the_plan_prints_a_table_per_stage_with_its_sources(model):
     rows = result["store"]["rows"]
     assert (rows["prompts"], rows["candidates"], rows["judgments"]) == (4000, 16000, 48000)
     assert all(s["url"].startswith("https://") and s["date"] for s in result["sources"])
-    assert result["figures"]["source"].startswith("README.md")  # make bench's measured write rate by default
+    # make bench's measured write rate by default: the newest dated run in bench/results/
+    assert result["figures"]["source"].startswith("bench/results/")
+
+
+def dated_run(folder: Path, name: str, date: str, parts: dict, quick: bool = False) -> None:
+    folder.mkdir(exist_ok=True)
+    (folder / name).write_text(json.dumps({"date": date, "command": "bench/all.py", "quick": quick, "rows": [],
+                                           "parts": parts}))
+
+
+def test_each_measured_figure_comes_from_the_newest_run_that_has_it(tmp_path):
+    results = tmp_path / "results"
+    dated_run(results, "a.json", "2026-11-22", {"engines": {"overhead_pct": 20.0},
+                                                 "store": {"run_db_per_s": 1000.0, "bare_per_s": 5000.0}})
+    # Named so that it sorts first: the date inside the file orders the runs, not the file name.
+    dated_run(results, "0-newer.json", "2026-12-05T05:36+00:00",
+              {"store": {"run_db_per_s": 2000.0, "bare_per_s": 6000.0}, "engines": {"overhead_pct": None}})
+    dated_run(results, "quick.json", "2026-12-06T01:00+00:00", {"store": {"run_db_per_s": 9.0, "bare_per_s": 9.0}},
+              quick=True)  # a smoke run's figures are not measurements
+    result = plan_json("--model", "7b", "--results", str(results))
+    assert result["store"]["rows_per_s"] == 2000.0
+    assert result["assumptions"]["engine_overhead_pct"] == 20.0
+    assert result["figures"]["source"] == f"{results / '0-newer.json'}; engine overhead from {results / 'a.json'}"
+    default = plan_json("--model", "7b")
+    assert result["rates"]["decode_tokens_per_s_per_replica"] == pytest.approx(
+        default["rates"]["decode_tokens_per_s_per_replica"] / 1.2)
+
+
+def test_the_repository_results_give_the_plan_its_figures():
+    import glob
+
+    runs = [json.loads(Path(p).read_text()) for p in glob.glob(str(ROOT / "bench" / "results" / "*.json"))]
+    assert runs and all(isinstance(r["date"], str) and isinstance(r["parts"], dict) for r in runs)
+    newest = max((r for r in runs if (r["parts"].get("store") or {}).get("run_db_per_s")), key=lambda r: r["date"])
+    assert plan_json("--model", "7b")["store"]["rows_per_s"] == newest["parts"]["store"]["run_db_per_s"]
 
 
 def test_more_gpus_never_make_the_round_slower(capsys):
@@ -118,12 +152,20 @@ def test_measured_figures_come_from_a_json(tmp_path):
     (["--figures", "LIST"], "must hold a JSON object"),
     (["--figures", "NEGATIVE"], "must be a positive number"),
     (["--figures", "MISSING"], "figures file not found"),
+    (["--results", "EMPTY"], "no run in"),
+    (["--results", "BADRUN"], "is not valid JSON"),
+    (["--results", "UNDATED"], "a dated run needs a 'date' string"),
 ])
 def test_bad_input_is_one_error_line_and_a_nonzero_exit(tmp_path, args, message):
     files = {"MALFORMED": '{"store": ', "LIST": "[1, 2]", "NEGATIVE": '{"store_judgments_per_s": -3}'}
-    args = [str(tmp_path / a) if a in files or a == "MISSING" else a for a in args]
+    folders = {"EMPTY": None, "BADRUN": '{"date": ', "UNDATED": '{"parts": {}}'}
+    args = [str(tmp_path / a) if a in files or a in folders or a == "MISSING" else a for a in args]
     for name, text in files.items():
         (tmp_path / name).write_text(text)
+    for name, text in folders.items():
+        (tmp_path / name).mkdir()
+        if text is not None:
+            (tmp_path / name / "run.json").write_text(text)
     proc = plan(*args)
     assert proc.returncode != 0 and proc.stdout == ""
     assert len(proc.stderr.strip().splitlines()) == 1 and proc.stderr.startswith("error: ")
