@@ -200,7 +200,8 @@ GOOD = {"key": 1, "prompt": "Say hi.", "instruction_id_list": ["punctuation:no_c
     ('{"key": 2, "prompt": "x", "instruction_id_list": ["a"], "kwargs": [3]}', "field 'kwargs' must be a list"),
     ('{"key": 2, "prompt": "x", "instruction_id_list": ["a", "b"], "kwargs": [{}]}',
      "'kwargs' has 1 entries for 2 instructions"),
-    ('{"key": "1", "prompt": "x", "instruction_id_list": ["a"], "kwargs": [{}]}', "duplicate key '1' (first at line 1)"),
+    ('{"key": "1", "prompt": "x", "instruction_id_list": ["a"], "kwargs": [{}]}',
+     "duplicate key '1' (first at line 1)"),
 ])
 def test_a_malformed_line_is_one_error_naming_file_and_line(tmp_path, line, message):
     path = tmp_path / "ifeval.jsonl"
