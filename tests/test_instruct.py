@@ -2,6 +2,7 @@
 constraints kept apart with their reason, IFEval-format files checked line by line, and the embedded set."""
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -161,7 +162,9 @@ def test_a_constraint_that_cannot_be_checked_says_why(constraint, reason):
     first, second = result.constraints
     assert first.passed_strict is None and first.passed_loose is None and reason in first.reason
     assert second.checked and second.passed_strict is True
-    assert summarize([result])["if_prompt_strict"] is None and summarize([result])["if_prompt_strict_lo"] is None
+    metrics = summarize([result])
+    assert math.isnan(metrics["if_prompt_strict"]) and math.isnan(metrics["if_prompt_strict_lo"])
+    assert metrics["if_checked"] == 0 and metrics["if_unchecked"] == 1
 
 
 def test_language_verdicts_do_not_change_between_calls():

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import random
 import re
 from importlib.metadata import version
@@ -208,9 +209,9 @@ def check(item: dict, answer: str) -> ItemResult:
                           for iid, kwargs in zip(item["instruction_id_list"], item["kwargs"])))
 
 
-def _wilson(k: int, n: int) -> tuple[float | None, float | None]:
+def _wilson(k: int, n: int) -> tuple[float, float]:
     if not n:
-        return None, None
+        return math.nan, math.nan
     from scipy.stats import binomtest
 
     ci = binomtest(k, n).proportion_ci(confidence_level=0.95, method="wilson")
@@ -218,7 +219,8 @@ def _wilson(k: int, n: int) -> tuple[float | None, float | None]:
 
 
 def summarize(results: list[ItemResult]) -> dict:
-    """The metrics of a list of checked answers (a value is None where nothing was checked).
+    """The metrics of a list of checked answers: counts, and shares that are NaN where nothing was checked (as in
+    inspection.metrics, so that `finite()` leaves them out of the store).
 
     Prompt-level scores count fully checked prompts only; instruction-level scores count checked constraints only.
     `if_prompt_strict_lo`/`_hi` is a 95% Wilson score interval (scipy) for `if_prompt_strict`.
@@ -229,8 +231,8 @@ def summarize(results: list[ItemResult]) -> dict:
     strict = sum(r.passed_strict for r in full)
     lo, hi = _wilson(strict, len(full))
 
-    def share(k: int, n: int) -> float | None:
-        return k / n if n else None
+    def share(k: int, n: int) -> float:
+        return k / n if n else math.nan
 
     return {
         "if_prompts": len(results),
