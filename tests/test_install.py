@@ -23,6 +23,8 @@ assert PROMPTS_DIR.is_relative_to(site) and SEED_DIR.is_relative_to(site), (PROM
 assert not any(Path(p or ".").resolve() == Path(sys.argv[2]) for p in sys.path), sys.path
 load_template("additive_judge")
 assert read_ift(SEED_DIR / "ift_train.jsonl")
+from selfreward.evaluation.instruct import DEFAULT_SET, default_if_eval
+assert DEFAULT_SET.is_relative_to(site) and default_if_eval(limit=1)
 print("ok")
 """
 
