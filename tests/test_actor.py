@@ -12,7 +12,7 @@ from test_api_judge import ScriptedServer
 from selfreward.backends.judges import Comparison, GroupResult, Verdict
 from selfreward.cli import cli
 from selfreward.core.store import Run
-from selfreward.evaluation.actor import paired_difference, preference
+from selfreward.evaluation.actor import paired_difference, prefer
 from selfreward.prompts import Parsed
 
 
@@ -122,13 +122,13 @@ def verdict(raw: str) -> Verdict:
 def test_a_pairwise_preference_keeps_disagreeing_orders_apart_as_a_tie():
     ab, ba = verdict("Verdict: A"), verdict("Verdict: A")
     for outcome, value in (("a", 1.0), ("b", 0.0), ("tie", 0.5), ("inconsistent", 0.5), ("unparsed", None)):
-        p = preference(GroupResult([[ab], [ba]], [Comparison(0, 1, 0, outcome, ab, ba)]))
+        p = prefer(GroupResult([[ab], [ba]], [Comparison(0, 1, 0, outcome, ab, ba)]))
         assert p["preference"] == value and p["ab_raw"] == "Verdict: A"
         assert p["outcome"] == (outcome if value is not None else "unscored")
     scored = GroupResult([[Verdict(None, Parsed(0.9, "", None))], [Verdict(None, Parsed(0.2, "", None))]])
-    assert preference(scored)["preference"] == 1.0
+    assert prefer(scored)["preference"] == 1.0
     unscored = GroupResult([[Verdict(None, Parsed(None, "", "x"))], [Verdict(None, Parsed(0.2, "", None))]])
-    assert preference(unscored)["preference"] is None
+    assert prefer(unscored)["preference"] is None
 
 
 def test_the_paired_bootstrap_interval_brackets_the_difference():

@@ -15,7 +15,7 @@ import numpy as np
 
 from selfreward.backends.engines import Completion, Sampling
 from selfreward.backends.judges import Group, GroupResult
-from selfreward.evaluation import instruct
+from selfreward.evaluation import instruct, winrate
 
 IF_METRICS = ("if_prompt_strict", "if_prompt_loose", "if_inst_strict", "if_inst_loose")
 
@@ -39,20 +39,20 @@ def instruct_eval(engine, items: list[dict], cfg, desc: str) -> tuple[list[Compl
     summary = instruct.summarize(results)
     metrics = {k: summary[k] for k in (*IF_METRICS, "if_prompt_strict_lo", "if_prompt_strict_hi", "if_checked",
                                        "if_unchecked")}
-    metrics["if_floor"] = instruct.floor(items)
+    metrics["if_floor"] = instruct.floor(items)["if_prompt_strict"]
     return answers, results, metrics
 
 
-def store(db, answers: list[tuple[dict, object]], wins: list[dict] = (), decision: dict | None = None,
+def store(db, answers: list[tuple[dict, tuple | None]], wins: list[dict] = (), decision: dict | None = None,
           stamp: str = "") -> None:
-    """Answers with their checks (a check result, or None), comparisons and the gate's row, inside the
-    caller's transaction: answers first, since the checks and comparisons name them."""
+    """Answers with their checks ((item, check result), or None), comparisons and the gate's row, inside
+    the caller's transaction: answers first, since the checks and comparisons name them."""
     ids = {}
-    for row, result in answers:
+    for row, checked in answers:
         answer_id = db["eval_answers"].insert(row).last_pk
         ids[(row["dataset"], row["key"])] = answer_id
-        if result is not None:
-            db["if_checks"].insert_all({"answer_id": answer_id, **check} for check in instruct.check_rows(result))
+        if checked is not None:
+            db["if_checks"].insert_all({"answer_id": answer_id, **c} for c in instruct.check_rows(*checked))
     for w in wins:
         row = {k: v for k, v in w.items() if k != "key"}
         db["eval_comparisons"].insert({**row, "answer_id": ids[("win", w["key"])], "created_at": stamp})
@@ -65,14 +65,14 @@ def answer_row(t: int, model: str, dataset: str, key: str, prompt: str, c: Compl
             "n_tokens": c.n_tokens, "finish_reason": c.finish_reason, "error": c.error, "created_at": stamp}
 
 
-def preference(result: GroupResult) -> dict:
+def prefer(result: GroupResult) -> dict:
     """One held-out prompt judged with A = the model, B = its baseline: A's preference (1 win, 0.5 tie,
     0 loss, None unscored) and the judge's texts. A pairwise judge (api, PairRM) compared in both
     orders: orders that disagree are a tie ('inconsistent', kept apart in the outcome). A pointwise
     judge (a reward model) scored each answer: the higher score wins."""
     if result.comparisons:
         c = result.comparisons[0]
-        value = {"a": 1.0, "b": 0.0, "tie": 0.5, "inconsistent": 0.5}.get(c.outcome)
+        value = winrate.preference(c.outcome)
         return {"preference": value, "outcome": c.outcome if value is not None else "unscored",
                 "ab_score": c.ab.parsed.score, "ba_score": c.ba.parsed.score, "ab_raw": c.ab.raw,
                 "ba_raw": c.ba.raw}
@@ -88,9 +88,9 @@ def preference(result: GroupResult) -> dict:
 
 
 def compare(judge, prompts: list[str], a_texts: list[str], b_texts: list[str], seed: int) -> list[dict]:
-    """Each prompt's A-vs-B preference by `judge` (see preference)."""
+    """Each prompt's A-vs-B preference by `judge` (see prefer)."""
     results = judge.judge_groups([Group(p, [a, b]) for p, a, b in zip(prompts, a_texts, b_texts)], 1, seed)
-    return [preference(r) for r in results]
+    return [prefer(r) for r in results]
 
 
 def paired_difference(a: list[float], b: list[float], seed: int = 0, n_boot: int = 2000) -> dict:

@@ -25,7 +25,7 @@ def eval_instruct(run: Run, models: list[str], data: str, limit: int, max_new_to
             answers, results, metrics = actor.instruct_eval(ctx.engine(model), items, cfg,
                                                             f"{model} verifiable instructions")
             eval_id, stamp = uuid.uuid4().hex[:12], now()
-            rows = [(actor.answer_row(None, model, f"if:{eval_id}", i["key"], i["prompt"], a, stamp), r)
+            rows = [(actor.answer_row(None, model, f"if:{eval_id}", i["key"], i["prompt"], a, stamp), (i, r))
                     for i, a, r in zip(items, answers, results)]
             with run.db.atomic():
                 actor.store(run.db, rows)

@@ -260,3 +260,21 @@ def unchecked_reasons(results: list[ItemResult]) -> dict[str, int]:
 def floor(items: list[dict], answer: str = FLOOR_ANSWER) -> dict:
     """summarize() of answering every prompt with the same sentence: the score no model should be credited for."""
     return summarize([check(item, answer) for item in items])
+
+
+def unchecked(item: dict, reason: str) -> ItemResult:
+    """Every constraint of `item` unchecked for one reason (the model's answer never came: a failed request)."""
+    return ItemResult(item["key"], "", tuple(Constraint(iid, None, None, reason)
+                                             for iid in item["instruction_id_list"]))
+
+
+def check_rows(item: dict, result: ItemResult) -> list[dict]:
+    """One `if_checks` row per constraint: passed (1), failed (0), or unchecked (NULL, with the reason)."""
+    import json
+
+    checker = f"if-verifiable {version('if-verifiable')}"
+    return [{"idx": k, "instruction_id": c.instruction_id, "kwargs": json.dumps(kwargs, sort_keys=True),
+             "strict": None if c.passed_strict is None else int(c.passed_strict),
+             "loose": None if c.passed_loose is None else int(c.passed_loose), "unchecked": c.reason,
+             "checker": checker}
+            for k, (c, kwargs) in enumerate(zip(result.constraints, item["kwargs"]))]

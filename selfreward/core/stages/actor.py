@@ -29,7 +29,7 @@ def run(ctx, t: int, model: str) -> None:
             outs, results, found = actor.instruct_eval(ctx.engine(model), items, cfg,
                                                        f"{model} verifiable instructions")
             metrics.update(found)
-            answers += [(actor.answer_row(t, model, "if", i["key"], i["prompt"], o, stamp), r)
+            answers += [(actor.answer_row(t, model, "if", i["key"], i["prompt"], o, stamp), (i, r))
                         for i, o, r in zip(items, outs, results)]
         wins = []
         if cfg.eval_judge != "none":
@@ -78,10 +78,10 @@ def win_rates(ctx, t: int, model: str, parent: str, prompts, mine: dict) -> tupl
             texts = dict(prompts)
             prefs = actor.compare(judge, [texts[k] for k in keys], [mine[k].text for k in keys],
                                   [theirs[k]["text"] for k in keys], ctx.seed(t, f"win:{baseline}"))
+            # Lengths in characters, as AlpacaEval counts them.
             found = winrate.win_rate([{"preference": p["preference"], "len_a": len(mine[k].text),
-                                       "len_b": len(theirs[k]["text"])} for k, p in zip(keys, prefs)
-                                      if p["preference"] is not None], seed=ctx.cfg.seed)
-            found["unscored"] = sum(p["preference"] is None for p in prefs)
+                                       "len_b": len(theirs[k]["text"]), "instruction": k}
+                                      for k, p in zip(keys, prefs)], seed=ctx.cfg.seed)
             rows += [{"round": t, "model": model, "baseline": baseline, "key": k,
                       "baseline_answer_id": theirs[k]["id"], "judge": judge.name, **p} for k, p in zip(keys, prefs)]
             done[baseline] = found
