@@ -1,0 +1,1 @@
+"""Measuring the actor: yardsticks the loop never trains on."""
