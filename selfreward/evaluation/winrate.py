@@ -148,7 +148,7 @@ def _lc_fit(pref: np.ndarray, len_a: np.ndarray, len_b: np.ndarray, C: float | N
     x = np.column_stack([length, np.ones(n)])  # patsy's column order for AlpacaEval's formula
     # Soft targets as AlpacaEval fits them: every comparison as "A wins" weighted p and "B wins" weighted 1 - p.
     xx, yy, ww = np.vstack([x, x]), np.r_[np.ones(n), np.zeros(n)], np.r_[pref, 1 - pref]
-    # liblinear drops rows of weight 0 and then prints a warning to stdout when a class has none left
+    # liblinear drops rows of weight 0, then writes a warning line when a class has none left
     # (all wins, or a fold without a loss); a weight too small to move the fit keeps every class present.
     ww = np.maximum(ww, 1e-12)
     common = dict(l1_ratio=1.0, solver="liblinear", fit_intercept=False, random_state=SEED)
