@@ -1,1 +1,2 @@
-"""Yardsticks for the actor: measures of the policy that do not use the policy as their judge."""
+"""Evaluation: yardsticks for the actor (verifiable instructions, win rates by an independent judge, the
+promotion gate) that never use the policy as their judge, and the `eval` commands."""
