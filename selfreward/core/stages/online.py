@@ -64,7 +64,7 @@ def run(ctx, t: int) -> None:
         return
     cfg = ctx.cfg
     prompts = ctx.run.rows("select id, text from prompts where round = ? order by id", [t])
-    parent = ctx.run.model(f"M{t - 1}")
+    parent = ctx.run.model(ctx.parent(t))
     name = f"M{t}"
     with ctx.stage(t, "rl") as commit:
         if not prompts:

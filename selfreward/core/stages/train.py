@@ -614,7 +614,7 @@ def run_dpo(ctx, t: int) -> None:
         from selfreward.core.stages.meta import judge_training_pairs
 
         pairs += judge_training_pairs(ctx, t)  # Meta-Rewarding: the judge learns in the same step
-    parent = ctx.run.model(f"M{t - 1}")
+    parent = ctx.run.model(ctx.parent(t))
     name = f"M{t}"
     ctx.release()
     with ctx.stage(t, "dpo") as commit:
