@@ -24,6 +24,7 @@ depend on the unit (the difference is divided by its own standard deviation).
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -129,6 +130,7 @@ def _lc_fit(pref: np.ndarray, len_a: np.ndarray, len_b: np.ndarray, C: float | N
     (nan, None) when the regression cannot be fitted: too few comparisons, or a length
     difference that is the same nonzero value everywhere."""
     import sklearn
+    from sklearn.exceptions import ConvergenceWarning
     from sklearn.linear_model import LogisticRegression, LogisticRegressionCV
     from sklearn.metrics import get_scorer
     from sklearn.model_selection import GroupKFold
@@ -151,18 +153,21 @@ def _lc_fit(pref: np.ndarray, len_a: np.ndarray, len_b: np.ndarray, C: float | N
     # liblinear drops rows of weight 0, then writes a warning line when a class has none left
     # (all wins, or a fold without a loss); a weight too small to move the fit keeps every class present.
     ww = np.maximum(ww, 1e-12)
-    common = dict(l1_ratio=1.0, solver="liblinear", fit_intercept=False, random_state=SEED)
-    if C is None:
-        common["l1_ratios"] = (common.pop("l1_ratio"),)
-        # Metadata routing, scoped, carries the weights to the scorer: the weighted log loss of the
-        # duplicated rows is AlpacaEval's log loss against the soft target.
-        with sklearn.config_context(enable_metadata_routing=True):
-            model = LogisticRegressionCV(Cs=LC_CS, cv=GroupKFold(n_splits=LC_FOLDS), use_legacy_attributes=False,
-                                         scoring=get_scorer("neg_log_loss").set_score_request(sample_weight=True),
-                                         **common)
-            model.set_fit_request(sample_weight=True)
-            model.fit(xx, yy, sample_weight=ww, groups=np.r_[np.arange(n), np.arange(n)])
-        C = float(model.C_)
-    else:
-        model = LogisticRegression(C=C, **common).fit(xx, yy, sample_weight=ww)
+    common = dict(solver="liblinear", fit_intercept=False, random_state=SEED)
+    # liblinear stops at AlpacaEval's iteration limit (100) on nearly separable data with a weak
+    # penalty, and warns each time; that limit is part of the numbers AlpacaEval reports, so it stays.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        if C is not None:
+            model = LogisticRegression(C=C, l1_ratio=1.0, **common).fit(xx, yy, sample_weight=ww)
+        else:
+            # Metadata routing, scoped, carries the weights to the scorer: the weighted log loss of
+            # the duplicated rows is AlpacaEval's log loss against the soft target.
+            with sklearn.config_context(enable_metadata_routing=True):
+                scoring = get_scorer("neg_log_loss").set_score_request(sample_weight=True)
+                model = LogisticRegressionCV(Cs=LC_CS, l1_ratios=(1.0,), cv=GroupKFold(n_splits=LC_FOLDS),
+                                             scoring=scoring, use_legacy_attributes=False, **common)
+                model.set_fit_request(sample_weight=True)
+                model.fit(xx, yy, sample_weight=ww, groups=np.r_[np.arange(n), np.arange(n)])
+            C = float(model.C_)
     return float(model.predict_proba([[0.0, 1.0]])[0, 1]), C
