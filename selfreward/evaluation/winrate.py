@@ -19,8 +19,8 @@ process's environment, API keys included) and needs the hub for the GLM's featur
 
 Small sets pull the LC rate to exactly 0.5, in AlpacaEval's fit as in this one: the penalty falls
 on the constant too, and the cross-validation often picks a strong one. Measured on a model that
-wins 70% with no length effect, 20 draws each: LC = 0.5 in 12 of 20 draws of 16 comparisons
-(mean LC 0.61), 5 of 32 (0.66), 3 of 64 (0.67), 1 of 128 (0.68).
+wins 70% with no length effect, in 20 draws per size: LC = 0.5 in 12 draws of 16 comparisons
+(mean LC 0.61), in 5 of 32 (0.66), 3 of 64 (0.67), 1 of 128 (0.68).
 
 The length unit is whatever the caller gives: AlpacaEval counts characters, and the fit does not
 depend on the unit (the difference is divided by its own standard deviation).
