@@ -50,9 +50,11 @@ class Comparison:
 
 
 def preference(outcome: str) -> float | None:
-    """A judge Comparison's outcome ("a", "b", "tie", "inconsistent", "unparsed") as A's preference:
-    a win 1, a loss 0, a tie or orders that disagree 0.5, unparsed None."""
-    return {"a": 1.0, "b": 0.0, "tie": 0.5, "inconsistent": 0.5}.get(outcome)
+    """An outcome as A's preference: a win 1, a loss 0, a tie or orders that disagree 0.5, no
+    verdict None. Both vocabularies: a judge Comparison's ("a", "b", "tie", "inconsistent",
+    "unparsed") and the head2head table's, from A's side ("win", "loss", "tie", "inconsistent",
+    "unscored")."""
+    return {"a": 1.0, "win": 1.0, "b": 0.0, "loss": 0.0, "tie": 0.5, "inconsistent": 0.5}.get(outcome)
 
 
 def combine_orders(a_first: float | None, b_first: float | None) -> float | None:
