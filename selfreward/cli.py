@@ -813,17 +813,22 @@ def report(run, out_dir, runs_dir):
 
 @cli.command()
 @click.argument("run")
-@click.option("--round", "round_", type=int, required=True, help="The round whose pairs to export.")
-@click.option("--out", required=True, type=click.Path(), help="File (jsonl, parquet) or folder (datasets, label-studio).")
-@click.option("--format", "fmt", type=click.Choice(["jsonl", "parquet", "datasets", "label-studio"]), default="jsonl",
-              show_default=True)
+@click.option("--round", "round_", type=int,
+              help="The round whose pairs (or candidates, for label-studio) to export; not for alpaca-eval.")
+@click.option("--out", required=True, type=click.Path(),
+              help="File (jsonl, parquet) or folder (datasets, label-studio, alpaca-eval).")
+@click.option("--format", "fmt", type=click.Choice(["jsonl", "parquet", "datasets", "label-studio", "alpaca-eval"]),
+              default="jsonl", show_default=True)
 @click.option("--force", is_flag=True,
               help="Write into an existing --out: overwrite the files this export writes, leave the rest.")
 @click.option("--runs-dir", default="runs", show_default=True, type=click.Path(file_okay=False))
 def export(run, round_, out, fmt, force, runs_dir):
     """Export a round's kept pairs as TRL preference data (prompt / chosen /
     rejected, conversational, with judge scores and judgment ids), or its
-    candidates as Label Studio ranking tasks with a labeling config.
+    candidates as Label Studio ranking tasks with a labeling config; or, with
+    --format alpaca-eval, each model's answers to held-out prompts (from
+    `eval head2head`) as AlpacaEval model outputs, one <model>.json per model,
+    for `alpaca_eval --model_outputs OUT/M3.json --reference_outputs OUT/M1.json`.
 
     An existing --out is refused unless --force is given; a path inside a
     run folder is always refused.
@@ -835,16 +840,25 @@ def export(run, round_, out, fmt, force, runs_dir):
         selfreward export demo --round 2 --format datasets --out pairs_ds
         selfreward export demo --round 2 --format label-studio --out ls_round2
         selfreward export demo --round 3 --out pairs.jsonl --force
+        selfreward export demo --format alpaca-eval --out alpaca_demo
     """
-    from selfreward.inspection.export import export_label_studio, export_pairs
+    from selfreward.inspection.export import export_alpaca_eval, export_label_studio, export_pairs
     from selfreward.core.store import Run
 
+    if (fmt == "alpaca-eval") != (round_ is None):
+        raise click.ClickException("--round does not apply to --format alpaca-eval: it exports every model's answers"
+                                   if round_ is not None else f"--format {fmt} needs --round: the round to export")
     with Run.open(_run_path(run, runs_dir)) as r:
-        if fmt == "label-studio":
+        if fmt == "alpaca-eval":
+            counts = export_alpaca_eval(r, out, force=force)
+        elif fmt == "label-studio":
             n = export_label_studio(r, round_, out, force=force)
         else:
             n = export_pairs(r, round_, out, fmt, force=force)
-    what = f"{n} Label Studio tasks and labeling_config.xml" if fmt == "label-studio" else f"{n} pairs"
+    if fmt == "alpaca-eval":
+        what = ", ".join(f"{model}.json ({n} answers)" for model, n in counts.items())
+    else:
+        what = f"{n} Label Studio tasks and labeling_config.xml" if fmt == "label-studio" else f"{n} pairs"
     click.echo(f"wrote {what} to {out}")
 
 

@@ -9,15 +9,30 @@ from fixture_run import build_fixture_run, kept_pairs
 from selfreward import __version__
 from selfreward.cli import cli
 from selfreward.errors import SelfRewardError
-from selfreward.inspection.export import LABELING_CONFIG, export_label_studio, export_pairs, import_labels
+from selfreward.inspection.evals import _store
+from selfreward.inspection.export import (LABELING_CONFIG, export_alpaca_eval, export_label_studio, export_pairs,
+                                          import_labels)
 
 TRL_COLUMNS = {"prompt", "chosen", "rejected", "chosen_score", "rejected_score", "pair_id", "prompt_id", "chosen_id",
                "rejected_id", "chosen_judgment_ids", "rejected_judgment_ids", "round"}
 
 
+H2H_PROMPTS = ["Name three <tags> & why", "Explain tides", "Write a haiku about rust"]
+
+
+def add_head2head(run, a, b, eval_id, tag="", prompts=H2H_PROMPTS, dataset="data/heldout prompts.jsonl"):
+    """An `eval head2head` result as that command stores it: answers of a and b, and the summary."""
+    rows = [{"eval_id": eval_id, "prompt": p, "a_model": a, "b_model": b, "a_text": f"{a}{tag} answers: {p}",
+             "b_text": f"{b}{tag} answers: {p}\n\"quoted\"", "a_tokens": 5, "b_tokens": 7, "outcome": "win",
+             "judge": "scripted"} for p in prompts]
+    _store(run, "head2head", "scripted", f"{a} vs {b}", dataset, {"n": len(rows)}, eval_id, rows)
+
+
 @pytest.fixture
 def run(tmp_path):
-    return build_fixture_run(tmp_path / "r")
+    run = build_fixture_run(tmp_path / "r")
+    add_head2head(run, "M1", "M2", "h1")
+    return run
 
 
 def _check_rows(run, rows, t):
@@ -168,21 +183,76 @@ def test_label_studio_round_without_candidates(run, tmp_path):
         export_label_studio(run, 1, tmp_path / "ls")
 
 
+# --- AlpacaEval ---
+
+def test_alpaca_eval_one_file_per_model_in_alpaca_evals_format(run, tmp_path):
+    # M1 answers the same prompts again against M3 (and one new prompt): its latest answers count.
+    add_head2head(run, "M1", "M3", "h2", tag=" again", prompts=H2H_PROMPTS[1:] + ["A fourth prompt"],
+                  dataset="other/ift_heldout.jsonl")
+    assert export_alpaca_eval(run, tmp_path / "ae") == {"M1": 4, "M2": 3, "M3": 3}
+    assert sorted(p.name for p in (tmp_path / "ae").iterdir()) == ["M1.json", "M2.json", "M3.json"]
+    outputs = {m: json.loads((tmp_path / "ae" / f"{m}.json").read_text(encoding="utf-8")) for m in ("M1", "M2", "M3")}
+    assert outputs["M2"] == [{"instruction": p, "output": f"M2 answers: {p}\n\"quoted\"", "generator": "r-M2",
+                              "dataset": "heldout prompts"} for p in H2H_PROMPTS]
+    assert outputs["M1"][0] == {"instruction": H2H_PROMPTS[0], "output": f"M1 answers: {H2H_PROMPTS[0]}",
+                                "generator": "r-M1", "dataset": "heldout prompts"}
+    assert [r["output"] for r in outputs["M1"][1:]] == [f"M1 again answers: {p}" for p in H2H_PROMPTS[1:]] + \
+        ["M1 again answers: A fourth prompt"]
+    assert {r["dataset"] for r in outputs["M3"]} == {"ift_heldout"}
+    # One prompt order in every file, so the files line up prompt by prompt.
+    assert [r["instruction"] for r in outputs["M3"]] == [r["instruction"] for r in outputs["M1"][1:]]
+
+
+def test_alpaca_eval_without_head_to_heads_is_one_error(tmp_path):
+    build_fixture_run(tmp_path / "runs" / "demo").db.close()
+    result = _export(tmp_path / "runs", tmp_path / "ae", "alpaca-eval")
+    _refused(result, "no answers to held-out prompts yet")
+    assert "eval head2head" in result.output and not (tmp_path / "ae").exists()
+
+
+def test_round_is_for_the_round_formats_only(runs, tmp_path):
+    args = ["export", "demo", "--runs-dir", str(runs), "--out", str(tmp_path / "x")]
+    _refused(CliRunner().invoke(cli, args + ["--format", "alpaca-eval", "--round", "2"]), "--round does not apply")
+    _refused(CliRunner().invoke(cli, args + ["--format", "jsonl"]), "--format jsonl needs --round")
+    assert not (tmp_path / "x").exists()
+
+
+def test_alpaca_eval_end_to_end(judged_run, judge_script, seed_files, tmp_path):
+    """A real run's head-to-head through the CLI, then its answers exported through the CLI."""
+    runner = CliRunner()
+    h2h = runner.invoke(cli, ["eval", "head2head", str(judged_run.path), "--a", "M1", "--b", "M2", "--prompts",
+                              str(seed_files["ift"]), "--limit", "3", "--judge", "scripted", "--judge-script",
+                              str(judge_script)])
+    assert h2h.exit_code == 0, h2h.output
+    out = tmp_path / "alpaca"
+    result = runner.invoke(cli, ["export", str(judged_run.path), "--format", "alpaca-eval", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert result.output.strip() == f"wrote M1.json (3 answers), M2.json (3 answers) to {out}"
+    stored = judged_run.rows("select prompt, a_text, b_text from head2head order by id")
+    for model, column in (("M1", "a_text"), ("M2", "b_text")):
+        records = json.loads((out / f"{model}.json").read_text(encoding="utf-8"))
+        assert records == [{"instruction": h["prompt"], "output": h[column], "generator": f"b-{model}",
+                            "dataset": seed_files["ift"].stem} for h in stored]
+
+
 # --- the export target: never delete or replace what export did not write ---
 
-FOLDER_FORMATS = {"datasets", "label-studio"}
-ALL_FORMATS = ["jsonl", "parquet", "datasets", "label-studio"]
+FOLDER_FORMATS = {"datasets", "label-studio", "alpaca-eval"}
+ALL_FORMATS = ["jsonl", "parquet", "datasets", "label-studio", "alpaca-eval"]
 
 
 @pytest.fixture
 def runs(tmp_path):
     """runs/demo, closed, so its files on disk are all there is to compare."""
-    build_fixture_run(tmp_path / "runs" / "demo").db.close()
+    run = build_fixture_run(tmp_path / "runs" / "demo")
+    add_head2head(run, "M1", "M3", "h1")
+    run.db.close()
     return tmp_path / "runs"
 
 
 def _export(runs, out, fmt, t=2, force=False):
-    args = ["export", "demo", "--runs-dir", str(runs), "--round", str(t), "--format", fmt, "--out", str(out)]
+    args = ["export", "demo", "--runs-dir", str(runs), "--format", fmt, "--out", str(out)]
+    args += [] if fmt == "alpaca-eval" else ["--round", str(t)]  # it exports every model, not a round
     return CliRunner().invoke(cli, args + ["--force"] * force)
 
 
@@ -209,6 +279,8 @@ def _exported_rows(out, fmt):
         import datasets
 
         return datasets.load_from_disk(str(out)).to_list()
+    if fmt == "alpaca-eval":
+        return [r for f in sorted(out.glob("M*.json")) for r in json.loads(f.read_text())]
     return json.loads((out / "tasks.json").read_text())
 
 
@@ -265,6 +337,8 @@ def test_export_force_over_a_previous_export(runs, tmp_path, fmt):
     rows = _exported_rows(out, fmt)
     if fmt == "label-studio":
         assert len(rows) == 4 and all(task["data"]["prompt"].startswith("Round 2") for task in rows)
+    elif fmt == "alpaca-eval":
+        assert len(rows) == 6 and {r["generator"] for r in rows} == {"demo-M1", "demo-M3"}
     else:
         assert {r["round"] for r in rows} == {2} and len(rows) == 2
     if fmt in FOLDER_FORMATS:

@@ -142,5 +142,6 @@ def test_combine_orders(a_first, b_first, combined):
     assert combine_orders(a_first, b_first) == combined
 
 
-def test_preference_of_a_judge_outcome():
+def test_preference_of_an_outcome():
     assert [preference(o) for o in ("a", "b", "tie", "inconsistent", "unparsed")] == [1.0, 0.0, 0.5, 0.5, None]
+    assert [preference(o) for o in ("win", "loss", "unscored")] == [1.0, 0.0, None]  # head2head's rows

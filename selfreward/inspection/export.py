@@ -5,6 +5,8 @@
 - `export_label_studio` / `import_labels`: a round's candidates as Label Studio
   ranking tasks, and the finished rankings back into `judgments` as judge
   `human:<annotator>`, next to the model's own judgments of the same candidates.
+- `export_alpaca_eval`: each model's answers to held-out prompts in AlpacaEval's
+  model_outputs format, one file per model, for `alpaca_eval --model_outputs`.
 
 An export never deletes or replaces what it did not write: it refuses a target
 that exists (unless forced, and then overwrites only its own files) and any
@@ -256,6 +258,53 @@ def _annotator(ann: dict):
 
 def _like_prefix(prefix: str) -> str:
     return prefix.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
+
+
+# --- AlpacaEval ---
+
+def export_alpaca_eval(run: Run, out_dir: str | Path, force: bool = False) -> dict[str, int]:
+    """Write <model>.json per model into out_dir: a JSON list of {instruction, output, generator,
+    dataset}, AlpacaEval's model_outputs format; return each model's answer count.
+
+    The generator is "<run>-<model>" (AlpacaEval's leaderboard name, so two runs' M1 stay apart),
+    the dataset the name of the prompts file. Each file lists the instructions in one order, so
+    that files of different models line up prompt by prompt.
+    """
+    out_dir = Path(out_dir)
+    _check_target(out_dir, folder=True, force=force, what="an AlpacaEval export")
+    answers = held_out_answers(run)
+    if not answers:
+        raise SelfRewardError(f"run {run.path} has no answers to held-out prompts yet: "
+                              "`selfreward eval head2head RUN --a M1 --b M3` writes them")
+
+    def write(tmp: Path) -> None:
+        tmp.mkdir()
+        for model, rows in answers.items():
+            records = [{"instruction": r["instruction"], "output": r["output"],
+                        "generator": f"{run.path.name}-{model}", "dataset": r["dataset"]} for r in rows]
+            (tmp / f"{model}.json").write_text(json.dumps(records, ensure_ascii=False, indent=2), encoding="utf-8")
+
+    _write_output(out_dir, write)
+    return {model: len(rows) for model, rows in answers.items()}
+
+
+def held_out_answers(run: Run) -> dict[str, list[dict]]:
+    """Per model, its answer to each held-out prompt it answered ({instruction, output, dataset}),
+    from `eval head2head` (table head2head): where a model answered a prompt in several
+    head-to-heads, its latest answer. Prompts are in the order they were first answered."""
+    latest: dict[str, dict[str, dict]] = {}
+    order: dict[str, int] = {}
+    for h in run.rows("select h.id, h.prompt, h.a_model, h.b_model, h.a_text, h.b_text, "
+                      "(select m.dataset from eval_metrics m where m.eval_id = h.eval_id limit 1) dataset "
+                      "from head2head h order by h.id"):
+        order.setdefault(h["prompt"], len(order))
+        dataset = Path(h["dataset"]).stem if h["dataset"] else None
+        for side in ("a", "b"):
+            latest.setdefault(h[f"{side}_model"], {})[h["prompt"]] = {
+                "instruction": h["prompt"], "output": h[f"{side}_text"], "dataset": dataset}
+    rank = {m["name"]: k for k, m in enumerate(run.rows("select name from models order by round, name"))}
+    return {model: sorted(latest[model].values(), key=lambda r: order[r["instruction"]])
+            for model in sorted(latest, key=lambda m: (rank.get(m, len(rank)), m))}
 
 
 # --- shared ---
