@@ -826,8 +826,8 @@ def export(run, round_, out, fmt, force, runs_dir):
     """Export a round's kept pairs as TRL preference data (prompt / chosen /
     rejected, conversational, with judge scores and judgment ids), or its
     candidates as Label Studio ranking tasks with a labeling config; or, with
-    --format alpaca-eval, each model's answers to held-out prompts (from
-    `eval head2head`) as AlpacaEval model outputs, one <model>.json per model,
+    --format alpaca-eval, each model's answers to held-out prompts (the eval
+    stage's and `eval head2head`'s) as AlpacaEval model outputs, one <model>.json per model,
     for `alpaca_eval --model_outputs OUT/M3.json --reference_outputs OUT/M1.json`.
 
     An existing --out is refused unless --force is given; a path inside a

@@ -87,5 +87,7 @@ def test_head2head_cli(judged_run, judge_script, seed_files):
     assert summary["n"] == 4
     assert summary["wins"] + summary["ties"] + summary["losses"] + summary["unscored"] == 4
     assert summary["a_mean_tokens"] >= 0
+    # the length-controlled win rate as AlpacaEval 2 fits it needs five scored prompts (5-fold CV): NaN under that
+    assert summary["win_lo"] <= summary["win_hi"] and math.isnan(summary["win_lc"])
     rows = judged_run.rows("select * from head2head where eval_id = ?", [summary["eval_id"]])
     assert len(rows) == 4 and {r["a_model"] for r in rows} == {"M1"}

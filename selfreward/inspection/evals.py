@@ -84,12 +84,18 @@ def head2head(run: Run, overrides: dict, a: str, b: str, prompts_path: str, limi
             tally[outcome] += 1
             rows.append({"eval_id": eval_id, "prompt": p, "a_model": a, "b_model": b, "a_text": x.text, "b_text": y.text,
                          "a_tokens": x.n_tokens, "b_tokens": y.n_tokens, "outcome": outcome, "judge": judge.name})
+    from selfreward.evaluation.winrate import preference, win_rate
+
+    # The raw and length-controlled (AlpacaEval 2) win rates with 95% intervals; lengths in characters.
+    rates = win_rate([{"preference": preference(r["outcome"]), "len_a": len(r["a_text"]), "len_b": len(r["b_text"]),
+                       "instruction": k} for k, r in enumerate(rows)], seed=cfg.seed)
     n = len(prompts)
     summary = {"n": n, "wins": tally["win"], "ties": tally["tie"] + tally["inconsistent"], "losses": tally["loss"],
                "inconsistent": tally["inconsistent"], "unscored": tally["unscored"],
                "win_rate": (tally["win"] + (tally["tie"] + tally["inconsistent"]) / 2) / n if n else math.nan,
                "a_mean_tokens": sum(r["a_tokens"] for r in rows) / n if n else math.nan,
-               "b_mean_tokens": sum(r["b_tokens"] for r in rows) / n if n else math.nan}
+               "b_mean_tokens": sum(r["b_tokens"] for r in rows) / n if n else math.nan,
+               **{k: rates[k] for k in ("win_lo", "win_hi", "win_lc", "win_lc_lo", "win_lc_hi")}}
     _store(run, "head2head", judge.name, f"{a} vs {b}", str(prompts_path), summary, eval_id, rows)
     return {"eval_id": eval_id, "judge": judge.name, "a": a, "b": b, **summary}
 

@@ -274,8 +274,9 @@ def export_alpaca_eval(run: Run, out_dir: str | Path, force: bool = False) -> di
     _check_target(out_dir, folder=True, force=force, what="an AlpacaEval export")
     answers = held_out_answers(run)
     if not answers:
-        raise SelfRewardError(f"run {run.path} has no answers to held-out prompts yet: "
-                              "`selfreward eval head2head RUN --a M1 --b M3` writes them")
+        raise SelfRewardError(f"run {run.path} has no answers to held-out prompts yet: each round's eval stage "
+                              "writes them (if_eval, eval_judge), and so does `selfreward eval head2head RUN --a M1 "
+                              "--b M3`")
 
     def write(tmp: Path) -> None:
         tmp.mkdir()
@@ -289,11 +290,17 @@ def export_alpaca_eval(run: Run, out_dir: str | Path, force: bool = False) -> di
 
 
 def held_out_answers(run: Run) -> dict[str, list[dict]]:
-    """Per model, its answer to each held-out prompt it answered ({instruction, output, dataset}),
-    from `eval head2head` (table head2head): where a model answered a prompt in several
-    head-to-heads, its latest answer. Prompts are in the order they were first answered."""
+    """Per model, its answer to each held-out prompt it answered ({instruction, output, dataset}):
+    the loop's greedy answers (table eval_answers: the win-rate and verifiable-instruction sets,
+    and `eval instruct`), then `eval head2head`'s (table head2head); where a model answered a
+    prompt several times, its latest answer. Prompts are in the order they were first answered."""
     latest: dict[str, dict[str, dict]] = {}
     order: dict[str, int] = {}
+    for a in run.rows("select model, dataset, prompt, text from eval_answers where error is null order by id"):
+        order.setdefault(a["prompt"], len(order))
+        dataset = {"win": "win_eval", "if": "if_eval"}.get(a["dataset"], a["dataset"].split(":")[0] + "_eval")
+        latest.setdefault(a["model"], {})[a["prompt"]] = {"instruction": a["prompt"], "output": a["text"],
+                                                           "dataset": dataset}
     for h in run.rows("select h.id, h.prompt, h.a_model, h.b_model, h.a_text, h.b_text, "
                       "(select m.dataset from eval_metrics m where m.eval_id = h.eval_id limit 1) dataset "
                       "from head2head h order by h.id"):

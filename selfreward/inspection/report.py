@@ -88,12 +88,13 @@ EVAL_COLUMNS = [("model", "model"), ("judge", "judge"), ("n_prompts", "prompts")
                 ("canary_moved", "canary moved"), ("canary_copied_scores", "copied"), ("judgments_per_s", "judg/s")]
 H2H_COLUMNS = [("a", "A"), ("b", "B"), ("judge", "judge"), ("n", "prompts"), ("wins", "A wins"), ("ties", "ties"),
                ("losses", "A losses"), ("inconsistent", "inconsistent"), ("unscored", "unscored"),
-               ("win_rate", "A win rate"), ("a_mean_tokens", "A len"), ("b_mean_tokens", "B len")]
+               ("win_rate", "A win rate"), ("win_lo", "lo"), ("win_hi", "hi"), ("win_lc", "A LC win rate"),
+               ("win_lc_lo", "LC lo"), ("win_lc_hi", "LC hi"), ("a_mean_tokens", "A len"), ("b_mean_tokens", "B len")]
 IF_COLUMNS = [("model", "model"), ("n", "prompts"), ("if_checked", "checked"), ("if_unchecked", "unchecked"),
               ("if_prompt_strict", "prompt strict"), ("if_prompt_strict_lo", "lo"), ("if_prompt_strict_hi", "hi"),
               ("if_prompt_loose", "prompt loose"), ("if_inst_strict", "inst strict"), ("if_inst_loose", "inst loose"),
               ("if_floor", "floor")]
-PERCENT = {"if_prompt_strict", "if_prompt_strict_lo", "if_prompt_strict_hi", "if_prompt_loose", "if_inst_strict",
+PERCENT = {"win_lo", "win_hi", "win_lc", "win_lc_lo", "win_lc_hi", "if_prompt_strict", "if_prompt_strict_lo", "if_prompt_strict_hi", "if_prompt_loose", "if_inst_strict",
            "if_inst_loose", "if_floor", "parse_rate", "eft_parse_rate", "reward_acc", "fit_acc", "pairwise_accuracy", "pairwise_ties", "five_best",
            "expected_pairwise_accuracy", "expected_pairwise_ties", "expected_coverage", "eft_expected_pairwise_accuracy",
            "eft_expected_pairwise_ties",
