@@ -26,8 +26,8 @@ def loop_args(tmp_path, tiny_model, seed_files, judge_script, *extra, rounds=2, 
 
 def test_every_model_is_checked_on_verifiable_instructions_and_status_shows_it(tmp_path, tiny_model, seed_files,
                                                                               judge_script):
-    result = CliRunner().invoke(cli, loop_args(tmp_path, tiny_model, seed_files, judge_script),
-                                catch_exceptions=False)
+    result = CliRunner().invoke(cli, loop_args(tmp_path, tiny_model, seed_files, judge_script, "--set",
+                                               "report_to=tensorboard"), catch_exceptions=False)
     assert result.exit_code == 0, result.output
     assert "actor quality" in result.output and "IF prompt strict" in result.output
     run = Run.open(tmp_path / "runs" / "a")
@@ -58,6 +58,11 @@ def test_every_model_is_checked_on_verifiable_instructions_and_status_shows_it(t
     status = CliRunner().invoke(cli, ["status", "a", "--runs-dir", str(tmp_path / "runs")])
     assert status.exit_code == 0
     assert re.search(r"actor quality\s+M0\s+M1\s+M2", status.output)
+    # report_to: each round's metrics reach the tracker, the round as the step
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run.path / "tensorboard" / "a-eval")).Reload()
+    assert [e.step for e in events.Scalars("eval/if_prompt_strict")] == [1, 1, 2]  # M0 and M1 (round 1), M2
     as_json = json.loads(CliRunner().invoke(cli, ["status", "a", "--runs-dir", str(tmp_path / "runs"),
                                                   "--json"]).output)
     assert as_json["actor"]["models"] == ["M0", "M1", "M2"]

@@ -13,7 +13,7 @@ The judge that grades the loop's pairs is the policy itself; none of these use i
 from __future__ import annotations
 
 from selfreward.core.store import now
-from selfreward.evaluation import actor, instruct, winrate
+from selfreward.evaluation import actor, instruct, tracking, winrate
 
 
 def run(ctx, t: int, model: str) -> None:
@@ -48,6 +48,9 @@ def run(ctx, t: int, model: str) -> None:
                                       for k, v in metrics.items() if v is not None and v == v])
         commit.detail = {**metrics, **({"promoted": decision["promoted"], "reason": decision["reason"]}
                                        if decision else {})}
+    if cfg.report_to != "none":  # the round's judge and actor metrics, now committed
+        tracking.report(cfg, ctx.run.path, t, {r["name"]: r["value"] for r in ctx.run.rows(
+            "select name, value from metrics where round = ? and model = ?", [t, model])})
 
 
 def winrate_prompts(cfg) -> list[tuple[str, str]]:
