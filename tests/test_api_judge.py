@@ -406,3 +406,22 @@ def test_ctrl_c_during_a_retry_after_wait_stops_at_once(tmp_path):
             child.wait()
     assert time.monotonic() - start < 5
     assert child.returncode == 130 and "interrupted" in err and "Traceback" not in err
+
+
+# --- provenance: which server answered, and which model it says answered ---
+
+def test_each_judgment_records_the_server_and_the_model_it_reports():
+    with ScriptedServer([{"content": "Score: 4", "model": "judge-model-2026-11-30"}]) as srv:
+        host = srv.url.split("//", 1)[1]
+        # Credentials and a query in the configured URL are never stored.
+        judge = make_judge(f"http://user:secret@{host}", concurrency=1)
+        row = judge_one(judge, "q", "a")
+    assert row[0].parsed.score == 4.0
+    assert row[0].endpoint == srv.url and row[0].served_model == "judge-model-2026-11-30"
+
+
+def test_a_stored_endpoint_carries_no_credentials_or_query():
+    from selfreward.backends.engines.openai import public_url
+
+    assert public_url("https://user:pw@api.example.com:8443/v1?api-key=sk-1#x") == "https://api.example.com:8443/v1"
+    assert public_url("http://127.0.0.1:8000/v1") == "http://127.0.0.1:8000/v1"

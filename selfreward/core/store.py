@@ -209,6 +209,15 @@ def m009_judge_training(db: sqlite_utils.Database):
     db["meta_judgments"].enable_fts(["rationale", "raw"], create_triggers=True)
 
 
+@migrations()
+def m010_api_endpoint(db: sqlite_utils.Database):
+    # An API judgment's server (its URL without credentials or query) and the model it says answered:
+    # the name asked for is only a request, and replicas behind one name may serve different weights.
+    for table in ("judgments", "generation_checkpoint"):
+        db[table].add_column("endpoint", str)
+        db[table].add_column("served_model", str)
+
+
 def take_lock(path: Path, wait: bool = False, quiet: bool = False):
     """The run's lock (an flock on runs/<name>/.lock): one writer per run."""
     fh = open(path / ".lock", "w")

@@ -48,6 +48,7 @@ import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
+from urllib.parse import urlsplit, urlunsplit
 
 from tqdm.auto import tqdm
 
@@ -89,6 +90,12 @@ def request_seed(seed: int, prompt: Prompt, sample: int) -> int:
     return int(hashlib.sha256(blob.encode()).hexdigest()[:8], 16) % (2**31)
 
 
+def public_url(url: str) -> str:
+    """A server's URL as it may be stored: without user, password, query or fragment."""
+    parts = urlsplit(url)
+    return urlunsplit((parts.scheme, parts.netloc.rpartition("@")[2], parts.path, "", ""))
+
+
 def split_urls(base_url: str | list[str]) -> list[str]:
     """'http://a/v1, http://b/v1' or a list -> the list of replica URLs."""
     urls = base_url if isinstance(base_url, list) else base_url.split(",")
@@ -100,6 +107,7 @@ class Replica:
 
     def __init__(self, url: str, client):
         self.url, self.client = url, client
+        self.public_url = public_url(url)
         self.in_flight = 0
         self.in_rotation, self.probing = True, False
         self.out_until, self.reason = 0.0, ""
@@ -326,7 +334,8 @@ class OpenAIEngine:
                           retries=retries,
                           usage={"prompt_tokens": usage.prompt_tokens, "completion_tokens": usage.completion_tokens}
                           if usage else None,
-                          top_logprobs=_first_top_logprobs(choice, chat) if sampling.top_logprobs else None)
+                          top_logprobs=_first_top_logprobs(choice, chat) if sampling.top_logprobs else None,
+                          endpoint=replica.public_url, served_model=_served_model(r))
 
     def check_reachable(self) -> None:
         """Fail at once, in one line, when no replica listens (instead of after the retries);
@@ -445,6 +454,11 @@ def _first_top_logprobs(choice, chat: bool) -> dict[str, float] | None:
         return dict(logprobs.top_logprobs[0])
     except (AttributeError, IndexError, TypeError):
         return None
+
+
+def _served_model(reply) -> str | None:
+    model = getattr(reply, "model", None)
+    return model if isinstance(model, str) else None
 
 
 class Garbage(Exception):
