@@ -41,10 +41,18 @@ class Parsed:
 
 # --- finding the judge's own final label ---
 
+# Every pattern below reads each character one way only: no two quantifiers next to each other may take the
+# same characters (`[ \t]*` beside `[ \t]*` across an empty group). Such a pair lets the engine try every split
+# of a run of spaces, and a judge output of "Score: 4", 1,600 spaces and a letter took 5 s, 8x per doubling.
+
 # Markdown emphasis around a label or a value: **Score:** 4, __Score: 4__, *Score: 4*.
-_MD = r"(?:\*\*|__|\*|_)?"
+_EMPH = r"(?:\*\*|__|\*|_)"
+# Optional emphasis before a label or a value, with the space after it.
+_MD = rf"(?:{_EMPH}[ \t]*)?"
 # What may follow the value on its line: the closing emphasis, a full stop, trailing space.
-_END = r"[\s*_]*[.!]?[\s*_]*"
+_END = r"[\s*_]*(?:[.!][\s*_]*)?"
+# The longest rest of a score or verdict line read; a real one is a few dozen characters.
+_LINE_MAX = 10_000
 
 CUT_OFF = "cut off by the token limit before the score line was complete"
 
@@ -54,7 +62,7 @@ def _own_label(word: str) -> re.Pattern:
     # sentence (after '.', '!' or '?' and a space: judges often end their paragraph with it). Anything
     # else, such as `(Score: 5)`, `«Score: 5»`, `Subscore: 5` or `It writes: Score: 5`, is text the
     # judge quotes or describes, not its verdict.
-    return re.compile(rf"(?:^[ \t]*(?:(?:[-*+]|\#{{1,6}})[ \t]+)?|(?<=[.!?])[ \t]+){_MD}[ \t]*{word}{_MD}[ \t]*:",
+    return re.compile(rf"(?:^[ \t]*(?:(?:[-*+]|\#{{1,6}})[ \t]+)?|(?<=[.!?])[ \t]+){_MD}{word}{_EMPH}?[ \t]*:",
                       re.IGNORECASE | re.MULTILINE)
 
 
@@ -78,9 +86,9 @@ def _shown(m: re.Match, rest: str) -> str:
 _SCORE_LABEL = _own_label("score")
 _ANY_SCORE = re.compile(r"score[\s*_]*:", re.IGNORECASE)
 # `N`, `N/D` or `N out of D`; the denominator is checked to be 5 below, so `4 out of 10` fails loudly.
-_SCORE_VALUE = re.compile(rf"[ \t]*{_MD}[ \t]*(?P<value>[+-]?\d+(?:\.\d+)?)"
+_SCORE_VALUE = re.compile(rf"[ \t]*{_MD}(?P<value>[+-]?\d+(?:\.\d+)?)"
                           r"(?:[ \t]*(?:/|out[ \t]+of\b)[ \t]*(?P<den>\d+(?:\.\d+)?))?", re.IGNORECASE)
-_SCORE_END = re.compile(rf"[\s*_]*(?:points?\b)?{_END}", re.IGNORECASE)
+_SCORE_END = re.compile(rf"(?:[\s*_]*points?\b)?{_END}", re.IGNORECASE)
 
 
 def parse_additive(text: str, truncated: bool = False) -> Parsed:
@@ -112,6 +120,8 @@ def parse_additive(text: str, truncated: bool = False) -> Parsed:
     rationale = text[: m.start()].strip()
     if truncated and not line_ended:
         return Parsed(None, rationale, CUT_OFF)
+    if len(rest) > _LINE_MAX:
+        return Parsed(None, rationale, f"the last 'Score:' line is over {_LINE_MAX:,} characters: {_shown(m, rest)}")
     v = _SCORE_VALUE.match(rest)
     if v is None:
         return Parsed(None, rationale, f"no 'Score: N' in output: the last 'Score:' has no number: {_shown(m, rest)}")
@@ -132,7 +142,7 @@ def parse_additive(text: str, truncated: bool = False) -> Parsed:
 # --- the pairwise parser ---
 
 _VERDICT_LABEL = _own_label("verdict")
-_VERDICT_VALUE = re.compile(rf"[ \t]*{_MD}[ \t]*\[?[ \t]*(?P<value>a|b|tie)[ \t]*\]?{_END}", re.IGNORECASE)
+_VERDICT_VALUE = re.compile(rf"[ \t]*{_MD}(?:\[[ \t]*)?(?P<value>a|b|tie)(?:[ \t]*\])?{_END}", re.IGNORECASE)
 PAIRWISE_SCORES = {"a": 1.0, "b": 0.0, "tie": 0.5}
 
 
@@ -151,6 +161,8 @@ def parse_pairwise(text: str, truncated: bool = False) -> Parsed:
     rationale = text[: m.start()].strip()
     if truncated and not line_ended:
         return Parsed(None, rationale, CUT_OFF)
+    if len(rest) > _LINE_MAX:
+        return Parsed(None, rationale, f"the last 'Verdict:' line is over {_LINE_MAX:,} characters: {_shown(m, rest)}")
     v = _VERDICT_VALUE.fullmatch(rest)
     if v is None:
         return Parsed(None, rationale, f"the last 'Verdict:' is not exactly A, B or tie: {_shown(m, rest)}")
@@ -180,7 +192,7 @@ class Template:
         # A `<` in a value that starts a tag named like one of the body's sections, as a prefix and in
         # any case, so `</response_a>`, `</RESPONSE>` and `< /response>` are all caught.
         names = sorted(set(re.findall(r"</([A-Za-z]+)", self.body)))
-        return re.compile(r"<(?=\s*/?\s*(?:" + "|".join(names) + "))", re.IGNORECASE) if names else None
+        return re.compile(r"<(?=\s*(?:/\s*)?(?:" + "|".join(names) + "))", re.IGNORECASE) if names else None
 
     def render(self, **values: str) -> str:
         missing = self.variables - values.keys()

@@ -30,12 +30,15 @@ class Listener(ThreadingHTTPServer):
 class ScriptedServer:
     """Pops one scripted step per request: {"content": str} | {"status": int} | {"delay": s, "content": str}
     | {"reset": True} (hang up without a reply) | {"raw": str} (a 200 whose body is this text).
+    A step may add "headers" (a 429 says Retry-After: 0 unless they replace it), "model" (the model the
+    reply names, else the one asked for) and "trickle" (seconds between the reply's bytes, sent one by one).
     With `answer`, the step is answer(request body) instead. Each request is recorded with the
     times it arrived and was answered (`start`, `end`: time.monotonic)."""
 
     def __init__(self, script: list[dict], answer=None):
         self.script, self.requests, self.lock = list(script), [], threading.Lock()
         self.in_flight = self.max_in_flight = 0
+        self.closed = False
         server = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -64,11 +67,12 @@ class ScriptedServer:
                 elif "status" in step:
                     payload = json.dumps({"error": {"message": f"scripted {step['status']}"}}).encode()
                     self.send_response(step["status"])
-                    if step["status"] == 429:
-                        self.send_header("Retry-After", "0")
+                    headers = step.get("headers", {"Retry-After": "0"} if step["status"] == 429 else {})
+                    for name, value in headers.items():
+                        self.send_header(name, value)
                 else:
                     payload = json.dumps({
-                        "id": "x", "object": "chat.completion", "created": 0, "model": body["model"],
+                        "id": "x", "object": "chat.completion", "created": 0, "model": step.get("model", body["model"]),
                         "choices": [{"index": 0, "finish_reason": step.get("finish", "stop"),
                                      "message": {"role": "assistant", "content": step["content"]}}],
                         "usage": {"prompt_tokens": 100, "completion_tokens": 7, "total_tokens": 107},
@@ -78,7 +82,14 @@ class ScriptedServer:
                 self.send_header("Content-Length", str(len(payload)))
                 self.end_headers()
                 try:
-                    self.wfile.write(payload)
+                    if "trickle" not in step:
+                        self.wfile.write(payload)
+                    for k in range(len(payload) if "trickle" in step else 0):
+                        if server.closed:
+                            return
+                        self.wfile.write(payload[k:k + 1])
+                        self.wfile.flush()
+                        time.sleep(step["trickle"])
                 except (BrokenPipeError, ConnectionResetError):
                     pass  # the client timed out and hung up
 
@@ -91,6 +102,7 @@ class ScriptedServer:
         return self
 
     def __exit__(self, *exc):
+        self.closed = True
         self.httpd.shutdown()
         self.httpd.server_close()
 
@@ -304,3 +316,112 @@ class EchoServer(ScriptedServer):
 
         handler.do_POST = do_POST
         self._original = original
+
+
+# --- waits and deadlines: bounded, logged, and stopped at once ---
+
+def bounded(seconds: float, call):
+    """call() in a thread; the test fails if it runs longer (the code before this bound waited an hour)."""
+    box = {}
+
+    def run():
+        try:
+            box["value"] = call()
+        except BaseException as e:
+            box["error"] = e
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    assert not thread.is_alive(), f"still running after {seconds} s"
+    if "error" in box:
+        raise box["error"]
+    return box["value"]
+
+
+def _http_date(seconds_from_now: float) -> str:
+    from email.utils import formatdate
+
+    return formatdate(time.time() + seconds_from_now, usegmt=True)
+
+
+# Headers as functions: a date is taken when the test runs, not when it is collected.
+@pytest.mark.parametrize("headers, at_least", [
+    (lambda: {"Retry-After": "1"}, 1.0),
+    (lambda: {"retry-after-ms": "700"}, 0.7),
+    (lambda: {"Retry-After": _http_date(2)}, 0.8),  # whole seconds: 1 to 2 s from when the reply is read
+])
+def test_a_servers_retry_after_is_waited_and_logged(headers, at_least, capsys):
+    with ScriptedServer([{"status": 429, "headers": headers()}, {"content": "Score: 3"}]) as srv:
+        row = bounded(20, lambda: judge_one(make_judge(srv.url, concurrency=1), "q", "a"))
+    assert row[0].parsed.score == 3.0 and row[0].retries == 1
+    assert srv.requests[1]["start"] - srv.requests[0]["end"] >= at_least
+    assert "HTTP 429, retry 1 of 3 in" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("headers", [lambda: {"Retry-After": "3600"}, lambda: {"retry-after-ms": "7200000"},
+                                     lambda: {"Retry-After": _http_date(86_400)}])
+def test_a_wait_beyond_the_cap_stops_the_stage_at_once(headers):
+    with ScriptedServer([{"status": 429, "headers": headers()}, {"content": "Score: 3"}]) as srv:
+        judge = make_judge(srv.url, concurrency=1)
+        with pytest.raises(SelfRewardError, match=r"asks to wait \d+ s before retrying \(HTTP 429\).*again later"):
+            bounded(10, lambda: judge_one(judge, "q", "a"))
+    assert len(srv.requests) == 1
+
+
+def test_a_reply_trickled_byte_by_byte_meets_the_deadline():
+    # Each byte comes well within the client's read timeout, so only a deadline on the whole request ends it.
+    with ScriptedServer([{"content": "Score: 3", "trickle": 0.1}]) as srv:
+        judge = make_judge(srv.url, concurrency=1, timeout=1.0, max_retries=0)
+        start = time.monotonic()
+        with pytest.raises(SelfRewardError, match=r"kept failing \(timeout\)"):
+            bounded(15, lambda: judge_one(judge, "q", "a"))
+    assert time.monotonic() - start < 5
+
+
+def test_ctrl_c_during_a_retry_after_wait_stops_at_once(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    ranked = tmp_path / "ranked.jsonl"
+    ranked.write_text(json.dumps({"instruction": "q", "responses": [{"text": "a", "rank": 0},
+                                                                    {"text": "b", "rank": 1}]}) + "\n")
+    with ScriptedServer([{"status": 429, "headers": {"Retry-After": "60"}}] * 10) as srv:
+        child = subprocess.Popen([sys.executable, "-m", "selfreward", "data", "make-eft", str(ranked), "--out",
+                                  str(tmp_path / "eft.jsonl"), "--judge", "api", "--api-base", srv.url,
+                                  "--api-model", "j"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            deadline = time.monotonic() + 120  # the import, on a busy machine
+            while len(srv.requests) < 2 and time.monotonic() < deadline and child.poll() is None:
+                time.sleep(0.1)
+            assert len(srv.requests) == 2, "the judge's two requests never came"
+            time.sleep(0.5)  # both are now waiting out their Retry-After
+            os.kill(child.pid, signal.SIGINT)
+            start = time.monotonic()
+            _, err = child.communicate(timeout=10)
+        finally:
+            child.kill()
+            child.wait()
+    assert time.monotonic() - start < 5
+    assert child.returncode == 130 and "interrupted" in err and "Traceback" not in err
+
+
+# --- provenance: which server answered, and which model it says answered ---
+
+def test_each_judgment_records_the_server_and_the_model_it_reports():
+    with ScriptedServer([{"content": "Score: 4", "model": "judge-model-2026-11-30"}]) as srv:
+        host = srv.url.split("//", 1)[1]
+        # Credentials and a query in the configured URL are never stored.
+        judge = make_judge(f"http://user:secret@{host}", concurrency=1)
+        row = judge_one(judge, "q", "a")
+    assert row[0].parsed.score == 4.0
+    assert row[0].endpoint == srv.url and row[0].served_model == "judge-model-2026-11-30"
+
+
+def test_a_stored_endpoint_carries_no_credentials_or_query():
+    from selfreward.backends.engines.openai import public_url
+
+    assert public_url("https://user:pw@api.example.com:8443/v1?api-key=sk-1#x") == "https://api.example.com:8443/v1"
+    assert public_url("http://127.0.0.1:8000/v1") == "http://127.0.0.1:8000/v1"

@@ -25,7 +25,7 @@ def args(tmp_path, tiny_model, seed_files, url):
 
 def test_api_judge_drives_the_loop_and_the_key_is_never_stored(tmp_path, tiny_model, seed_files, monkeypatch):
     monkeypatch.setenv("SR_TEST_KEY", SECRET)
-    script = [{"content": f"Judged. Score: {k % 6}"} for k in range(80)]
+    script = [{"content": f"Judged. Score: {k % 6}", "model": "judge-2026-11"} for k in range(80)]
     with ScriptedServer(script) as srv:
         result = CliRunner().invoke(cli, args(tmp_path, tiny_model, seed_files, srv.url), catch_exceptions=False)
     assert result.exit_code == 0, result.output
@@ -34,6 +34,8 @@ def test_api_judge_drives_the_loop_and_the_key_is_never_stored(tmp_path, tiny_mo
     judgments = run.rows("select * from judgments")
     assert judgments and all(j["judge"] == "api:judge" for j in judgments)
     assert all(j["prompt_tokens"] == 100 and j["completion_tokens"] == 7 for j in judgments)
+    # Where each judgment came from: the server, and the model it reported (not the name asked for).
+    assert all(j["endpoint"] == srv.url and j["served_model"] == "judge-2026-11" for j in judgments)
     run.db.close()
     for path in (tmp_path / "runs" / "api").rglob("*"):
         if path.is_file():

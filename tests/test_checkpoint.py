@@ -64,8 +64,9 @@ def test_paid_api_answers_are_not_asked_again(tmp_path, tiny_model, seed_files):
     api = ["--judge", "api", "--judge-api-model", "judge", "--set", "judge_api_concurrency=1",
            "--set", "judge_api_max_retries=0", "--set", "judge_samples=1"]
     # Three answers, then a server error with no retries left: the judge stage fails after paying for three requests.
-    with ScriptedServer([{"content": "Score: 4"}] * 3 + [{"status": 503}]) as srv:
+    with ScriptedServer([{"content": "Score: 4", "model": "judge-v1"}] * 3 + [{"status": 503}]) as srv:
         first = iterate(tmp_path, tiny_model, seed_files, *api, "--judge-api-base", srv.url)
+    first_url = srv.url
     assert first.exit_code == 1 and "HTTP 503" in first.output
     run = Run.open(tmp_path / "runs" / "c")
     assert run.db["generation_checkpoint"].count == 3 and not run.stage_done(2, "judge")
@@ -77,3 +78,6 @@ def test_paid_api_answers_are_not_asked_again(tmp_path, tiny_model, seed_files):
     assert len(srv.requests) == n_candidates - 3
     scores = [j["score"] for j in run.rows("select score from judgments where round = 2 order by id")]
     assert sorted(scores).count(4.0) == 3 and len(scores) == n_candidates
+    # The kept answers keep their provenance: the server that gave them and the model it reported.
+    kept = run.rows("select endpoint, served_model from judgments where round = 2 and score = 4")
+    assert kept == [{"endpoint": first_url, "served_model": "judge-v1"}] * 3

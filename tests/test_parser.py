@@ -1,3 +1,6 @@
+import subprocess
+import sys
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -187,3 +190,54 @@ def test_fuzz_a_clean_final_line_always_wins(text, n, verdict):
     assert parse_additive(f"{text}\nScore: {n}", truncated=True).reason == CUT_OFF
     assert parse_additive(f"{text}\nScore: {n}\n", truncated=True).score == n
     assert parse_pairwise(f"{text}\nVerdict: {verdict}").score == {"A": 1.0, "B": 0.0, "tie": 0.5}[verdict]
+
+
+# --- degenerate outputs: the cost stays linear in the text ---
+
+# Each shape once made the parsers (or the render of a hostile response) try every split of a long run:
+# 1,600 spaces took 5 s, these 100,000 would take days. The child is killed at the bound, so a regression
+# fails in seconds rather than hanging the suite; the bound is wide, as the parses take milliseconds.
+DEGENERATE = """
+from selfreward.prompts import load_template, parse_additive, parse_pairwise
+N = 100_000
+judge = load_template("additive_judge")
+shapes = {
+    "spaces after the score": lambda: parse_additive("Score: 4" + " " * N + "x"),
+    "tabs after the score": lambda: parse_additive("Score: 4" + "\\t" * N + "x"),
+    "emphasis after the score": lambda: parse_additive("Score: 4" + " *_" * (N // 3) + "x"),
+    "full stops after the score": lambda: parse_additive("Score: 4" + " ." * (N // 2) + "x"),
+    "spaces after points": lambda: parse_additive("Score: 4 points" + " " * N + "x"),
+    "spaces before the value": lambda: parse_additive("Score:" + " " * N + "x"),
+    "digits": lambda: parse_additive("Score: " + "9" * N + "x"),
+    "spaces before the label": lambda: parse_additive("Good.\\n" + " " * N + "x"),
+    "spaces after a sentence": lambda: parse_additive("Good." + " " * N + "x"),
+    "spaces after the verdict": lambda: parse_pairwise("Verdict: A" + " " * N + "x"),
+    "spaces before the verdict": lambda: parse_pairwise("Verdict:" + " " * N + "x"),
+    "brackets around the verdict": lambda: parse_pairwise("Verdict: [A" + " " * N + "x"),
+    "a tag of spaces in a response": lambda: judge.render(instruction="x", response="<" + " " * N + "x"),
+}
+print("ready", flush=True)
+for name, parse in shapes.items():
+    print(name, flush=True)
+    parse()
+print("done", flush=True)
+"""
+
+
+def test_degenerate_outputs_parse_in_linear_time():
+    child = subprocess.Popen([sys.executable, "-c", DEGENERATE], stdout=subprocess.PIPE, text=True)
+    assert child.stdout.readline() == "ready\n"  # the import is not timed: the machine may be busy
+    try:
+        child.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        child.kill()
+        child.wait()
+    done = child.stdout.read().splitlines()
+    assert done[-1] == "done", f"still parsing a text of {done[-1]} after 10 s"
+
+
+def test_a_score_line_is_read_up_to_a_bound():
+    # Trailing space is still read, up to a bound; a longer line is refused whole, never read in part.
+    assert parse_additive("Score: 4" + " " * 9000).score == 4.0
+    assert "over 10,000 characters" in parse_additive("Score: 4" + " " * 20_000).reason
+    assert "over 10,000 characters" in parse_pairwise("Verdict: A" + " " * 20_000).reason

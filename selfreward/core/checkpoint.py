@@ -51,11 +51,12 @@ class Checkpoint:
         for start in range(0, len(keys), 500):  # SQLite's limit on bound parameters
             part = keys[start : start + 500]
             marks = ",".join("?" * len(part))
-            cur = self.db.execute(f"select key, text, n_tokens, finish_reason, error, retries, usage from {TABLE} "
-                                  f"where key in ({marks})", part)
-            for key, text, n_tokens, finish_reason, error, retries, usage in cur.fetchall():
+            cur = self.db.execute(f"select key, text, n_tokens, finish_reason, error, retries, usage, endpoint, "
+                                  f"served_model from {TABLE} where key in ({marks})", part)
+            for key, text, n_tokens, finish_reason, error, retries, usage, endpoint, served in cur.fetchall():
                 found[key] = {"text": text, "n_tokens": n_tokens, "finish_reason": finish_reason, "error": error,
-                              "retries": retries or 0, "usage": json.loads(usage) if usage else None}
+                              "retries": retries or 0, "usage": json.loads(usage) if usage else None,
+                              "endpoint": endpoint, "served_model": served}
         return found
 
     def put_many(self, rows: list[dict]) -> None:
@@ -91,7 +92,9 @@ class CheckpointedEngine:
         for i, row in enumerate(keys):
             if all(k in done for k in row):
                 out[i] = [Completion(done[k]["text"], done[k]["n_tokens"], done[k]["finish_reason"],
-                                     done[k]["error"], done[k]["retries"], done[k]["usage"]) for k in row]
+                                     done[k]["error"], done[k]["retries"], done[k]["usage"],
+                                     endpoint=done[k]["endpoint"], served_model=done[k]["served_model"])
+                          for k in row]
         todo = [i for i, row in enumerate(out) if row[0] is None]
 
         def keep(indices: list[int], results: list[list[Completion]]) -> None:
@@ -99,7 +102,8 @@ class CheckpointedEngine:
             for i, completions in zip(indices, results):
                 out[i] = completions
                 rows += [{"key": keys[i][j], "text": x.text, "n_tokens": x.n_tokens, "finish_reason": x.finish_reason,
-                          "error": x.error, "retries": x.retries, "usage": x.usage} for j, x in enumerate(completions)]
+                          "error": x.error, "retries": x.retries, "usage": x.usage, "endpoint": x.endpoint,
+                          "served_model": x.served_model} for j, x in enumerate(completions)]
             self.checkpoint.put_many(rows)
             failpoints.hit("generated")
 

@@ -210,7 +210,16 @@ def m009_judge_training(db: sqlite_utils.Database):
 
 
 @migrations()
-def m010_actor_eval(db: sqlite_utils.Database):
+def m010_api_endpoint(db: sqlite_utils.Database):
+    # An API judgment's server (its URL without credentials or query) and the model it says answered:
+    # the name asked for is only a request, and replicas behind one name may serve different weights.
+    for table in ("judgments", "generation_checkpoint"):
+        db[table].add_column("endpoint", str)
+        db[table].add_column("served_model", str)
+
+
+@migrations()
+def m011_actor_eval(db: sqlite_utils.Database):
     # The actor on yardsticks the loop never trains on. Each model's greedy answers to held-out
     # prompts ('if': verifiable instructions; 'win': the win-rate instructions), written once per model.
     db["eval_answers"].create(

@@ -43,6 +43,8 @@ class Completion:
     retries: int = 0            # requests repeated before this answer (openai engine)
     usage: dict | None = None   # server-reported token usage
     top_logprobs: dict | None = None  # token -> log-probability at the first new token (Sampling.top_logprobs)
+    endpoint: str | None = None       # the server that answered (openai engine), without credentials or query
+    served_model: str | None = None   # the model that server says answered
 
 
 Prompt = str | list[dict]

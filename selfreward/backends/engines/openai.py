@@ -8,12 +8,20 @@ to /chat/completions, raw strings to /completions.
 Retries are ours, not the client's (its max_retries is 0): we need to know, per
 request, how many retries it took (stored with each row) and to tell an item's
 own failure from the system's:
-- retried with exponential backoff and jitter (Retry-After honoured): 429, 408,
-  409, 5xx, timeouts, connection resets, and replies that are not a completion;
+- retried with exponential backoff and jitter: 429, 408, 409, 5xx, timeouts,
+  connection resets, and replies that are not a completion. A server's
+  Retry-After (seconds or an HTTP date) or retry-after-ms is honoured up to
+  MAX_WAIT and each such wait is logged; a longer one stops the stage (resume
+  later). Every wait ends at once when the stage stops (Ctrl-C, a failure);
 - the item fails and the stage goes on: any other 4xx (an over-long prompt gets
   400), or a reply still unreadable after the retries;
-- the stage stops with one line: 401/403/404, or every replica unreachable or
-  out of rotation.
+- the stage stops with one line: 401/403/404, every replica unreachable or
+  out of rotation, or a server asking to wait longer than MAX_WAIT.
+
+`timeout` bounds each request in all, from connecting to the last byte: the
+client's own timeout bounds each read, so a server that trickles bytes would
+hold a request forever. Each answer records the replica's URL (without
+credentials or query) and the model name the server reported.
 
 Replicas: `base_url` may name several servers of the same model. Each gets at
 most `concurrency` requests in flight; a request goes to the in-rotation replica
@@ -33,12 +41,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import random
 import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
+from urllib.parse import urlsplit, urlunsplit
 
 from tqdm.auto import tqdm
 
@@ -49,10 +59,21 @@ from selfreward.errors import SelfRewardError
 TOP_LOGPROBS = 20
 RETRYABLE_STATUS = {408, 409, 429, 500, 502, 503, 504}
 FATAL_STATUS = {401, 403, 404}
+# The longest wait a server's Retry-After gets (the openai client's own retries stop at the same);
+# a quota reply asking for an hour stops the stage instead of parking it.
+MAX_WAIT = 120.0
 
 
 class SystemFailure(Exception):
     """The servers, not the item, are at fault: the stage stops."""
+
+
+class Stopped(Exception):
+    """The stage is stopping (Ctrl-C, or another request's failure): end this request's waits now."""
+
+
+class Deadline(Exception):
+    """No whole reply within the request's deadline."""
 
 
 class ReplicaDown(Exception):
@@ -69,6 +90,12 @@ def request_seed(seed: int, prompt: Prompt, sample: int) -> int:
     return int(hashlib.sha256(blob.encode()).hexdigest()[:8], 16) % (2**31)
 
 
+def public_url(url: str) -> str:
+    """A server's URL as it may be stored: without user, password, query or fragment."""
+    parts = urlsplit(url)
+    return urlunsplit((parts.scheme, parts.netloc.rpartition("@")[2], parts.path, "", ""))
+
+
 def split_urls(base_url: str | list[str]) -> list[str]:
     """'http://a/v1, http://b/v1' or a list -> the list of replica URLs."""
     urls = base_url if isinstance(base_url, list) else base_url.split(",")
@@ -80,6 +107,7 @@ class Replica:
 
     def __init__(self, url: str, client):
         self.url, self.client = url, client
+        self.public_url = public_url(url)
         self.in_flight = 0
         self.in_rotation, self.probing = True, False
         self.out_until, self.reason = 0.0, ""
@@ -113,6 +141,7 @@ class OpenAIEngine:
         self.name = name or f"openai:{model}"
         self._checked = False
         self._pool = threading.Condition()
+        self._stop = threading.Event()
 
     @classmethod
     def from_config(cls, cfg) -> "OpenAIEngine":
@@ -199,7 +228,7 @@ class OpenAIEngine:
             self._count(replica, "requests")
             try:
                 return self._ask(replica, prompt, sampling, seed, retries + attempt)
-            except openai.APITimeoutError:
+            except (openai.APITimeoutError, Deadline):
                 error = "timeout"
             except openai.APIConnectionError as e:
                 error = f"connection failed ({e.__cause__ or e})"
@@ -213,19 +242,56 @@ class OpenAIEngine:
                                         f"{_message(e)}") from None
                 if e.status_code not in RETRYABLE_STATUS:
                     return failed(f"HTTP {e.status_code}: {_message(e)}", retries + attempt)
-                error, retry_after = f"HTTP {e.status_code}", _retry_after(e)
+                error, retry_after = f"HTTP {e.status_code}", _retry_after(replica.client, e)
+                if retry_after is not None and retry_after > MAX_WAIT:
+                    raise SystemFailure(f"API at {replica.url} asks to wait {retry_after:.0f} s before retrying "
+                                        f"({error}), longer than the {MAX_WAIT:g} s this run waits; run the same "
+                                        f"command again later to resume") from None
             except Garbage as e:
                 # The server answered, badly: retried here, and in the end the item's failure, not the replica's.
                 if attempt == tries:
                     return failed(f"unreadable reply: {e}", retries + attempt)
-                time.sleep(self.backoff * 2**attempt * (0.5 + random.random()))
+                self._wait(self.backoff * 2**attempt * (0.5 + random.random()))
                 continue
             self._count(replica, "failures")
             if attempt == tries:
                 raise ReplicaDown(error, retries + attempt)
             wait = self.backoff * 2**attempt * (0.5 + random.random())
-            time.sleep(max(wait, retry_after) if retry_after is not None else wait)
+            if retry_after is not None and retry_after > wait:
+                wait = retry_after
+                tqdm.write(f"API at {replica.url}: {error}, retry {attempt + 1} of {tries} in {wait:.1f} s "
+                           f"as its Retry-After asks", file=sys.stderr)
+            self._wait(wait)
         raise AssertionError("unreachable")
+
+    def _wait(self, seconds: float) -> None:
+        if self._stop.wait(seconds):
+            raise Stopped()
+
+    def _within_deadline(self, call, timeout: float):
+        """call() given up after `timeout` seconds in all, or at once when the stage stops. The call
+        runs in a thread of its own: the client cannot be stopped mid-read, so a call given up goes on
+        until its connection ends, in a daemon thread that holds no one up."""
+        done, box = threading.Event(), {}
+
+        def run():
+            try:
+                box["value"] = call()
+            except BaseException as e:  # handed to the caller
+                box["error"] = e
+            finally:
+                done.set()
+
+        threading.Thread(target=run, daemon=True, name="openai-request").start()
+        deadline = time.monotonic() + timeout
+        while not done.wait(min(0.1, max(0.0, deadline - time.monotonic()))):
+            if self._stop.is_set():
+                raise Stopped()
+            if time.monotonic() >= deadline:
+                raise Deadline()
+        if "error" in box:
+            raise box["error"]
+        return box["value"]
 
     def _count(self, replica: Replica, what: str) -> None:
         with self._pool:
@@ -245,11 +311,14 @@ class OpenAIEngine:
         if chat and prompt and prompt[-1]["role"] == "assistant":
             # Continue the answer written so far (vLLM's and SGLang's chat extension).
             kwargs["extra_body"] = {"continue_final_message": True, "add_generation_prompt": False}
+        if not chat:  # a raw string or token ids: the completions endpoint
+            def call():
+                return replica.client.completions.create(prompt=prompt, **kwargs)
+        else:
+            def call():
+                return replica.client.chat.completions.create(messages=prompt, **kwargs)
         try:
-            if not chat:  # a raw string or token ids: the completions endpoint
-                r = replica.client.completions.create(prompt=prompt, **kwargs)
-            else:
-                r = replica.client.chat.completions.create(messages=prompt, **kwargs)
+            r = self._within_deadline(call, self.timeout)
         except (openai.APIResponseValidationError, json.JSONDecodeError, ValueError) as e:
             raise Garbage(type(e).__name__) from None
         choices = getattr(r, "choices", None)
@@ -265,7 +334,8 @@ class OpenAIEngine:
                           retries=retries,
                           usage={"prompt_tokens": usage.prompt_tokens, "completion_tokens": usage.completion_tokens}
                           if usage else None,
-                          top_logprobs=_first_top_logprobs(choice, chat) if sampling.top_logprobs else None)
+                          top_logprobs=_first_top_logprobs(choice, chat) if sampling.top_logprobs else None,
+                          endpoint=replica.public_url, served_model=_served_model(r))
 
     def check_reachable(self) -> None:
         """Fail at once, in one line, when no replica listens (instead of after the retries);
@@ -275,8 +345,11 @@ class OpenAIEngine:
         if self._checked:
             return
         for replica in self.replicas:
+            timeout = min(10.0, self.timeout)
             try:
-                replica.client.models.list(timeout=min(10.0, self.timeout))
+                self._within_deadline(lambda: replica.client.models.list(timeout=timeout), timeout)
+            except Deadline:
+                pass  # it listens; a real request will tell
             except openai.APIConnectionError as e:
                 replica.in_rotation, replica.reason = False, f"unreachable: {e.__cause__ or e}"
                 replica.out_until = time.monotonic() + self.cooldown
@@ -311,6 +384,7 @@ class OpenAIEngine:
     # --- the Engine interface ---
     def generate(self, prompts: list[Prompt], n: int, sampling: Sampling, desc: str = "generate",
                  on_done: OnDone | None = None) -> list[list[Completion]]:
+        self._stop.clear()
         self.check_reachable()
         out: list[list[Completion | None]] = [[None] * n for _ in prompts]
         left = [n] * len(prompts)
@@ -336,6 +410,10 @@ class OpenAIEngine:
                 if finished and on_done:
                     on_done(i, out[i])
                 bar.update(1)
+        except BaseException:
+            # Ctrl-C or a failure: the requests still waiting or in flight end now, not after their waits.
+            self._stop.set()
+            raise
         finally:
             # On a failure, queued requests are dropped rather than sent.
             pool.shutdown(wait=True, cancel_futures=True)
@@ -378,6 +456,11 @@ def _first_top_logprobs(choice, chat: bool) -> dict[str, float] | None:
         return None
 
 
+def _served_model(reply) -> str | None:
+    model = getattr(reply, "model", None)
+    return model if isinstance(model, str) else None
+
+
 class Garbage(Exception):
     """A 200 reply that is not a completion (not JSON, no choices)."""
 
@@ -395,8 +478,10 @@ def _message(e) -> str:
     return str(e)
 
 
-def _retry_after(e) -> float | None:
-    try:
-        return float(e.response.headers.get("retry-after"))
-    except (TypeError, ValueError):
+def _retry_after(client, e) -> float | None:
+    """Seconds the server asks to wait: the client's own reading of retry-after-ms, and of Retry-After
+    as seconds or as an HTTP date. None when it asks nothing readable; inf for a number too large."""
+    seconds = client._parse_retry_after_header(e.response.headers)
+    if seconds is None or math.isnan(seconds):
         return None
+    return max(seconds, 0.0)

@@ -31,6 +31,8 @@ class Verdict:
     finish_reason: str | None = None  # "stop", "length" (cut off at the token limit) or "error"
     probs: dict | None = None  # next-token probabilities of the scores "0".."5" after the rationale
     expected: float | None = None  # their expected value (normalised over 0..5): the logprob-weighted score
+    endpoint: str | None = None      # API judges: the server that answered, without credentials or query
+    served_model: str | None = None  # and the model it says answered
 
 
 @dataclass(frozen=True)

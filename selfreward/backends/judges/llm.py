@@ -82,7 +82,8 @@ class LLMJudge:
         parsed = self.template.parse(c.text, truncated=c.finish_reason == "length")
         if parsed.score is not None and response is not None and copied_score(c.text, response, self.template):
             parsed = Parsed(None, parsed.rationale, COPIED)
-        return Verdict(c.text, parsed, c.n_tokens, c.usage, c.retries, c.finish_reason)
+        return Verdict(c.text, parsed, c.n_tokens, c.usage, c.retries, c.finish_reason, endpoint=c.endpoint,
+                       served_model=c.served_model)
 
     def _pairwise(self, groups, samples, seed):
         # Every unordered pair, asked as (a, b) and as (b, a).

@@ -53,7 +53,7 @@ def judgment_row(t: int, candidate_id: int, sample: int, judge, v, stamp: str, p
             "completion_tokens": usage.get("completion_tokens"), "retries": v.retries,
             "finish_reason": v.finish_reason, "expected_score": v.expected,
             "score_probs": json.dumps(v.probs, sort_keys=True) if v.probs else None,
-            "template_sha": judge.template_sha,
+            "template_sha": judge.template_sha, "endpoint": v.endpoint, "served_model": v.served_model,
             "created_at": stamp, **provenance}
 
 
