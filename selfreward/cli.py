@@ -498,7 +498,7 @@ def train_rm_cmd(run, source, base, name, epochs, lr, batch_size, held_out, runs
         selfreward train-rm demo --base M1 --lr 5e-5 --held-out data/oasst/eft_eval.jsonl
         selfreward eval judge demo --judge reward-model --judge-model runs/demo/models/RM3
     """
-    from selfreward.core.rewardmodel import train_rm
+    from selfreward.training.reward_model import train_rm
     from selfreward.core.store import Run
 
     with Run.open(_run_path(run, runs_dir), writer=True) as r:
