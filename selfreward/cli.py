@@ -252,15 +252,14 @@ def _check_inputs(cfg) -> None:
 
 def check_judge(cfg) -> None:
     """Judge settings that can be checked without loading a model."""
-    from selfreward.backends.judges import build_judge
+    from selfreward.backends.judges import build_judge, judge_kind
     from selfreward.prompts import load_template
 
-    if cfg.judge not in JUDGES:
-        raise SelfRewardError(f"unknown judge '{cfg.judge}'; choose one of: {', '.join(JUDGES)}")
-    if cfg.judge_mode not in MODES:
-        raise SelfRewardError(f"unknown judge mode '{cfg.judge_mode}'; choose one of: {', '.join(MODES)}")
+    kind = judge_kind(cfg)
+    if cfg.judge_mode not in kind.modes:
+        raise SelfRewardError(f"unknown judge mode '{cfg.judge_mode}'; choose one of: {', '.join(kind.modes)}")
     load_template(MODES[cfg.judge_mode])
-    if cfg.judge in ("api", "scripted"):
+    if kind.built_at_check:
         build_judge(cfg, None, "check")  # builds the client or reads the script; sends nothing
     if cfg.judge_model and cfg.judge_model.startswith((".", "/", "~")) and not Path(cfg.judge_model).exists():
         raise SelfRewardError(f"judge model not found: {cfg.judge_model}")

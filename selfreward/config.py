@@ -14,11 +14,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from selfreward.errors import SelfRewardError
+from selfreward.prompts import PROMPTS_DIR  # noqa: F401 (where the CLI, audit and tests look for it)
 
 # Inside the package (declared as package data), so an installed copy finds them from any directory.
 PACKAGE_ROOT = Path(__file__).resolve().parent
 SEED_DIR = PACKAGE_ROOT / "seed"
-PROMPTS_DIR = PACKAGE_ROOT / "templates"
 
 
 def _f(default, help: str):
@@ -329,8 +329,11 @@ def validate(c: Config) -> None:
         raise SelfRewardError("vllm_gpu_memory_utilization must lie in (0, 1]")
     check_api_settings(c)
     check_judge_training(c)
-    if c.judge == "scripted" and not c.judge_script:
-        raise SelfRewardError("judge 'scripted' needs judge_script: a JSON file with a list of raw judge outputs")
+    from selfreward.backends.judges import JUDGES
+
+    for key, what in (JUDGES[c.judge].needs.items() if c.judge in JUDGES else ()):
+        if not getattr(c, key):
+            raise SelfRewardError(f"judge '{c.judge}' needs {key}: {what}")
 
 
 TRAIN_METHODS = ("dpo", "simpo", "grpo", "rloo")
@@ -344,14 +347,9 @@ TRACKERS = {"tensorboard": "tensorboard", "wandb": "wandb", "trackio": "trackio"
             "neptune": "neptune", "codecarbon": "codecarbon", "dagshub": "dagshub", "azure_ml": "azureml"}
 
 
-def read_logprobs(c: Config) -> bool:
-    """Does the configured judge read score probabilities (judge_logprobs)?"""
-    if c.judge not in ("self", "api", "scripted") or c.judge_mode == "pairwise" or c.judge_logprobs == "no":
-        return False
-    return c.judge_logprobs == "yes" or c.judge != "api"
-
-
 def check_judge_training(c: Config) -> None:
+    from selfreward.backends.judges import JUDGES, read_logprobs
+
     for key, allowed in (("judge_logprobs", ("auto", "yes", "no")), ("pair_score", ("parsed", "expected")),
                          ("meta_rewarding", ("yes", "no")), ("consistency", ("yes", "no"))):
         if getattr(c, key) not in allowed:
@@ -365,11 +363,11 @@ def check_judge_training(c: Config) -> None:
     if c.meta_max_prompts < 0 or c.meta_judge_max_new_tokens <= 0:
         raise SelfRewardError("meta_max_prompts must be >= 0 and meta_judge_max_new_tokens positive")
     online = c.train_method in ONLINE_METHODS
-    # (The scripted judge stands in for the self judge in tests: its script answers the meta-judge too.)
-    if c.meta_rewarding == "yes" and (c.judge not in ("self", "scripted") or c.judge_mode != "additive" or online):
+    as_policy = c.judge in JUDGES and JUDGES[c.judge].as_policy
+    if c.meta_rewarding == "yes" and (not as_policy or c.judge_mode != "additive" or online):
         raise SelfRewardError("meta_rewarding needs the self judge in additive mode and an offline train_method "
                               "(dpo or simpo): it trains the policy's own judging")
-    if c.consistency == "yes" and (c.judge not in ("self", "scripted") or c.train_method != "dpo"):
+    if c.consistency == "yes" and (not as_policy or c.train_method != "dpo"):
         raise SelfRewardError("consistency (CREAM) needs the self judge (the previous round's model judges too) "
                               "and train_method 'dpo' (it weights the DPO loss)")
 

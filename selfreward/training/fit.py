@@ -23,7 +23,7 @@ from selfreward.backends.models import free_memory, load_model, load_tokenizer, 
 from selfreward.config import launched, trackers
 from selfreward.core import failpoints
 from selfreward.training.cpu import lean
-from selfreward.training.precision import pad_multiple, use_bf16
+from selfreward.training.precision import use_bf16
 
 
 LOG_KEYS = {"loss": "loss", "learning_rate": "learning_rate", "grad_norm": "grad_norm",

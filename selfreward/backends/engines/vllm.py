@@ -36,7 +36,7 @@ import sys
 import time
 from pathlib import Path
 
-from selfreward.backends.engines import OnDone, Prompt, Sampling, context_ids
+from selfreward.backends.engines.base import OnDone, Prompt, Sampling, context_ids
 from selfreward.backends.engines.openai import OpenAIEngine
 from selfreward.errors import SelfRewardError
 

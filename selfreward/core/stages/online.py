@@ -13,7 +13,7 @@ online data like any other round's.
 
 from __future__ import annotations
 
-from selfreward.backends.judges import Group
+from selfreward.backends.judges import Group, judge_kind
 from selfreward.core.stages.judging import judgment_row, judging_detail
 from selfreward.core.stages.train import copy_parent, stage_detail
 from selfreward.core.store import now
@@ -68,7 +68,7 @@ def run(ctx, t: int) -> None:
     with ctx.stage(t, "rl") as commit:
         if not prompts:
             return copy_parent(ctx.run, commit, t, parent, "prompts")
-        if cfg.judge != "self":
+        if not judge_kind(cfg).uses_policy:
             ctx.release()  # self-instruct's engine is not needed by any other judge: free it for training
         judge = ctx.judge(parent["name"])  # the self judge is M_{t-1}, served beside the trainer
         seed = ctx.seed(t, "rl")
