@@ -15,6 +15,7 @@ from pathlib import Path
 
 from selfreward.errors import SelfRewardError
 from selfreward.prompts import PROMPTS_DIR  # noqa: F401 (where the CLI, audit and tests look for it)
+from selfreward.training.methods import online_methods, train_methods
 
 # Inside the package (declared as package data), so an installed copy finds them from any directory.
 PACKAGE_ROOT = Path(__file__).resolve().parent
@@ -336,8 +337,6 @@ def validate(c: Config) -> None:
             raise SelfRewardError(f"judge '{c.judge}' needs {key}: {what}")
 
 
-TRAIN_METHODS = ("dpo", "simpo", "grpo", "rloo")
-ONLINE_METHODS = ("grpo", "rloo")
 # TRL 1.16's DPO losses (DPOTrainer.dpo_loss); a comma list sums several.
 DPO_LOSS_TYPES = ("sigmoid", "ipo", "robust", "hinge", "exo_pair", "nca_pair", "bco_pair", "sppo_hard", "aot",
                   "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm")
@@ -362,7 +361,7 @@ def check_judge_training(c: Config) -> None:
         raise SelfRewardError("eval_bias_prompts must be >= 0 (0 = no bias panels)")
     if c.meta_max_prompts < 0 or c.meta_judge_max_new_tokens <= 0:
         raise SelfRewardError("meta_max_prompts must be >= 0 and meta_judge_max_new_tokens positive")
-    online = c.train_method in ONLINE_METHODS
+    online = c.train_method in online_methods()
     as_policy = c.judge in JUDGES and JUDGES[c.judge].as_policy
     if c.meta_rewarding == "yes" and (not as_policy or c.judge_mode != "additive" or online):
         raise SelfRewardError("meta_rewarding needs the self judge in additive mode and an offline train_method "
@@ -383,8 +382,8 @@ def trackers(c: Config) -> list[str]:
 def check_training(c: Config) -> None:
     import importlib.util
 
-    if c.train_method not in TRAIN_METHODS:
-        raise SelfRewardError(f"unknown train_method '{c.train_method}'; choose one of: {', '.join(TRAIN_METHODS)}")
+    if c.train_method not in train_methods():
+        raise SelfRewardError(f"unknown train_method '{c.train_method}'; choose one of: {', '.join(train_methods())}")
     unknown = [x for x in loss_types(c) if x not in DPO_LOSS_TYPES] or ([] if loss_types(c) else ["(empty)"])
     if unknown:
         raise SelfRewardError(f"unknown dpo_loss_type {', '.join(unknown)}; choose from: {', '.join(DPO_LOSS_TYPES)}")
@@ -416,7 +415,7 @@ def check_processes(c: Config) -> None:
         raise SelfRewardError(f"train_processes must be at least 1, got {c.train_processes}")
     if c.accelerate_config:
         check_accelerate_config(c.accelerate_config)
-    if launched(c) and c.train_method in ONLINE_METHODS:
+    if launched(c) and c.train_method in online_methods():
         raise SelfRewardError(f"train_method '{c.train_method}' trains in one process: drop train_processes and "
                               f"accelerate_config, or use dpo or simpo")
     # Each process takes an equal share of every optimiser step's batch.
