@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from selfreward.errors import SelfRewardError
-from selfreward.prompts import PROMPTS_DIR  # noqa: F401 (where the CLI, audit and tests look for it)
+from selfreward.prompts import PROMPTS_DIR  # noqa: F401 (audit, bench/plan.py and tests read it from here)
 from selfreward.training.methods import online_methods, train_methods
 
 # Inside the package (declared as package data), so an installed copy finds them from any directory.
