@@ -70,7 +70,7 @@ VARIANTS = {
 
 def seed_pairs() -> list[dict]:
     from selfreward.config import SEED_DIR
-    from selfreward.core.stages.train import best_worst_pairs
+    from selfreward.training.fit import best_worst_pairs
     from selfreward.data import read_eft
 
     return best_worst_pairs(read_eft(SEED_DIR / "eft_train.jsonl"))
@@ -95,7 +95,7 @@ def child(variant: str, n: int, out: str) -> None:
 
     from selfreward.backends.models import resolve_source
     from selfreward.config import resolve
-    from selfreward.core.stages import train
+    from selfreward.training import fit, recipes
 
     from selfreward.core.store import PeakMemory
 
@@ -113,8 +113,8 @@ def child(variant: str, n: int, out: str) -> None:
         def on_train_end(self, args, state, control, **kwargs):
             train_peak["rss"] = memory.peak  # before the merge reloads the base at full precision
 
-    real_quiet = train._quiet
-    train._quiet = lambda trainer: real_quiet(trainer).add_callback(Clock()) or trainer
+    real_quiet = fit.quiet
+    fit.quiet = lambda trainer: real_quiet(trainer).add_callback(Clock()) or trainer
     stage, overrides = VARIANTS[variant]
     # Batch 4 for both (the demo's SFT uses 8): more measured steps from the same examples.
     cfg = resolve({}, {"preset": "demo", "seed": 0, "sft_epochs": 1.0, "dpo_epochs": 1.0, "sft_batch_size": 4,
@@ -124,9 +124,9 @@ def child(variant: str, n: int, out: str) -> None:
     t0 = time.perf_counter()
     with memory:
         if stage == "sft":
-            rows, _, info = train.sft(base, *sft_data(n), cfg, target)
+            rows, _, info = recipes.sft(base, *sft_data(n), cfg, target)
         else:
-            rows, _, info = train.preference(base, seed_pairs()[:n], cfg, target, round=2)
+            rows, _, info = recipes.preference(base, seed_pairs()[:n], cfg, target, round=2)
     total = time.perf_counter() - t0
     batch = cfg.sft_batch_size if stage == "sft" else cfg.dpo_batch_size
     # DPO: the merge scored the merged model against its base on the trained pairs, in fp32.

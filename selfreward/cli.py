@@ -15,8 +15,9 @@ import click
 from selfreward import __version__
 from selfreward.backends.engines import POLICY_ENGINES
 from selfreward.backends.judges import JUDGES, MODES
-from selfreward.config import FIELDS, RENAMED, TRAIN_METHODS, coerce, help_text, launched, load_toml, resolve
+from selfreward.config import FIELDS, RENAMED, coerce, help_text, launched, load_toml, resolve
 from selfreward.errors import SelfRewardError
+from selfreward.training.methods import train_methods
 
 
 # bitsandbytes on CPU looks for a faster 4-bit kernel on the hub (the `kernels` package) and says so on every
@@ -34,6 +35,23 @@ def _quiet_libraries() -> None:
 
     # TRL's GRPO/RLOO check vLLM's version on import even where they generate without it (CPU).
     warnings.filterwarnings("ignore", message="TRL currently supports vLLM versions")
+
+
+class Registered(click.Choice):
+    """A choice among a registry's names (JUDGES, METHODS), read each time it is used: an entry
+    registered after this module was imported is offered in --help and accepted too."""
+
+    def __init__(self, names):
+        self.names = names
+        super().__init__(list(names()))
+
+    @property
+    def choices(self) -> tuple[str, ...]:
+        return tuple(self.names())
+
+    @choices.setter
+    def choices(self, value) -> None:
+        pass  # click.Choice sets them once; they are the registry's
 
 
 def _run_path(run: str, runs_dir: str) -> Path:
@@ -104,7 +122,7 @@ def _number(key: str, raw: str):
 @click.option("--config", "config_file", type=click.Path(), help="TOML file of config keys.")
 @click.option("--engine", type=click.Choice(["auto", *POLICY_ENGINES]),
               help="Policy engine: vllm (a long-lived server per model) or transformers (in-process).")
-@click.option("--judge", type=click.Choice(list(JUDGES)), help="Judge backend.")
+@click.option("--judge", type=Registered(lambda: JUDGES), help="Judge backend.")
 @click.option("--judge-mode", type=click.Choice(list(MODES)), help="LLM judge mode (self, api).")
 @click.option("--judge-model", help="Model for --judge pairrm / reward-model (hub id or folder).")
 @click.option("--api-base", "--judge-api-base", "api_base",
@@ -112,7 +130,7 @@ def _number(key: str, raw: str):
                    "$OPENAI_API_KEY (see api_key_env).")
 @click.option("--api-model", "--judge-api-model", "api_model", help="Model name at the server, for --judge api.")
 @click.option("--judge-script", type=click.Path(), help="JSON list of raw outputs for --judge scripted.")
-@click.option("--train-method", type=click.Choice(list(TRAIN_METHODS)),
+@click.option("--train-method", type=Registered(train_methods),
               help="How M_t (t >= 2) is trained: dpo (loss from dpo_loss_type) or simpo (reference-free).")
 @click.option("--train-processes", type=click.IntRange(1),
               help="Processes that train SFT/DPO/SimPO under `accelerate launch` (1 = in this process).")
@@ -262,15 +280,14 @@ def _check_inputs(cfg) -> None:
 
 def check_judge(cfg) -> None:
     """Judge settings that can be checked without loading a model."""
-    from selfreward.backends.judges import build_judge
+    from selfreward.backends.judges import build_judge, judge_kind
     from selfreward.prompts import load_template
 
-    if cfg.judge not in JUDGES:
-        raise SelfRewardError(f"unknown judge '{cfg.judge}'; choose one of: {', '.join(JUDGES)}")
-    if cfg.judge_mode not in MODES:
-        raise SelfRewardError(f"unknown judge mode '{cfg.judge_mode}'; choose one of: {', '.join(MODES)}")
+    kind = judge_kind(cfg)
+    if cfg.judge_mode not in kind.modes:
+        raise SelfRewardError(f"unknown judge mode '{cfg.judge_mode}'; choose one of: {', '.join(kind.modes)}")
     load_template(MODES[cfg.judge_mode])
-    if cfg.judge in ("api", "scripted"):
+    if kind.built_at_check:
         build_judge(cfg, None, "check")  # builds the client or reads the script; sends nothing
     if cfg.judge_model and cfg.judge_model.startswith((".", "/", "~")) and not Path(cfg.judge_model).exists():
         raise SelfRewardError(f"judge model not found: {cfg.judge_model}")
@@ -345,7 +362,7 @@ def show(run, prompt_id, pair_id, runs_dir):
 def judge_options(f):
     """The judge flags shared by the eval commands (they override the run's judge for this command only)."""
     options = [
-        click.option("--judge", type=click.Choice(list(JUDGES)), help="Judge backend (default: the run's)."),
+        click.option("--judge", type=Registered(lambda: JUDGES), help="Judge backend (default: the run's)."),
         click.option("--judge-mode", type=click.Choice(list(MODES))),
         click.option("--judge-model", help="Model for pairrm / reward-model."),
         click.option("--api-base", "--judge-api-base", "api_base",
@@ -557,7 +574,7 @@ def train_rm_cmd(run, source, base, name, epochs, lr, batch_size, held_out, runs
         selfreward train-rm demo --base M1 --lr 5e-5 --held-out data/oasst/eft_eval.jsonl
         selfreward eval judge demo --judge reward-model --judge-model runs/demo/models/RM3
     """
-    from selfreward.core.rewardmodel import train_rm
+    from selfreward.training.reward_model import train_rm
     from selfreward.core.store import Run
 
     with Run.open(_run_path(run, runs_dir), writer=True) as r:

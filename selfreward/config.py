@@ -14,11 +14,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from selfreward.errors import SelfRewardError
+from selfreward.prompts import PROMPTS_DIR  # noqa: F401 (audit, bench/plan.py and tests read it from here)
+from selfreward.training.methods import online_methods, train_methods
 
 # Inside the package (declared as package data), so an installed copy finds them from any directory.
 PACKAGE_ROOT = Path(__file__).resolve().parent
 SEED_DIR = PACKAGE_ROOT / "seed"
-PROMPTS_DIR = PACKAGE_ROOT / "templates"
 
 
 def _f(default, help: str):
@@ -347,22 +348,32 @@ def validate(c: Config) -> None:
     check_api_settings(c)
     check_judge_training(c)
     check_actor_eval(c)
-    if c.judge == "scripted" and not c.judge_script:
-        raise SelfRewardError("judge 'scripted' needs judge_script: a JSON file with a list of raw judge outputs")
+    from selfreward.backends.judges import JUDGES
+
+    for key, what in (JUDGES[c.judge].needs.items() if c.judge in JUDGES else ()):
+        if not getattr(c, key):
+            raise SelfRewardError(f"judge '{c.judge}' needs {key}: {what}")
 
 
-EVAL_JUDGES = ("none", "api", "reward-model", "pairrm")
 PROMOTE_METRICS = ("if_prompt_strict", "if_prompt_loose", "if_inst_strict", "if_inst_loose", "win_vs_prev",
                    "win_lc_vs_prev")
 
 
 def check_actor_eval(c: Config) -> None:
-    if c.eval_judge not in EVAL_JUDGES:
-        raise SelfRewardError(f"eval_judge must be one of: {', '.join(EVAL_JUDGES)}")
-    if c.eval_judge == "reward-model" and not c.eval_judge_model:
-        raise SelfRewardError("eval_judge 'reward-model' needs eval_judge_model: a sequence-classification model")
-    if c.eval_judge == "api" and not (c.api_base and c.api_model):
-        raise SelfRewardError("eval_judge 'api' needs api_base and api_model (the server that judges the win rates)")
+    from selfreward.backends.judges import JUDGES, independent_judges
+
+    choices = ("none", *independent_judges())
+    if c.eval_judge not in choices:
+        raise SelfRewardError(f"eval_judge must be one of: {', '.join(choices)} (never the policy itself)")
+    if c.eval_judge != "none":
+        kind = JUDGES[c.eval_judge]
+        # The eval judge's model is eval_judge_model; an LLM judge that is not the policy runs on the api server.
+        needs = {("eval_judge_model" if k == "judge_model" else k): v for k, v in kind.needs.items()}
+        if kind.llm:
+            needs.update(api_base="the server that judges the win rates", api_model="the model name at that server")
+        for key, what in needs.items():
+            if not getattr(c, key):
+                raise SelfRewardError(f"eval_judge '{c.eval_judge}' needs {key}: {what}")
     if c.promote not in ("always", "no-regress"):
         raise SelfRewardError("promote must be 'always' or 'no-regress'")
     if c.promote_metric not in PROMOTE_METRICS:
@@ -377,9 +388,6 @@ def check_actor_eval(c: Config) -> None:
     if c.eval_max_new_tokens <= 0 or c.promote_patience <= 0:
         raise SelfRewardError("eval_max_new_tokens and promote_patience must be positive")
 
-
-TRAIN_METHODS = ("dpo", "simpo", "grpo", "rloo")
-ONLINE_METHODS = ("grpo", "rloo")
 # TRL 1.16's DPO losses (DPOTrainer.dpo_loss); a comma list sums several.
 DPO_LOSS_TYPES = ("sigmoid", "ipo", "robust", "hinge", "exo_pair", "nca_pair", "bco_pair", "sppo_hard", "aot",
                   "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm")
@@ -389,14 +397,9 @@ TRACKERS = {"tensorboard": "tensorboard", "wandb": "wandb", "trackio": "trackio"
             "neptune": "neptune", "codecarbon": "codecarbon", "dagshub": "dagshub", "azure_ml": "azureml"}
 
 
-def read_logprobs(c: Config) -> bool:
-    """Does the configured judge read score probabilities (judge_logprobs)?"""
-    if c.judge not in ("self", "api", "scripted") or c.judge_mode == "pairwise" or c.judge_logprobs == "no":
-        return False
-    return c.judge_logprobs == "yes" or c.judge != "api"
-
-
 def check_judge_training(c: Config) -> None:
+    from selfreward.backends.judges import JUDGES, read_logprobs
+
     for key, allowed in (("judge_logprobs", ("auto", "yes", "no")), ("pair_score", ("parsed", "expected")),
                          ("meta_rewarding", ("yes", "no")), ("consistency", ("yes", "no"))):
         if getattr(c, key) not in allowed:
@@ -409,12 +412,12 @@ def check_judge_training(c: Config) -> None:
         raise SelfRewardError("eval_bias_prompts must be >= 0 (0 = no bias panels)")
     if c.meta_max_prompts < 0 or c.meta_judge_max_new_tokens <= 0:
         raise SelfRewardError("meta_max_prompts must be >= 0 and meta_judge_max_new_tokens positive")
-    online = c.train_method in ONLINE_METHODS
-    # (The scripted judge stands in for the self judge in tests: its script answers the meta-judge too.)
-    if c.meta_rewarding == "yes" and (c.judge not in ("self", "scripted") or c.judge_mode != "additive" or online):
+    online = c.train_method in online_methods()
+    as_policy = c.judge in JUDGES and JUDGES[c.judge].as_policy
+    if c.meta_rewarding == "yes" and (not as_policy or c.judge_mode != "additive" or online):
         raise SelfRewardError("meta_rewarding needs the self judge in additive mode and an offline train_method "
                               "(dpo or simpo): it trains the policy's own judging")
-    if c.consistency == "yes" and (c.judge not in ("self", "scripted") or c.train_method != "dpo"):
+    if c.consistency == "yes" and (not as_policy or c.train_method != "dpo"):
         raise SelfRewardError("consistency (CREAM) needs the self judge (the previous round's model judges too) "
                               "and train_method 'dpo' (it weights the DPO loss)")
 
@@ -430,8 +433,8 @@ def trackers(c: Config) -> list[str]:
 def check_training(c: Config) -> None:
     import importlib.util
 
-    if c.train_method not in TRAIN_METHODS:
-        raise SelfRewardError(f"unknown train_method '{c.train_method}'; choose one of: {', '.join(TRAIN_METHODS)}")
+    if c.train_method not in train_methods():
+        raise SelfRewardError(f"unknown train_method '{c.train_method}'; choose one of: {', '.join(train_methods())}")
     unknown = [x for x in loss_types(c) if x not in DPO_LOSS_TYPES] or ([] if loss_types(c) else ["(empty)"])
     if unknown:
         raise SelfRewardError(f"unknown dpo_loss_type {', '.join(unknown)}; choose from: {', '.join(DPO_LOSS_TYPES)}")
@@ -463,7 +466,7 @@ def check_processes(c: Config) -> None:
         raise SelfRewardError(f"train_processes must be at least 1, got {c.train_processes}")
     if c.accelerate_config:
         check_accelerate_config(c.accelerate_config)
-    if launched(c) and c.train_method in ONLINE_METHODS:
+    if launched(c) and c.train_method in online_methods():
         raise SelfRewardError(f"train_method '{c.train_method}' trains in one process: drop train_processes and "
                               f"accelerate_config, or use dpo or simpo")
     # Each process takes an equal share of every optimiser step's batch.

@@ -25,8 +25,10 @@ from decimal import Decimal
 from functools import cached_property
 from pathlib import Path
 
-from selfreward.config import PROMPTS_DIR
 from selfreward.errors import SelfRewardError
+
+# The package's templates (config.PROMPTS_DIR re-exports it: config reads no prompt, prompts read no config).
+PROMPTS_DIR = Path(__file__).resolve().parent / "templates"
 
 
 @dataclass(frozen=True)

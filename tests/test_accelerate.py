@@ -1,8 +1,8 @@
 """Training under `accelerate launch` on CPU: 2 processes over gloo on the tiny fixture model
 (SFT, DPO, and SimPO on a 4-bit base).
 
-The 2-process runs build the very trainer of the 1-process path (train.sft / train.preference,
-called by name in each rank), so with the same effective batch (processes x micro-batch x
+The 2-process runs build the very trainer of the 1-process path (recipes.sft / recipes.preference,
+called by each rank), so with the same effective batch (processes x micro-batch x
 accumulation) they must log the same losses. Tolerance LOSS_TOL: gradients are averaged by a
 gloo all-reduce instead of being summed by accumulation in one process, and the logged loss is
 the mean of the two ranks' means, so float32 sums may run in another order (on this machine
@@ -33,7 +33,8 @@ from safetensors.torch import load_file
 
 from selfreward.cli import cli
 from selfreward.config import resolve
-from selfreward.core.stages.train import preference, sft, use_bf16
+from selfreward.training.precision import use_bf16
+from selfreward.training.recipes import preference, sft
 from selfreward.errors import SelfRewardError
 from conftest import build_tiny_model
 
@@ -191,7 +192,7 @@ def _processes_naming(text: str) -> list[int]:
 
 def test_kill_9_of_the_orchestrator_ends_every_worker(tmp_path, tiny_model):
     out = tmp_path / "runs" / "k" / "models" / "M1"
-    script = (f"from selfreward.config import resolve\nfrom selfreward.core.stages.train import sft\n"
+    script = (f"from selfreward.config import resolve\nfrom selfreward.training.recipes import sft\n"
               f"sft({str(tiny_model)!r}, {IFT!r}, [], resolve({{}}, {{**{SIZES!r}, 'train_processes': 2}}), "
               f"__import__('pathlib').Path({str(out)!r}))\n")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
@@ -228,7 +229,7 @@ def test_example_accelerate_configs_parse_and_pass_through(name, distributed, ex
     from accelerate.commands.config.config_args import load_config_from_file
     from accelerate.commands.launch import _validate_launch_command, launch_command_parser
 
-    from selfreward.core.train_worker import MODULE, accelerate_flags
+    from selfreward.training.launch import MODULE, accelerate_flags
 
     path = ROOT / "examples" / "accelerate" / f"{name}.yaml"
     loaded = load_config_from_file(str(path))

@@ -1,7 +1,7 @@
-"""Lean training's kernels: whole-matrix causal attention (selfreward.core.attention) against
-SDPA in float64, right-padded rows packed into one row (selfreward.core.packing) against the
+"""Lean training's kernels: whole-matrix causal attention (selfreward.training.cpu.attention) against
+SDPA in float64, right-padded rows packed into one row (selfreward.training.cpu.packing) against the
 padded batch, the in-place LoRA forward (dropout.lean_lora) against PEFT's, and the fused LM
-head's CPU tiles (selfreward.core.lmhead) against TRL's own."""
+head's CPU tiles (selfreward.training.cpu.lmhead) against TRL's own."""
 
 from __future__ import annotations
 
@@ -13,10 +13,9 @@ import torch
 import torch.nn.functional as F
 
 from selfreward.config import resolve
-from selfreward.core import attention, packing
-from selfreward.core.dropout import lean_lora
-from selfreward.core.lmhead import addmm_fp32, lean_head
-from selfreward.core.stages.train import lean
+from selfreward.training.cpu import attention, lean, packing
+from selfreward.training.cpu.dropout import lean_lora
+from selfreward.training.cpu.lmhead import addmm_fp32, lean_head
 
 
 def _qkv(length: int, heads: int = 6, kv: int = 2, dim: int = 16, rows: int = 1):

@@ -28,7 +28,7 @@ def test_qlora_dpo_merges_into_16bit(tiny_model, tmp_path):
     pytest.importorskip("bitsandbytes", reason="the gpu extra is not installed: pip install -e '.[gpu]'")
     from selfreward.config import resolve
     from selfreward.backends.models import load_model
-    from selfreward.core.stages.train import dpo
+    from selfreward.training.recipes import dpo
 
     cfg = resolve({}, {"preset": "tiny", "load_in_4bit": "yes"})
     pairs = [{"prompt": "say hi", "chosen": "hi there", "rejected": "bad"}] * 2
@@ -43,6 +43,7 @@ def test_grpo_generates_with_trls_colocated_vllm_on_cuda(tiny_model, tmp_path):
     pytest.importorskip("vllm", reason="the gpu extra is not installed: pip install -e '.[gpu]'")
     from selfreward.config import resolve
     from selfreward.core.stages import online as online_module
+    from selfreward.training.recipes import online
     from selfreward.backends.judges import GroupResult, Verdict
     from selfreward.prompts import Parsed
 
@@ -56,5 +57,5 @@ def test_grpo_generates_with_trls_colocated_vllm_on_cuda(tiny_model, tmp_path):
     cfg = resolve({}, {"preset": "tiny", "train_method": "grpo", "engine": "vllm", "eft_eval": ""})
     reward = online_module.JudgeReward(Judge(), 1, 0, "M1+grpo", cfg.candidate_max_new_tokens)
     prompts = [{"id": 1, "text": "say hi"}, {"id": 2, "text": "name a colour"}]
-    rows, adapter, info = online_module.online(str(tiny_model), prompts, reward, cfg, tmp_path / "r" / "models" / "M2", 2)
+    rows, adapter, info = online(str(tiny_model), prompts, reward, cfg, tmp_path / "r" / "models" / "M2", 2)
     assert rows and adapter.is_dir() and len(reward.candidates) == 2 * cfg.n_candidates

@@ -10,8 +10,9 @@ import pytest
 import torch
 
 from selfreward.config import resolve
-from selfreward.core.dropout import FastDropout, fast_lora_dropout
-from selfreward.core.stages.train import lean, sft
+from selfreward.training.cpu import lean
+from selfreward.training.cpu.dropout import FastDropout, fast_lora_dropout
+from selfreward.training.recipes import sft
 
 
 def test_fast_dropout_drops_p_of_the_elements_and_scales_the_rest():
@@ -115,7 +116,7 @@ def test_right_padded_batches_train_without_their_padding_mask_and_the_same_outp
     """lean() drops the attention mask of a right-padded batch (causal attention alone, its fast
     path): every real position's logits are those of the masked forward, and a mask with leading
     pads or a hole is kept. Outside lean() the model sees the mask as given."""
-    from selfreward.core.stages.train import causal_only
+    from selfreward.training.cpu import causal_only
 
     model = _peft(tiny_model, 0.0).eval()
     torch.manual_seed(0)

@@ -6,7 +6,7 @@ import torch
 from safetensors.torch import load_file
 
 from selfreward.config import resolve
-from selfreward.core.stages.train import dpo
+from selfreward.training.recipes import dpo
 
 
 def folder_hash(path):

@@ -15,7 +15,7 @@ from selfreward.cli import cli
 from selfreward.config import resolve
 from selfreward.core.stages.consistency import consistency_by_prompt
 from selfreward.core.stages.meta import elo, judge_pair, pick_candidates
-from selfreward.core.stages.train import preference
+from selfreward.training.recipes import preference
 from selfreward.core.store import Run
 
 

@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 
 from selfreward.cli import cli
 from selfreward.config import resolve
-from selfreward.core.stages.train import preference
+from selfreward.training.recipes import preference
 from conftest import build_tiny_model
 from test_lora import folder_hash
 
@@ -70,7 +70,7 @@ def test_lora_merge_gap_is_rounding_only(tiny64, tmp_path, heldout):
 
 def test_dpo_records_its_pairs_margins_after_training_in_full_precision(tiny64, tmp_path, heldout):
     from selfreward.backends.models import load_model, load_tokenizer, sequence_logps
-    from selfreward.core.stages.train import dpo_fit
+    from selfreward.training.fit import dpo_fit
 
     out = tmp_path / "runs" / "f" / "models" / "M2"
     _, _, info = train(tiny64, out, heldout, load_in_4bit="no", train_precision="bf16")
@@ -86,7 +86,7 @@ def test_dpo_records_its_pairs_margins_after_training_in_full_precision(tiny64, 
 
 
 def test_dpo_fit_margins():
-    from selfreward.core.stages.train import dpo_fit
+    from selfreward.training.fit import dpo_fit
 
     # Pair 1: chosen up 2 nats, rejected down 1: margin 0.1 * 3. Pair 2: chosen down 1, rejected unchanged.
     fit = dpo_fit([-10.0, -12.0, -5.0, -6.0], [-8.0, -13.0, -6.0, -6.0], 0.1)
@@ -121,7 +121,7 @@ def test_each_method_moves_the_weights_with_a_finite_loss(tiny_model, tmp_path, 
 
 def test_simpo_is_simpo_and_reference_free(tiny_model, tmp_path, monkeypatch):
     """cpo_alpha=0 (no behaviour-cloning term, which would make it CPO-SimPO) and no reference model."""
-    from selfreward.core.stages import train as train_module
+    from selfreward.training import fit as train_module
 
     built = {}
     real = train_module._train_and_merge

@@ -139,7 +139,7 @@ def load_model(path: str, four_bit: bool = False, dtype=None):
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=torch.bfloat16,
         )
-        # The current GPU: a process of `accelerate launch` has set its own (train_worker).
+        # The current GPU: a process of `accelerate launch` has set its own (selfreward.training.worker).
         kwargs["device_map"] = {"": torch.cuda.current_device() if device() == "cuda" else "cpu"}
     else:
         kwargs["dtype"] = dtype or (torch.bfloat16 if device() == "cuda" else torch.float32)

@@ -7,7 +7,7 @@ import zlib
 from contextlib import contextmanager
 
 from selfreward.backends.engines import Engine, make_engine
-from selfreward.backends.judges import Judge, build_judge
+from selfreward.backends.judges import Judge, build_judge, judge_kind
 from selfreward.config import Config
 from selfreward.core.checkpoint import Checkpoint, CheckpointedEngine
 from selfreward.core.store import Run
@@ -96,7 +96,7 @@ class Context:
 
     def judge(self, model: str) -> Judge:
         """The configured judge; for the self judge, `model` (M_t) is the one judging."""
-        if self.cfg.judge != "self":
+        if not judge_kind(self.cfg).uses_policy:
             model = "-"  # one instance serves every round
         if model not in self._judges:
             self._judges[model] = build_judge(self.cfg, lambda kind: self._engine_for(kind, model), model)
@@ -129,32 +129,23 @@ class Context:
     def judge_provenance(self, model: str, seed: int) -> dict:
         """What an auditor needs to reproduce a judgment: the weights' hash, sampling and seed, version."""
         import json
-        from pathlib import Path
 
         from selfreward import __version__
-        from selfreward.backends.models import weights_sha
 
-        cfg, sha = self.cfg, None
-        if cfg.judge == "self":
-            sha = self.run.model(model)["sha256"]
-        elif cfg.judge in ("pairrm", "reward-model") and Path(cfg.judge_model).is_dir():
-            sha = weights_sha(Path(cfg.judge_model))
-        elif cfg.judge == "scripted":
-            import hashlib
-
-            sha = hashlib.sha256(Path(cfg.judge_script).read_bytes()).hexdigest()[:16]
+        cfg, kind = self.cfg, judge_kind(self.cfg)
+        sha = self.run.model(model)["sha256"] if kind.uses_policy else kind.weights(cfg)
         sampling = None
-        if cfg.judge in ("self", "api", "scripted"):
+        if kind.llm:
             sampling = json.dumps({"temperature": cfg.judge_temperature, "top_p": cfg.judge_top_p,
                                    "max_new_tokens": cfg.judge_max_new_tokens, "seed": seed,
                                    "mode": cfg.judge_mode,
-                                   "engine": cfg.engine if cfg.judge == "self" else cfg.judge})
+                                   "engine": cfg.engine if kind.uses_policy else cfg.judge})
         return {"judge_model_sha": sha, "sampling": sampling, "version": __version__}
 
     def release(self) -> None:
         """End the policy engine and free model-backed judges (before training, which needs the memory)."""
         # A scripted judge holds no model and keeps its place in its script; an API judge holds a client only.
-        if self.cfg.judge not in ("scripted", "api"):
+        if judge_kind(self.cfg).holds_memory:
             self._judges = {}
         if self._engine is not None:
             self._tally(self._engine)

@@ -32,6 +32,11 @@ def enter(stage: str) -> None:
     _where = stage
 
 
+def where() -> str:
+    """The running stage (the launched training ranks take it over from the orchestrator)."""
+    return _where
+
+
 def hit(point: str) -> None:
     target = os.environ.get("SELFREWARD_KILL_AT")
     if not target:

@@ -9,10 +9,10 @@ from pathlib import Path
 from selfreward.core import failpoints
 from selfreward.core.context import Context
 from selfreward.backends.models import resolve_source, weights_sha
-from selfreward.config import ONLINE_METHODS
 from selfreward.core.stages import (actor, candidates, consistency, evaluate, judging, meta, online, pairs,
                                    self_instruct, train)
 from selfreward.core.store import now
+from selfreward.training.methods import METHODS
 
 
 def iterate(ctx: Context, rounds: int) -> list[int]:
@@ -30,7 +30,7 @@ def iterate(ctx: Context, rounds: int) -> list[int]:
             evaluate.run(ctx, t, "M0")          # how well does the base judge? (parse rate)
             actor.run(ctx, t, "M0")             # ... and the base actor (verifiable instructions)
             train.run_sft(ctx, t)               # M1 = SFT(M0) on IFT + EFT
-        elif ctx.cfg.train_method in ONLINE_METHODS:
+        elif METHODS[ctx.cfg.train_method].online:
             self_instruct.run(ctx, t)           # M_{t-1} writes new prompts
             online.run(ctx, t)                  # M_t = GRPO/RLOO(M_{t-1}): sample, judge, update, online
         else:

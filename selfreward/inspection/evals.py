@@ -13,7 +13,7 @@ from contextlib import closing
 from selfreward.core.context import Context
 from selfreward.data import read_ift
 from selfreward.backends.engines import Sampling
-from selfreward.backends.judges import Group
+from selfreward.backends.judges import Group, judge_kind
 from selfreward.inspection.metrics import (expected_metrics, finite, injection_probe, judge_scores, load_eval_set, quality_metrics,
                                            verbosity_probe)
 from selfreward.core.store import Run, now
@@ -41,7 +41,7 @@ def eval_judge(run: Run, overrides: dict, models: list[str], dataset: str, limit
     # closing: the engine (a vLLM server's process group, say) ends on every way out.
     with closing(Context(run, cfg)) as ctx:
         out = []
-        for model in models if cfg.judge == "self" else [label]:
+        for model in models if judge_kind(cfg).uses_policy else [label]:
             judge = ctx.judge(model)
             t0 = time.perf_counter()
             scores, results = judge_scores(judge, groups, seed=cfg.seed, samples=samples)
@@ -61,9 +61,10 @@ def eval_judge(run: Run, overrides: dict, models: list[str], dataset: str, limit
 def head2head(run: Run, overrides: dict, a: str, b: str, prompts_path: str, limit: int) -> dict:
     """M_a vs M_b on held-out prompts, each pair judged in both orders."""
     cfg = dataclasses.replace(run.config(), **overrides)
-    if cfg.judge in ("self", "api"):
+    mode = judge_kind(cfg).head2head_mode
+    if mode:
         # A head-to-head asks "which is better", so LLM judges compare the two answers directly.
-        cfg = dataclasses.replace(cfg, judge_mode="pairwise")
+        cfg = dataclasses.replace(cfg, judge_mode=mode)
     prompts = [r["instruction"] for r in read_ift(prompts_path)][: limit or None]
     # closing: the engine (a vLLM server's process group, say) ends on every way out.
     with closing(Context(run, cfg)) as ctx:

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from selfreward.inspection.report import COLUMNS, EVAL_COLUMNS, fmt, round_summary
 from selfreward.core.store import Run, now
+from selfreward.training.methods import METHODS
 
 NO_DATA = "no data yet"
 # Judge-quality metrics on a 0..1 scale, so they share one axis; counts and MAE go in the table only.
@@ -174,6 +175,10 @@ def _lengths(run: Run, out: Path) -> str:
                   for r in rows])])
 
 
+def _titles(kinds: list[str]) -> str:
+    return " / ".join(METHODS[k].title for k in kinds)
+
+
 def _training(run: Run, out: Path) -> str:
     rows = run.rows("select round, kind, step, loss, rewards_margin, rewards_accuracy from training_steps "
                     "order by round, kind, step")
@@ -183,8 +188,8 @@ def _training(run: Run, out: Path) -> str:
              "chosen out-rewards rejected).</p>"]
     if not rows:
         return "\n".join(html_ + [f"<p class=empty>{NO_DATA}</p>"])
-    pref = ("dpo", "simpo")
-    panels = [(("sft",), "loss", "SFT loss"), (pref, "loss", "DPO / SimPO loss"),
+    sft, pref = ([k for k, m in METHODS.items() if m.stage == stage] for stage in ("sft", "dpo"))
+    panels = [(sft, "loss", _titles(sft) + " loss"), (pref, "loss", _titles(pref) + " loss"),
               (pref, "rewards_margin", "reward margin"), (pref, "rewards_accuracy", "reward accuracy")]
     fig, axes = _figure(4, width=4.5, height=3.2, cols=2)
     for ax, (kinds, key, title) in zip(axes, panels):
@@ -202,7 +207,7 @@ def _training(run: Run, out: Path) -> str:
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("step")
     _save(fig, out / "training.png")
-    return "\n".join(html_ + [_img("training.png", "SFT and DPO training curves")])
+    return "\n".join(html_ + [_img("training.png", f"{_titles(sft)} and {_titles(pref)} training curves")])
 
 
 def _models(run: Run, out: Path) -> str:

@@ -8,6 +8,7 @@ import textwrap
 
 from selfreward.errors import SelfRewardError
 from selfreward.core.store import Run
+from selfreward.training.methods import METHODS
 
 
 def _one(run: Run, sql: str, params=()):
@@ -25,7 +26,7 @@ def round_summary(run: Run) -> list[dict]:
         kind = _method(run, t)
         train = run.rows(
             "select avg(loss) loss, avg(rewards_margin) margin, avg(rewards_accuracy) acc, count(*) steps "
-            "from training_steps where round=? and kind in ('sft', 'dpo', 'simpo', 'grpo', 'rloo')", [t])[0]
+            f"from training_steps where round=? and kind in ({', '.join('?' * len(METHODS))})", [t, *METHODS])[0]
         lengths = run.rows(
             "select avg(c.n_tokens) chosen, avg(r.n_tokens) rejected from pairs x "
             "join candidates c on c.id = x.chosen_id join candidates r on r.id = x.rejected_id "

@@ -7,7 +7,7 @@ import math
 import torch
 from tqdm.auto import tqdm
 
-from selfreward.backends.engines import Completion, OnDone, Prompt, Sampling, context_ids, failed
+from selfreward.backends.engines.base import Completion, OnDone, Prompt, Sampling, context_ids, failed
 from selfreward.backends.models import load_model, load_tokenizer
 
 

@@ -52,7 +52,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 from tqdm.auto import tqdm
 
-from selfreward.backends.engines import Completion, OnDone, Prompt, Sampling, failed, sum_choices
+from selfreward.backends.engines.base import Completion, OnDone, Prompt, Sampling, failed, sum_choices
 from selfreward.errors import SelfRewardError
 
 # How many of the most likely first tokens a server returns when asked for probabilities.

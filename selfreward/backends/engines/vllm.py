@@ -36,7 +36,7 @@ import sys
 import time
 from pathlib import Path
 
-from selfreward.backends.engines import OnDone, Prompt, Sampling, context_ids
+from selfreward.backends.engines.base import OnDone, Prompt, Sampling, context_ids
 from selfreward.backends.engines.openai import OpenAIEngine
 from selfreward.errors import SelfRewardError
 
@@ -172,12 +172,12 @@ class VLLMServer:
     def stop(self) -> None:
         """End the whole process group (server and engine cores)."""
         if self.proc.poll() is None:
-            _signal_group(self.proc.pid, signal.SIGTERM)
+            signal_group(self.proc.pid, signal.SIGTERM)
             try:
                 self.proc.wait(timeout=15)
             except subprocess.TimeoutExpired:
                 pass
-        _signal_group(self.proc.pid, signal.SIGKILL)  # stragglers of the group, if any
+        signal_group(self.proc.pid, signal.SIGKILL)  # stragglers of the group, if any
         if self.proc.poll() is None:
             self.proc.wait(timeout=10)
         self.pid_file.unlink(missing_ok=True)
@@ -286,7 +286,7 @@ class VLLMEngine(OpenAIEngine):
     def _stop_servers(self) -> None:
         for server in self.servers:  # all asked at once, so that they wind down side by side
             if server.proc.poll() is None:
-                _signal_group(server.proc.pid, signal.SIGTERM)
+                signal_group(server.proc.pid, signal.SIGTERM)
         for server in self.servers:
             server.stop()
         if self.gpu_free_before is not None:
@@ -299,7 +299,7 @@ class VLLMEngine(OpenAIEngine):
 
 # --- process housekeeping ---
 
-def _signal_group(pid: int, sig: int) -> None:
+def signal_group(pid: int, sig: int) -> None:
     try:
         os.killpg(pid, sig)  # the server leads its own session, so its pid is the group id
     except (ProcessLookupError, PermissionError):
@@ -335,7 +335,7 @@ def reap_servers(workdir: Path) -> list[int]:
         pid, _, started = pid_file.read_text().strip().partition(" ")
         # The leader may be gone while engine cores of its group live on: those count too.
         if pid.isdigit() and (start_time(int(pid)) == started or group_members(int(pid))):
-            _signal_group(int(pid), signal.SIGKILL)
+            signal_group(int(pid), signal.SIGKILL)
             ended.append(int(pid))
         pid_file.unlink(missing_ok=True)
     return ended

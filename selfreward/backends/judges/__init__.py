@@ -10,17 +10,20 @@
 
 LLM judges (self, api, scripted) are a template and a parser over an engine:
 they never generate text themselves. Adding a judge means its module and one
-entry in JUDGES.
+entry in JUDGES: its builder and the facts about it (JudgeKind) that the config
+checks, the loop, provenance and the eval commands ask for.
 """
 
 from __future__ import annotations
 
+import hashlib
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable
 
 from selfreward.backends.engines import Engine, Sampling
 from selfreward.backends.judges.base import Comparison, Group, GroupResult, Judge, PointwiseJudge, Verdict
 from selfreward.backends.judges.llm import MODES, LLMJudge
-from selfreward.config import read_logprobs
 from selfreward.errors import SelfRewardError
 
 DEFAULT_PAIRRM = "llm-blender/PairRM-hf"
@@ -66,11 +69,69 @@ def _scripted(cfg, engine_for: EngineFor, label: str) -> Judge:
                     logprobs=read_logprobs(cfg))
 
 
-JUDGES: dict[str, Callable[..., Judge]] = {"self": _self, "api": _api, "pairrm": _pairrm,
-                                           "reward-model": _reward_model, "scripted": _scripted}
+def _model_sha(cfg) -> str | None:
+    from selfreward.backends.models import weights_sha
 
-__all__ = ["JUDGES", "MODES", "Comparison", "Group", "GroupResult", "Judge", "PointwiseJudge", "Verdict",
-           "build_judge", "default_engines"]
+    return weights_sha(Path(cfg.judge_model)) if Path(cfg.judge_model).is_dir() else None
+
+
+def _script_sha(cfg) -> str:
+    return hashlib.sha256(Path(cfg.judge_script).read_bytes()).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class JudgeKind:
+    """A judge: how to build it, and what the rest of the program needs to know about it."""
+
+    build: Callable[..., Judge]         # (cfg, engine_for, label) -> Judge
+    uses_policy: bool = False           # M_t judges: one instance per model, on the policy's engine
+    llm: bool = False                   # a template and a parser over an engine: judge sampling applies
+    # Judges as the policy does (Meta-Rewarding and CREAM train or reuse the policy's judging);
+    # the scripted judge stands in for the self judge in tests: its script answers the meta-judge too.
+    as_policy: bool = False
+    holds_memory: bool = True           # keeps a model loaded: dropped before training needs the memory
+    logprobs_by_default: bool = False   # an LLM judge reading score probabilities unless judge_logprobs=no
+    weights: Callable[..., str | None] = lambda cfg: None  # provenance: the hash of what judges (not M_t)
+    built_at_check: bool = False        # cheap to build (a client, a script): `check` builds it to test settings
+    needs: dict[str, str] = field(default_factory=dict)  # settings it cannot go without: what each must name
+    head2head_mode: str | None = None   # the mode of `eval head2head` ("which is better"), if not the configured
+    modes: tuple[str, ...] = tuple(MODES)
+
+
+JUDGES: dict[str, JudgeKind] = {
+    "self": JudgeKind(_self, uses_policy=True, llm=True, as_policy=True, logprobs_by_default=True,
+                      head2head_mode="pairwise"),
+    "api": JudgeKind(_api, llm=True, holds_memory=False, built_at_check=True, head2head_mode="pairwise"),
+    "pairrm": JudgeKind(_pairrm, weights=_model_sha),
+    "reward-model": JudgeKind(_reward_model, weights=_model_sha,
+                              needs={"judge_model": "a sequence-classification model (a folder or hub id)"}),
+    "scripted": JudgeKind(_scripted, llm=True, as_policy=True, holds_memory=False, logprobs_by_default=True,
+                          weights=_script_sha, built_at_check=True,
+                          needs={"judge_script": "a JSON file with a list of raw judge outputs"}),
+}
+
+def independent_judges() -> list[str]:
+    """The judges that can grade the policy from outside: neither the policy nor a stand-in for it."""
+    return [name for name, kind in JUDGES.items() if not kind.uses_policy and not kind.as_policy]
+
+
+__all__ = ["JUDGES", "MODES", "Comparison", "Group", "GroupResult", "Judge", "JudgeKind", "PointwiseJudge", "Verdict",
+           "build_judge", "default_engines", "independent_judges", "judge_kind", "read_logprobs"]
+
+
+def judge_kind(cfg) -> JudgeKind:
+    """cfg.judge's entry in JUDGES."""
+    if cfg.judge not in JUDGES:
+        raise SelfRewardError(f"unknown judge '{cfg.judge}'; choose one of: {', '.join(JUDGES)}")
+    return JUDGES[cfg.judge]
+
+
+def read_logprobs(cfg) -> bool:
+    """Does the configured judge read score probabilities (judge_logprobs)?"""
+    kind = JUDGES.get(cfg.judge)
+    if kind is None or not kind.llm or cfg.judge_mode == "pairwise" or cfg.judge_logprobs == "no":
+        return False
+    return cfg.judge_logprobs == "yes" or kind.logprobs_by_default
 
 
 def default_engines(cfg, policy: Callable[[], Engine] | None = None) -> EngineFor:
@@ -89,6 +150,4 @@ def default_engines(cfg, policy: Callable[[], Engine] | None = None) -> EngineFo
 
 def build_judge(cfg, engine_for: EngineFor | None, label: str) -> Judge:
     """The judge named by cfg.judge; for the self judge, `label` names the model judging (M_t)."""
-    if cfg.judge not in JUDGES:
-        raise SelfRewardError(f"unknown judge '{cfg.judge}'; choose one of: {', '.join(JUDGES)}")
-    return JUDGES[cfg.judge](cfg, engine_for or default_engines(cfg), label)
+    return judge_kind(cfg).build(cfg, engine_for or default_engines(cfg), label)

@@ -12,6 +12,7 @@ from __future__ import annotations
 from concurrent.futures import ThreadPoolExecutor
 
 from selfreward.backends.engines import Sampling
+from selfreward.backends.judges import judge_kind
 from selfreward.inspection.metrics import (expected_metrics, expected_scores, finite, judge_scores, load_eval_set,
                                            position_probe, quality_metrics, self_preference_answers,
                                            self_preference_probe, verbosity_probe)
@@ -77,7 +78,7 @@ def judge_and_probe(ctx, model: str, judge, groups: list, seed: int):
     probe = [g for g in groups if len(set(g.preference)) > 1][: cfg.eval_bias_prompts]
     llm = isinstance(judge, LLMJudge)
     # Self-preference (self judge only): the policy's own answers, sampled as its candidates are.
-    policy = ctx.engine(model) if probe and cfg.judge == "self" else None
+    policy = ctx.engine(model) if probe and judge_kind(cfg).uses_policy else None
     answering = Sampling(cfg.candidate_temperature, cfg.candidate_top_p, cfg.candidate_max_new_tokens, seed)
     parallel = llm and getattr(judge.engine, "seeds_per_request", False)
 

@@ -27,7 +27,7 @@ from itertools import combinations
 from statistics import pvariance
 
 from selfreward.backends.engines import Sampling
-from selfreward.config import read_logprobs
+from selfreward.backends.judges import read_logprobs
 from selfreward.core.store import now
 
 TEMPLATE = "meta_judge"

@@ -13,13 +13,12 @@ online data like any other round's.
 
 from __future__ import annotations
 
-from pathlib import Path
-
-from selfreward.backends.judges import Group
+from selfreward.backends.judges import Group, judge_kind
 from selfreward.core.stages.judging import judgment_row, judging_detail
-from selfreward.core.stages.train import (_common_args, _fit, _kind, _model_row, _stage_detail, _tag, copy_parent,
-                                          lora_config)
+from selfreward.core.stages.train import copy_parent, stage_detail
 from selfreward.core.store import now
+from selfreward.training.fit import model_kind, model_row
+from selfreward.training.recipes import online
 
 
 class JudgeReward:
@@ -69,7 +68,7 @@ def run(ctx, t: int) -> None:
     with ctx.stage(t, "rl") as commit:
         if not prompts:
             return copy_parent(ctx.run, commit, t, parent, "prompts")
-        if cfg.judge != "self":
+        if not judge_kind(cfg).uses_policy:
             ctx.release()  # self-instruct's engine is not needed by any other judge: free it for training
         judge = ctx.judge(parent["name"])  # the self judge is M_{t-1}, served beside the trainer
         seed = ctx.seed(t, "rl")
@@ -94,48 +93,12 @@ def run(ctx, t: int) -> None:
 
         commit.add(write)
         commit.insert_all("training_steps", logs)
-        commit.insert_all("models", [_model_row(ctx.run, name, t, _kind(info), parent["name"], out, adapter,
-                                                f"{cfg.train_method} on {len(prompts)} prompts x "
-                                                f"{cfg.n_candidates} samples", info)])
+        commit.insert_all("models", [model_row(ctx.run, name, t, model_kind(info), parent["name"], out, adapter,
+                                               f"{cfg.train_method} on {len(prompts)} prompts x "
+                                               f"{cfg.n_candidates} samples", info)])
         scored = sum(any(v.parsed.score is not None for v in vs) for vs in reward.verdicts)
         commit.detail = {"prompts": len(prompts), "samples": len(reward.candidates), "rewarded": scored,
                          **judging_detail([{"score": v.parsed.score, "reason": v.parsed.reason, "retries": v.retries,
                                             "expected_score": v.expected} for vs in reward.verdicts for v in vs],
                                           []),
-                         **_stage_detail(info)}
-
-
-def online(base_path: str, prompts: list[dict], reward: JudgeReward, cfg, out: Path, round: int):
-    """GRPO or RLOO from base_path on the prompts, rewarded by `reward`: (rows, adapter, info)."""
-    import torch
-    from datasets import Dataset
-
-    from selfreward.backends.models import load_tokenizer
-
-    data = Dataset.from_list([{"prompt": [{"role": "user", "content": p["text"]}], "prompt_id": p["id"],
-                               "instruction": p["text"]} for p in prompts])
-    g = cfg.n_candidates
-    per_step = min(cfg.rl_prompts_per_step, len(prompts))
-
-    def build(model, work, callbacks):
-        if cfg.train_method == "grpo":
-            from trl import GRPOConfig as Config, GRPOTrainer as Trainer
-        else:
-            from trl import RLOOConfig as Config, RLOOTrainer as Trainer
-        common = _common_args(cfg, work, cfg.rl_learning_rate, cfg.rl_learning_rate_end, g * per_step,
-                              cfg.rl_epochs, _tag(out, round, cfg.train_method))
-        # One prompt's group of samples per micro-batch, `per_step` prompts per optimiser step.
-        common.update(per_device_train_batch_size=g, gradient_accumulation_steps=per_step)
-        common.pop("max_length")
-        cuda = torch.cuda.is_available()
-        vllm = cfg.engine == "vllm" and cuda  # TRL's colocated vLLM generation needs CUDA
-        extra = dict(use_vllm=True, vllm_mode="colocate",
-                     vllm_gpu_memory_utilization=min(0.3, cfg.vllm_gpu_memory_utilization)) if vllm else {}
-        args = Config(**common, num_generations=g, max_completion_length=cfg.candidate_max_new_tokens,
-                      temperature=cfg.candidate_temperature, top_p=cfg.candidate_top_p, beta=cfg.rl_beta,
-                      **extra)
-        return Trainer(model=model, reward_funcs=[reward], args=args, train_dataset=data,
-                       processing_class=load_tokenizer(base_path), peft_config=lora_config(cfg),
-                       callbacks=callbacks)
-
-    return _fit(cfg.train_method, cfg, base_path, out, round, build, generates=True)
+                         **stage_detail(info)}

@@ -5,7 +5,7 @@ longer of the two (and then to a multiple of 64 on CPU): on the seed pairs 40% o
 positions the decoder computes are pads. Packed, the real tokens of every row stand in one
 row, each sequence's positions starting again at 0, and the decoder's attention keeps each
 sequence to itself: transformers turns restarting position_ids into a block-diagonal causal
-mask (masking_utils.find_packed_sequence_indices), which selfreward.core.attention takes as
+mask (masking_utils.find_packed_sequence_indices), which selfreward.training.cpu.attention takes as
 its additive bias. Every real token then sees exactly the tokens and positions it saw in its
 padded row. After the decoder, its hidden states go back to the padded (rows, length) layout,
 zeros at the pads, which have no labels, so the LM head and the trainer's loss see the batch

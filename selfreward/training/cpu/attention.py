@@ -19,7 +19,7 @@ against bf16 SDPA's.
 `attention_forward` takes this path on CPU, in bf16, for queries and keys of the same length
 up to MAX_TOKENS (beyond it, flash attention's O(T) memory traffic wins), no attention dropout,
 and either no mask (causal; lean training's causal_only removed a right-padded batch's) or a
-boolean (1, 1, T, T) one (a packed row's block-diagonal causal mask, selfreward.core.packing).
+boolean (1, 1, T, T) one (a packed row's block-diagonal causal mask, selfreward.training.cpu.packing).
 Anything else goes to transformers' SDPA function.
 """
 

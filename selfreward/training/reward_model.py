@@ -21,8 +21,8 @@ from itertools import combinations
 from pathlib import Path
 
 from selfreward.backends.models import device, free_memory, load_tokenizer, merge_adapter
-from selfreward.core.stages.train import (LogRows, _common_args, _model_row, _quiet, final_loss, lora_config, scratch,
-                                          tracking)
+from selfreward.training.fit import (LogRows, common_args, final_loss, lora_config, model_row, quiet, scratch,
+                                     tracking)
 from selfreward.errors import SelfRewardError
 
 KIND = "reward-model"      # models.kind
@@ -115,7 +115,7 @@ def train_reward_model(base_path: str, pairs: list[dict], cfg, out: Path, *, rou
     try:
         with tracking(cfg, out):  # TensorBoard logs outlive the scratch folder
             # The run's lora_dropout applies (TRL would switch every dropout off by default).
-            args = RewardConfig(**_common_args(cfg, str(work), lr, lr / 10, batch, epochs, tag),
+            args = RewardConfig(**common_args(cfg, str(work), lr, lr / 10, batch, epochs, tag),
                                 disable_dropout=False, dataset_num_proc=None)
             trainer = RewardTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer,
                                     peft_config=lora_config(cfg, "SEQ_CLS"), callbacks=[logs])
@@ -123,7 +123,7 @@ def train_reward_model(base_path: str, pairs: list[dict], cfg, out: Path, *, rou
             if not used:
                 raise SelfRewardError(f"all {len(pairs)} pairs are longer than max_length={cfg.max_length} tokens; "
                                       f"nothing to train on")
-            _quiet(trainer).train()
+            quiet(trainer).train()
             adapter = work / "adapter"
             trainer.model.save_pretrained(adapter)
             del trainer, model
@@ -224,7 +224,7 @@ def train_rm(run, source: str = "pairs", base: str | None = None, name: str | No
     info.update(source=source, train_accuracy=accuracy(out, pairs), held_out=held_out)
     note = f"Bradley-Terry reward model on {what}" + (
         f" ({info['pairs_too_long']} longer than max_length left out)" if info["pairs_too_long"] else "")
-    row = _model_row(run, name, parent["round"], KIND, parent["name"], out, out / "adapter", note, info)
+    row = model_row(run, name, parent["round"], KIND, parent["name"], out, out / "adapter", note, info)
     # One transaction: the model, its steps and its held-out metrics are recorded together or not at
     # all (the eval's own write nests as a savepoint). Its folder is already in place and fsynced.
     with run.db.atomic():

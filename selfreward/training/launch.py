@@ -1,19 +1,14 @@
-"""SFT, DPO and SimPO under `accelerate launch` (train_processes > 1, or an accelerate_config).
+"""SFT, DPO and SimPO under `accelerate launch` (train_processes > 1, or an accelerate_config):
+the orchestrator's side.
 
-The orchestrator (train._fit) writes a spec into the stage's scratch folder and starts, in a
-new session,
+fit.train writes a spec into the stage's scratch folder and starts, in a new session,
 
-    python -m selfreward.core.train_worker launch PARENT_PID -- <accelerate launch flags> \\
-        -m selfreward.core.train_worker run SPEC
+    python -m selfreward.training.worker launch PARENT_PID -- <accelerate launch flags> \\
+        -m selfreward.training.worker run SPEC
 
-`launch` runs accelerate's launcher in this process under the vLLM launcher's watchdog
-(vllm_server.watch): when the orchestrator dies, even by kill -9, the launcher's process group
-dies with it. torchrun starts each rank in a session of its own, so every rank runs the same
-watchdog on its launcher. `run` calls the function of train.py named in the spec (sft or
-preference) with the spec's data: the same builder, so the same trainer, as one process would
-make. Inside a launched process, train._fit only trains: rank 0 writes the adapter and the
-logged rows into the scratch folder, and the orchestrator merges and commits them. No worker
-opens run.db.
+(selfreward.training.worker is the launched side.) Rank 0 writes the adapter and the logged
+rows into the scratch folder; this side reads them, and fit merges and commits them. No
+worker opens run.db.
 """
 
 from __future__ import annotations
@@ -24,21 +19,13 @@ import re
 import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 from selfreward.errors import SelfRewardError
 
-MODULE = "selfreward.core.train_worker"
-# Set for the launched processes: the scratch folder they write into.
-ENV = "SELFREWARD_TRAIN_WORKER"
 
-
-def inside() -> Path | None:
-    """The scratch folder to write into, in a process of `accelerate launch`; None elsewhere."""
-    folder = os.environ.get(ENV)
-    return Path(folder) if folder else None
+MODULE = "selfreward.training.worker"
 
 
 def accelerate_flags(cfg, port: int) -> list[str]:
@@ -69,7 +56,7 @@ def launch(cfg, work: Path, base_path: str, out: Path, round: int,
     """Train under `accelerate launch` and wait for it: (logged rows, adapter folder), both
     written by rank 0 into `work`. A launch that fails is one line with the workers' most telling
     error line; the whole output is in runs/<name>/logs/train-<model>.log."""
-    from selfreward.backends.engines.vllm import _signal_group, free_port
+    from selfreward.backends.engines.vllm import free_port, signal_group
     from selfreward.config import as_dict
     from selfreward.core import failpoints
 
@@ -79,7 +66,7 @@ def launch(cfg, work: Path, base_path: str, out: Path, round: int,
     name, data = entry
     spec = work / "spec.json"
     # `stage`: the crash test's kill points named `<stage>:step` fire in the ranks, where the steps are.
-    spec.write_text(json.dumps({"entry": name, "out": str(out), "config": as_dict(cfg), "stage": failpoints._where,
+    spec.write_text(json.dumps({"entry": name, "out": str(out), "config": as_dict(cfg), "stage": failpoints.where(),
                                 "args": {"base_path": base_path, "round": round, **data}}))
     cmd = [sys.executable, "-m", MODULE, "launch", str(os.getpid()), "--", *accelerate_flags(cfg, free_port()),
            "-m", MODULE, "run", str(spec)]
@@ -96,12 +83,12 @@ def launch(cfg, work: Path, base_path: str, out: Path, round: int,
         code = proc.wait()
     finally:
         if proc.poll() is None:  # interrupted here: torchrun's agent ends its ranks on SIGTERM
-            _signal_group(proc.pid, signal.SIGTERM)
+            signal_group(proc.pid, signal.SIGTERM)
             try:
                 proc.wait(timeout=15)
             except subprocess.TimeoutExpired:
                 pass
-        _signal_group(proc.pid, signal.SIGKILL)
+        signal_group(proc.pid, signal.SIGKILL)
     rows, adapter = work / "rows.json", work / "adapter"
     if code != 0 or not rows.is_file() or not (adapter / "adapter_config.json").is_file():
         why = f"exit {code}" if code != 0 else "no adapter or rows.json from rank 0"
@@ -114,7 +101,7 @@ def launch(cfg, work: Path, base_path: str, out: Path, round: int,
 def _env(cfg, work: Path) -> dict:
     import torch
 
-    env = {**os.environ, ENV: str(work)}
+    env = dict(os.environ)
     if not torch.cuda.is_available() and "OMP_NUM_THREADS" not in env:
         # torchrun would give each rank 1 thread; the cores are shared among the ranks instead.
         env["OMP_NUM_THREADS"] = str(max(1, len(os.sched_getaffinity(0)) // cfg.train_processes))
@@ -133,55 +120,3 @@ def worker_error(work: Path, output: str) -> str:
         return f"rank {fields['rank'].split()[0]} exited with {' '.join(fields['exitcode'].split())}"
     lines = [line.strip() for line in output.replace("\r", "\n").splitlines() if line.strip()]
     return next((line for line in reversed(lines) if "Error" in line), lines[-1] if lines else "no output")[-300:]
-
-
-# --- the launched side ---
-
-def _launch(parent: int, flags: list[str]) -> None:
-    from accelerate.commands.launch import launch_command, launch_command_parser
-
-    from selfreward.backends.engines.vllm_server import watch
-
-    threading.Thread(target=watch, args=(parent,), daemon=True).start()
-    launch_command(launch_command_parser().parse_args(flags))
-
-
-def _run(spec_path: str) -> None:
-    """One rank: build and train the trainer that the spec names."""
-    from selfreward.backends.engines.vllm_server import watch
-
-    threading.Thread(target=watch, args=(os.getppid(),), daemon=True).start()
-    import torch
-
-    if torch.cuda.is_available():  # 'cuda' in load_model means this rank's GPU
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    from selfreward.config import Config
-    from selfreward.core import failpoints
-    from selfreward.core.stages import train
-
-    spec = json.loads(Path(spec_path).read_text())
-    failpoints.enter(spec["stage"])
-    try:
-        getattr(train, spec["entry"])(cfg=Config(**spec["config"]), out=Path(spec["out"]), **spec["args"])
-    except Exception as e:
-        # One line for the orchestrator's error; the traceback goes to the log as usual.
-        rank = os.environ.get("RANK", "0")
-        line = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        (inside() / f"error-rank{rank}.txt").write_text(f"rank {rank}: {type(e).__name__}: {line}"[:500] + "\n")
-        raise
-
-
-def main() -> None:
-    command, args = sys.argv[1], sys.argv[2:]
-    if command == "launch":
-        parent, sep, flags = int(args[0]), args[1], args[2:]
-        assert sep == "--", "usage: train_worker launch PARENT_PID -- <accelerate launch flags and script>"
-        _launch(parent, flags)
-    elif command == "run":
-        _run(args[0])
-    else:
-        raise SystemExit(f"usage: python -m {MODULE} launch PARENT_PID -- ... | run SPEC")
-
-
-if __name__ == "__main__":
-    main()
