@@ -7,6 +7,7 @@ EFT rows: {"instruction": str, "response": str, "justification": str, "score": i
 from __future__ import annotations
 
 import gzip
+import hashlib
 import json
 from pathlib import Path
 from typing import Iterator
@@ -74,6 +75,14 @@ def read_ift(path) -> list[dict]:
 
 def read_eft(path) -> list[dict]:
     return read_jsonl(path, EFT_FIELDS)
+
+
+def file_sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def eft_target(row: dict) -> str:

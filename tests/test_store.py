@@ -99,3 +99,77 @@ def test_writers_refuse_a_run_in_use(judged_run, tmp_path):
         assert status.exit_code == 0
     finally:
         holder.close()
+
+
+def test_creating_a_run_never_touches_a_folder_it_did_not_make(tmp_path):
+    # `exp.creating` is a valid run name: creating `exp` used to wipe it as its own scratch folder.
+    config = resolve({}, {"preset": "tiny"})
+    other = Run.create(tmp_path / "exp.creating", config)
+    other.db["prompts"].insert({"round": 2, "text": "keep me", "source": "t", "created_at": "now"})
+    other.close()
+    (tmp_path / "exp.creating" / "models" / "M1").mkdir()
+    Run.create(tmp_path / "exp", config).close()
+    with Run.open(tmp_path / "exp.creating") as kept:
+        assert [r["text"] for r in kept.rows("select text from prompts")] == ["keep me"]
+    assert (tmp_path / "exp.creating" / "models" / "M1").is_dir()
+    # Nothing of the build is left beside the runs, and its scratch name can never be a run's.
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".creating.lock", "exp", "exp.creating"]
+
+
+def test_a_folder_in_the_way_is_one_clear_error(tmp_path):
+    (tmp_path / "exp").mkdir()
+    (tmp_path / "exp" / "notes.txt").write_text("mine")
+    with pytest.raises(SelfRewardError, match="something that is not a run is there"):
+        Run.create(tmp_path / "exp", resolve({}, {"preset": "tiny"}))
+    assert (tmp_path / "exp" / "notes.txt").read_text() == "mine"
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".exp")] == []
+
+
+CREATE_MANY = """
+import json, sys
+from pathlib import Path
+from selfreward.config import resolve
+from selfreward.core.store import Run
+from selfreward.errors import SelfRewardError
+
+runs, go, me = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3])
+config = resolve({}, {"preset": "tiny", "seed": me})
+while not go.exists():
+    pass
+for k in range(int(sys.argv[4])):
+    try:
+        Run.create(runs / f"exp{k}", config).close()
+        print(json.dumps([k, "created"]), flush=True)
+    except SelfRewardError as e:
+        print(json.dumps([k, "refused: " + str(e)]), flush=True)
+"""
+
+
+def test_two_processes_creating_one_run_name(tmp_path):
+    """Two first `iterate`s of the same names, as real processes started together: for each name one
+    creates the run, the other is told in one line, and the run is whole (the winner's config)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    runs, go, n = tmp_path / "runs", tmp_path / "go", 12
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    procs = [subprocess.Popen([sys.executable, "-c", CREATE_MANY, str(runs), str(go), str(me), str(n)], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for me in (1, 2)]
+    import time
+
+    time.sleep(3)  # both imported and spinning on the start file
+    go.touch()
+    outs = [p.communicate(timeout=300) for p in procs]
+    for p, (out, err) in zip(procs, outs):
+        assert p.returncode == 0 and "Traceback" not in err, err
+    results = [dict(json.loads(line) for line in out.splitlines()) for out, _ in outs]
+    for k in range(n):
+        said = sorted([results[0][k], results[1][k]])
+        assert said[0] == "created", said
+        assert said[1].startswith("refused: ") and "created by another selfreward process meanwhile" in said[1]
+        winner = 1 if results[0][k] == "created" else 2
+        with Run.open(runs / f"exp{k}") as r:
+            assert r.config().seed == winner
+    assert sorted(p.name for p in runs.iterdir()) == sorted([".creating.lock", *(f"exp{k}" for k in range(n))])

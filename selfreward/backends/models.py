@@ -196,7 +196,7 @@ def sequence_logps(model, tokenizer, pairs: list[dict]) -> list[float]:
 def merge_adapter(base_path: str, adapter_path: Path, out: Path, probe=None, load=None, before=None):
     """Merge a LoRA adapter into a full-precision reload of its base (never into 4-bit weights:
     the merged model has no quantization_config and no quantized tensors) and write it, with the
-    base's tokenizer, to `out` (via out.tmp, renamed into place). `load(path)` loads the base
+    base's tokenizer, to `out` (staged beside it, renamed into place). `load(path)` loads the base
     (default: the causal LM at full precision; a reward model passes its classifier loader).
     Returns (before's result on the base as loaded, probe's on the merged model before it is
     saved): `before(model, tokenizer)` and `probe(model, tokenizer)`, each None where not given."""
@@ -207,15 +207,23 @@ def merge_adapter(base_path: str, adapter_path: Path, out: Path, probe=None, loa
     earlier = before(base, tokenizer) if before else None
     merged = PeftModel.from_pretrained(base, str(adapter_path)).merge_and_unload()
     result = probe(merged, tokenizer) if probe else None
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    merged.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    from selfreward.core import failpoints
+    # Staged in a folder of our own whose name starts with '.', so no model (`M2.tmp`, a reward model
+    # named `X.tmp`) is ever taken for the scratch folder and deleted; a kill leaves only dot-folders.
+    import tempfile
 
-    failpoints.hit("merge")
-    shutil.rmtree(out, ignore_errors=True)
-    os.replace(tmp, out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".merging", dir=out.parent))
+    try:
+        tmp = stage / out.name
+        merged.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        from selfreward.core import failpoints
+
+        failpoints.hit("merge")
+        shutil.rmtree(out, ignore_errors=True)  # this model's own folder, from an attempt that was killed
+        os.replace(tmp, out)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
     return earlier, result
 
 

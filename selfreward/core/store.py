@@ -108,6 +108,26 @@ def m003_evals(db: sqlite_utils.Database):
     )
 
 
+# The config row holding the sha256 of each input file (IFT, EFT, eval set), taken at creation: the
+# files are read again every round, and an edit between rounds would silently change the run's data.
+INPUTS_KEY = "_inputs"
+INPUT_KEYS = ("ift", "eft", "eft_eval")
+
+
+def input_hashes(config: Config) -> dict:
+    from selfreward.data import file_sha256
+
+    out = {}
+    for key in INPUT_KEYS:
+        path = getattr(config, key)
+        if path:
+            try:
+                out[key] = {"path": path, "sha256": file_sha256(path)}
+            except OSError as e:
+                raise SelfRewardError(f"cannot read the {key} file {path}: {e.strerror}") from None
+    return out
+
+
 APPEND_ONLY = ("candidates", "judgments", "pairs", "comparisons")  # m009 adds its own three
 
 
@@ -209,9 +229,9 @@ def m009_judge_training(db: sqlite_utils.Database):
     db["meta_judgments"].enable_fts(["rationale", "raw"], create_triggers=True)
 
 
-def take_lock(path: Path, wait: bool = False, quiet: bool = False):
+def take_lock(path: Path, wait: bool = False, quiet: bool = False, name: str = ".lock"):
     """The run's lock (an flock on runs/<name>/.lock): one writer per run."""
-    fh = open(path / ".lock", "w")
+    fh = open(path / name, "w")
     try:
         fcntl.flock(fh, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
     except BlockingIOError:
@@ -284,6 +304,7 @@ class Run:
         self.path = path
         self.db = db
         self._lock = lock
+        self._inputs_seen: dict = {}
 
     # --- opening ---
     @classmethod
@@ -317,26 +338,78 @@ class Run:
     @classmethod
     def create(cls, path: str | Path, config: Config) -> "Run":
         path = Path(path)
-        # Build the run in a temporary folder and rename it into place, so a
-        # failure here never leaves a half-made run behind.
-        tmp = path.with_name(path.name + ".creating")
-        if tmp.exists():
-            import shutil
-
-            shutil.rmtree(tmp)
         try:
-            (tmp / "models").mkdir(parents=True)
+            path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise SelfRewardError(f"cannot create the run folder {path}: {e.strerror}") from None
-        db = connect(tmp / "run.db", writer=True)
-        migrations.apply(db)
-        with db.atomic():
-            db["config"].insert_all({"key": k, "value": json.dumps(v)} for k, v in as_dict(config).items())
-            db["config"].insert({"key": "_created_by", "value": json.dumps(f"selfreward {__version__}")})
-        db.close()
-        (tmp / "config.toml").write_text(to_toml(config))
-        os.replace(tmp, path)
-        return cls.open(path, writer=True)
+        # One creator at a time in a runs folder: two first `iterate`s of one name must not both build it.
+        try:
+            creating = take_lock(path.parent, wait=True, name=".creating.lock")
+        except OSError as e:
+            raise SelfRewardError(f"cannot create the run folder {path}: {e.strerror}") from None
+        try:
+            if (path / "run.db").is_file():
+                raise SelfRewardError(f"run {path} was created by another selfreward process meanwhile; "
+                                      f"run the command again to resume it")
+            if path.exists() and (not path.is_dir() or any(path.iterdir())):
+                raise SelfRewardError(f"cannot create the run folder {path}: something that is not a run is "
+                                      f"there; move it away or choose another --name")
+            cls._build(path, config)
+            return cls.open(path, writer=True)  # the run's own lock before the creation lock goes
+        finally:
+            release_lock(creating)
+
+    @staticmethod
+    def _build(path: Path, config: Config) -> None:
+        """Build the run in a folder of our own beside it and rename it into place, so a failure
+        never leaves a half-made run. The stage's name starts with '.', which no run name may, and
+        only what this process made is ever removed."""
+        import shutil
+        import tempfile
+
+        try:
+            stage = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".creating", dir=path.parent))
+        except OSError as e:
+            raise SelfRewardError(f"cannot create the run folder {path}: {e.strerror}") from None
+        try:
+            tmp = stage / path.name
+            (tmp / "models").mkdir(parents=True)
+            db = connect(tmp / "run.db", writer=True)
+            migrations.apply(db)
+            with db.atomic():
+                db["config"].insert_all({"key": k, "value": json.dumps(v)} for k, v in as_dict(config).items())
+                db["config"].insert({"key": "_created_by", "value": json.dumps(f"selfreward {__version__}")})
+                db["config"].insert({"key": INPUTS_KEY, "value": json.dumps(input_hashes(config))})
+            db.close()
+            (tmp / "config.toml").write_text(to_toml(config))
+            try:
+                os.replace(tmp, path)
+            except OSError as e:
+                raise SelfRewardError(f"cannot create the run folder {path}: {e.strerror}") from None
+        finally:
+            shutil.rmtree(stage, ignore_errors=True)
+
+    def check_inputs(self) -> None:
+        """Refuse to go on when an input file differs from the one the run was created with."""
+        from selfreward.data import file_sha256
+
+        row = self.db.execute("select value from config where key = ?", [INPUTS_KEY]).fetchone()
+        for key, recorded in (json.loads(row[0]) if row else {}).items():  # runs made before: nothing recorded
+            path = recorded["path"]
+            try:
+                stat = os.stat(path)
+                seen = (stat.st_size, stat.st_mtime_ns)
+            except OSError:
+                raise SelfRewardError(f"{key} file {path} of run {self.path} is missing; restore it (sha256 "
+                                      f"{recorded['sha256']}) to resume") from None
+            if self._inputs_seen.get(key) == seen:
+                continue  # unchanged since it was last hashed
+            actual = file_sha256(path)
+            if actual != recorded["sha256"]:
+                raise SelfRewardError(f"{key} file {path} has changed since run {self.path} was created (sha256 "
+                                      f"{actual[:16]}, recorded {recorded['sha256'][:16]}); restore it, or start "
+                                      f"a new run with the new data")
+            self._inputs_seen[key] = seen
 
     def close(self) -> None:
         self.db.close()
@@ -377,12 +450,14 @@ class Run:
         """Time a stage and hand it a Commit; its writes land in one transaction at the end."""
         from selfreward.core import failpoints
 
+        self.check_inputs()
         started, t0 = now(), time.perf_counter()
         commit = StageCommit()
         failpoints.enter(f"r{round}:{stage}")
         failpoints.hit("start")
         with PeakMemory() as mem:
             yield commit
+        self.check_inputs()  # the stage read them: an edit during it must not reach its rows
         with self.db.atomic():
             for fn in commit.writes:
                 fn(self.db)
