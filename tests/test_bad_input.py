@@ -149,3 +149,20 @@ def test_credentials_never_reach_a_resumed_run(tmp_path, tiny_model, seed_files,
     for path in run_dir.rglob("*"):
         if path.is_file() and path.suffix in (".db", ".toml", ".json", ".log", ""):
             assert KEY.encode() not in path.read_bytes(), path
+
+
+def test_an_input_edited_between_rounds_stops_the_resume(tmp_path, tiny_model, seed_files, judge_script):
+    base = ["iterate", "--runs-dir", str(tmp_path / "runs"), "--name", "ok", "--preset", "tiny",
+            "--model", str(tiny_model), "--ift", str(seed_files["ift"]), "--eft", str(seed_files["eft"]),
+            "--eft-eval", "", "--judge", "scripted", "--judge-script", str(judge_script)]
+    assert CliRunner().invoke(cli, base + ["--rounds", "1"]).exit_code == 0
+    with seed_files["ift"].open("a") as fh:
+        fh.write('{"instruction": "A new row added mid-run", "response": "r"}\n')
+    result = CliRunner().invoke(cli, base + ["--rounds", "2"])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert result.output.strip().count("\n") == 0, result.output
+    assert "ift file" in result.output and "has changed since run" in result.output
+    from selfreward.core.store import Run
+
+    with Run.open(tmp_path / "runs" / "ok") as run:
+        assert not run.stage_done(2, "self_instruct")

@@ -173,3 +173,27 @@ def test_two_processes_creating_one_run_name(tmp_path):
         with Run.open(runs / f"exp{k}") as r:
             assert r.config().seed == winner
     assert sorted(p.name for p in runs.iterdir()) == sorted([".creating.lock", *(f"exp{k}" for k in range(n))])
+
+
+def test_an_input_file_edited_after_creation_is_refused(tmp_path, seed_files):
+    config = resolve({}, {"preset": "tiny", "ift": str(seed_files["ift"]), "eft": str(seed_files["eft"]),
+                          "eft_eval": str(seed_files["eft"])})
+    run = Run.create(tmp_path / "r", config)
+    with run.stage(2, "self_instruct"):
+        pass
+    original = seed_files["ift"].read_bytes()
+    seed_files["ift"].write_bytes(original.replace(b"pump", b"pomp"))  # the same size
+    with pytest.raises(SelfRewardError, match=r"ift file .* has changed since run .* was created"):
+        with run.stage(2, "candidates"):
+            pass
+    seed_files["ift"].write_bytes(original)
+    # An edit while a stage runs (it read the file then) keeps the stage from committing.
+    with pytest.raises(SelfRewardError, match="eft file"):
+        with run.stage(2, "candidates") as commit:
+            commit.insert_all("prompts", [{"round": 2, "text": "x", "source": "t", "created_at": "now"}])
+            seed_files["eft"].write_text(seed_files["eft"].read_text() + "\n")
+    assert not run.stage_done(2, "candidates") and run.db["prompts"].count == 0
+    seed_files["eft"].unlink()
+    with pytest.raises(SelfRewardError, match="is missing; restore it"):
+        with run.stage(2, "candidates"):
+            pass
