@@ -235,7 +235,7 @@ def _check_same_config(run, asked: dict) -> None:
 def _check_inputs(cfg) -> None:
     """Fail before the run folder exists: bad data or model never leave a half-made run."""
     from selfreward.data import read_eft, read_ift
-    from selfreward.backends.models import resolve_source
+    from selfreward.backends.models import resolve_policy
     from selfreward.prompts import load_template
 
     read_ift(cfg.ift)
@@ -247,7 +247,7 @@ def _check_inputs(cfg) -> None:
     load_template("additive_judge")
     load_template("self_instruct")
     check_judge(cfg)
-    resolve_source(cfg.model)
+    resolve_policy(cfg.model)
 
 
 def check_judge(cfg) -> None:

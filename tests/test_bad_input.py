@@ -81,6 +81,15 @@ def _file(tmp_path, name, text):
     return str(path)
 
 
+def _bin_only(tmp_path):
+    # Accepted at creation once, then refused at the first load: the run hashes and loads safetensors only.
+    folder = tmp_path / "bin-model"
+    folder.mkdir()
+    (folder / "config.json").write_text('{"model_type": "llama"}')
+    (folder / "pytorch_model.bin").write_bytes(b"pickled weights")
+    return str(folder)
+
+
 CASES = {
     # id: (setup(tmp_path) -> extra CLI args, expected message)
     "jsonl-not-json": (lambda t: ["--ift", _file(t, "a.jsonl", "{oops}\n")], "malformed JSON"),
@@ -104,6 +113,7 @@ CASES = {
     "eval-set-missing": (lambda t: ["--eft-eval", str(t / "none.jsonl")], "evaluation set not found"),
     "unknown-model-folder": (lambda t: ["--model", str(t / "nope")], "model not found"),
     "model-folder-without-config": (lambda t: ["--model", str(t)], "has no config.json"),
+    "model-folder-bin-only": (lambda t: ["--model", _bin_only(t)], "has no .safetensors weights"),
     "bad-toml": (lambda t: ["--config", _file(t, "c.toml", "n_candidates = = 3\n")], "is not valid TOML"),
     "toml-unknown-key": (lambda t: ["--config", _file(t, "c.toml", "candidates = 3\n")],
                          "unknown config key 'candidates'"),

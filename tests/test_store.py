@@ -197,3 +197,40 @@ def test_an_input_file_edited_after_creation_is_refused(tmp_path, seed_files):
     with pytest.raises(SelfRewardError, match="is missing; restore it"):
         with run.stage(2, "candidates"):
             pass
+
+
+def test_a_hub_model_is_pinned_to_its_revision_at_registration(tmp_path, tiny_model, seed_files, judge_script,
+                                                               monkeypatch):
+    """A hub id resolves, when the run registers M0, to the snapshot of the revision `main` names then;
+    the run records that folder (its name is the commit) and its weights' hash, and loads it even after
+    `main` moves. (No hub here: a cache laid out as huggingface_hub lays it out, used offline.)"""
+    import shutil
+
+    import huggingface_hub
+    from click.testing import CliRunner
+
+    from selfreward.backends.models import weights_sha
+    from selfreward.cli import cli
+    from tests.conftest import build_tiny_model
+
+    cache = tmp_path / "hub"
+    repo = cache / "models--someone--tiny-chat"
+    first, second = "1" * 40, "2" * 40
+    shutil.copytree(tiny_model, repo / "snapshots" / first)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(first)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    args = ["iterate", "--runs-dir", str(tmp_path / "runs"), "--name", "hub", "--preset", "tiny", "--rounds", "1",
+            "--model", "someone/tiny-chat", "--ift", str(seed_files["ift"]), "--eft", str(seed_files["eft"]),
+            "--eft-eval", "", "--judge", "scripted", "--judge-script", str(judge_script)]
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 0, result.output
+    # The repo moves on: `main` now names other weights.
+    build_tiny_model(repo / "snapshots" / second, seed=1)
+    (repo / "refs" / "main").write_text(second)
+    with Run.open(tmp_path / "runs" / "hub") as run:
+        m0 = run.model("M0")
+        assert m0["path"] == str(repo / "snapshots" / first) == run.model_path("M0")
+        assert m0["sha256"] == weights_sha(repo / "snapshots" / first) != weights_sha(repo / "snapshots" / second)
+        assert m0["note"] == f"source: someone/tiny-chat (hub revision {first})"

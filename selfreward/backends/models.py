@@ -33,8 +33,9 @@ def embedded_gguf() -> Path:
     return path
 
 
-def resolve_source(spec: str) -> str:
-    """A local folder transformers can load, or a hub id. Fails early on a bad path."""
+def resolve_source(spec: str, pin: bool = False) -> str:
+    """A local folder transformers can load, or a hub id (with `pin`, its snapshot folder: see
+    resolve_policy). Fails early on a bad path."""
     if spec == EMBEDDED:
         return str(gguf_to_folder(embedded_gguf(), name="SmolLM2-135M-Instruct"))
     path = Path(spec).expanduser()
@@ -48,6 +49,8 @@ def resolve_source(spec: str) -> str:
         return str(path.resolve())
     if path.exists() or spec.startswith((".", "/", "~")) or spec.count("/") > 1:
         raise SelfRewardError(f"model not found: {spec} (not a model folder, .gguf file, or hub id)")
+    if pin:
+        return hub_snapshot(spec)
     # A hub id: ask for its config now, so an unknown or unreachable model fails before a run exists.
     from transformers import AutoConfig
 
@@ -57,6 +60,35 @@ def resolve_source(spec: str) -> str:
         raise SelfRewardError(f"model '{spec}' is not a local folder or .gguf file, and the hub could not provide "
                               f"it: {str(e).splitlines()[0]}") from None
     return spec
+
+
+# What a pinned hub snapshot needs: config, weights, tokenizer and chat template (never a pickled .bin
+# or a repo's `original/` copy of the weights).
+HUB_FILES = ["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja", "*.tiktoken"]
+
+
+def resolve_policy(spec: str) -> str:
+    """M0's folder, as the run records it. A hub id is pinned: its current revision's snapshot is
+    fetched into the hub cache and the run loads that folder (named by its commit), hashed like any
+    local folder, so a later push to the repo never changes the run's base model. The weights must
+    be safetensors: they are what a run hashes and checks before each load."""
+    path = resolve_source(spec, pin=True)
+    if not (Path(path) / "config.json").is_file():
+        raise SelfRewardError(f"model {spec} has no config.json; is it a transformers model?")
+    if not any(Path(path).glob("*.safetensors")):
+        raise SelfRewardError(f"model {spec} has no .safetensors weights (a pickled .bin checkpoint is never "
+                              f"loaded); convert it with save_pretrained(..., safe_serialization=True)")
+    return path
+
+
+def hub_snapshot(repo_id: str) -> str:
+    from huggingface_hub import snapshot_download
+
+    try:
+        return snapshot_download(repo_id, allow_patterns=HUB_FILES)
+    except (OSError, ValueError) as e:
+        raise SelfRewardError(f"model '{repo_id}' is not a local folder or .gguf file, and the hub could not "
+                              f"provide it: {str(e).splitlines()[0]}") from None
 
 
 def gguf_to_folder(gguf: Path, name: str | None = None) -> Path:
