@@ -557,8 +557,10 @@ def import_oasst_cmd(path, out_dir, lang, keep_deleted, keep_unreviewed):
         selfreward data import-oasst 2023-04-12_oasst_ready.trees.jsonl.gz --out data/oasst
         selfreward data import-oasst oasst1-train.parquet --out data/oasst --lang en,de
     """
+    from selfreward.inspection.export import refuse_run_folder
     from selfreward.oasst import import_oasst
 
+    refuse_run_folder(out_dir, "write")
     langs = None if lang == "all" else tuple(x.strip() for x in lang.split(",") if x.strip())
     counts = import_oasst(path, out_dir, lang=langs, drop_deleted=not keep_deleted,
                           require_review=not keep_unreviewed)
@@ -593,8 +595,10 @@ def make_eft_cmd(ranked, out, model, samples, max_share, limit, runs_dir, **judg
     from selfreward.backends.engines import make_engine
     from selfreward.backends.judges import build_judge, default_engines
     from selfreward.backends.models import resolve_source
+    from selfreward.inspection.export import refuse_run_folder
     from selfreward.oasst import make_eft, write_eft
 
+    refuse_run_folder(out, "write")  # before any judging
     cfg = resolve({}, _judge_overrides(judge_kw))
     check_judge(cfg)
     from selfreward.data import iter_jsonl
@@ -749,6 +753,10 @@ def report(run, out_dir, runs_dir):
     from selfreward.core.store import Run
 
     r = Run.open(_run_path(run, runs_dir))
+    if out_dir and Path(out_dir).resolve() != (r.path / "report").resolve():
+        from selfreward.inspection.export import refuse_run_folder
+
+        refuse_run_folder(out_dir, "write the report")  # only the default runs/<name>/report lies in a run
     click.echo(f"wrote {build_report(r, Path(out_dir) if out_dir else r.path / 'report')}")
 
 

@@ -113,7 +113,7 @@ def test_creating_a_run_never_touches_a_folder_it_did_not_make(tmp_path):
         assert [r["text"] for r in kept.rows("select text from prompts")] == ["keep me"]
     assert (tmp_path / "exp.creating" / "models" / "M1").is_dir()
     # Nothing of the build is left beside the runs, and its scratch name can never be a run's.
-    assert sorted(p.name for p in tmp_path.iterdir()) == [".creating.lock", "exp", "exp.creating"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["exp", "exp.creating"]
 
 
 def test_a_folder_in_the_way_is_one_clear_error(tmp_path):
@@ -172,7 +172,7 @@ def test_two_processes_creating_one_run_name(tmp_path):
         winner = 1 if results[0][k] == "created" else 2
         with Run.open(runs / f"exp{k}") as r:
             assert r.config().seed == winner
-    assert sorted(p.name for p in runs.iterdir()) == sorted([".creating.lock", *(f"exp{k}" for k in range(n))])
+    assert sorted(p.name for p in runs.iterdir()) == sorted(f"exp{k}" for k in range(n))
 
 
 def test_an_input_file_edited_after_creation_is_refused(tmp_path, seed_files):

@@ -229,9 +229,9 @@ def m009_judge_training(db: sqlite_utils.Database):
     db["meta_judgments"].enable_fts(["rationale", "raw"], create_triggers=True)
 
 
-def take_lock(path: Path, wait: bool = False, quiet: bool = False, name: str = ".lock"):
+def take_lock(path: Path, wait: bool = False, quiet: bool = False):
     """The run's lock (an flock on runs/<name>/.lock): one writer per run."""
-    fh = open(path / name, "w")
+    fh = open(path / ".lock", "w")
     try:
         fcntl.flock(fh, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
     except BlockingIOError:
@@ -343,11 +343,13 @@ class Run:
         except OSError as e:
             raise SelfRewardError(f"cannot create the run folder {path}: {e.strerror}") from None
         # One creator at a time in a runs folder: two first `iterate`s of one name must not both build it.
+        # The lock is on the runs folder itself, so it leaves no file behind.
         try:
-            creating = take_lock(path.parent, wait=True, name=".creating.lock")
+            creating = os.open(path.parent, os.O_RDONLY)
         except OSError as e:
             raise SelfRewardError(f"cannot create the run folder {path}: {e.strerror}") from None
         try:
+            fcntl.flock(creating, fcntl.LOCK_EX)
             if (path / "run.db").is_file():
                 raise SelfRewardError(f"run {path} was created by another selfreward process meanwhile; "
                                       f"run the command again to resume it")
@@ -357,7 +359,7 @@ class Run:
             cls._build(path, config)
             return cls.open(path, writer=True)  # the run's own lock before the creation lock goes
         finally:
-            release_lock(creating)
+            os.close(creating)  # and its flock with it
 
     @staticmethod
     def _build(path: Path, config: Config) -> None:
