@@ -75,9 +75,9 @@ def test_status_of_missing_run(tmp_path):
 KEY = "sk-live-abcdef0123456789abcdef"
 
 
-def _file(tmp_path, name, text):
+def _file(tmp_path, name, text, errors="strict"):
     path = tmp_path / name
-    path.write_text(text)
+    path.write_text(text, errors=errors)
     return str(path)
 
 
@@ -122,6 +122,10 @@ CASES = {
     "set-without-equals": (lambda t: ["--set", "n_candidates"], "--set wants key=value"),
     "set-fraction-for-int": (lambda t: ["--set", "judge_samples=2.5"], "wants a int"),
     "one-candidate": (lambda t: ["--set", "n_candidates=1"], "n_candidates must be at least 2"),
+    "infinite-float": (lambda t: ["--set", "api_timeout=1e999"], "must be a finite number"),
+    "nan-in-toml": (lambda t: ["--config", _file(t, "c.toml", "judge_temperature = nan\n")], "must be a finite number"),
+    "binary-toml": (lambda t: ["--config", _file(t, "c.toml", "\udcff\x00", "surrogateescape")], "not valid TOML"),
+    "min-words-zero": (lambda t: ["--set", "min_words=0"], "min_words must be at least 1"),
     "negative-temperature": (lambda t: ["--set", "candidate_temperature=-1"], "must be >= 0"),
     "rho-out-of-range": (lambda t: ["--set", "length_rho=0.9"], "length_rho must lie in [0, 0.5]"),
     "gpu-fraction-out-of-range": (lambda t: ["--set", "vllm_gpu_memory_utilization=2"], "must lie in (0, 1]"),

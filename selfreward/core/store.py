@@ -383,7 +383,7 @@ class Run:
                 db["config"].insert({"key": "_created_by", "value": json.dumps(f"selfreward {__version__}")})
                 db["config"].insert({"key": INPUTS_KEY, "value": json.dumps(input_hashes(config))})
             db.close()
-            (tmp / "config.toml").write_text(to_toml(config))
+            (tmp / "config.toml").write_text(to_toml(config), encoding="utf-8")
             try:
                 os.replace(tmp, path)
             except OSError as e:
@@ -441,7 +441,7 @@ class Run:
     def set_config(self, key: str, value) -> None:
         with self.db.atomic():
             self.db["config"].upsert({"key": key, "value": json.dumps(value)}, pk="key")
-        (self.path / "config.toml").write_text(to_toml(self.config()))
+        (self.path / "config.toml").write_text(to_toml(self.config()), encoding="utf-8")
 
     # --- stages ---
     def stage_done(self, round: int, stage: str) -> bool:
