@@ -37,6 +37,10 @@ def iter_jsonl(path: str | Path, what: str = "data file") -> Iterator[tuple[str,
                     row = json.loads(line)
                 except json.JSONDecodeError as e:
                     raise SelfRewardError(f"{where}: malformed JSON ({e.msg})") from None
+                except ValueError as e:  # an integer of more than 4300 digits
+                    raise SelfRewardError(f"{where}: malformed JSON ({str(e).split(':')[0]})") from None
+                except RecursionError:
+                    raise SelfRewardError(f"{where}: malformed JSON (nested too deeply)") from None
                 if not isinstance(row, dict):
                     raise SelfRewardError(f"{where}: expected a JSON object, got {type(row).__name__}")
                 yield where, row

@@ -95,6 +95,17 @@ CASES = {
     "jsonl-not-json": (lambda t: ["--ift", _file(t, "a.jsonl", "{oops}\n")], "malformed JSON"),
     "jsonl-a-list": (lambda t: ["--ift", _file(t, "a.jsonl", "[1, 2]\n")], "expected a JSON object, got list"),
     "jsonl-a-string": (lambda t: ["--ift", _file(t, "a.jsonl", '"text"\n')], "expected a JSON object, got str"),
+    "jsonl-huge-integer": (lambda t: ["--ift", _file(t, "a.jsonl", '{"instruction": ' + "9" * 5000 + "}\n")],
+                           "a.jsonl:1: malformed JSON (Exceeds the limit (4300 digits)"),
+    "jsonl-deep-nesting": (lambda t: ["--eft", _file(t, "e.jsonl", "[" * 100000 + "\n")],
+                           "e.jsonl:1: malformed JSON (nested too deeply)"),
+    "eval-line-not-object": (lambda t: ["--eft-eval", _file(t, "v.jsonl", "[1, 2]\n")],
+                             "v.jsonl:1: expected a JSON object, got list"),
+    "eval-line-a-number": (lambda t: ["--eft-eval", _file(t, "v.jsonl", "\n7\n")], "v.jsonl:2: expected a JSON object"),
+    "eval-set-binary": (lambda t: ["--eft-eval", _file(t, "v.jsonl", "\udcff\udcfe\x00", "surrogateescape")],
+                        "cannot read as JSONL"),
+    "eval-set-bad-gzip": (lambda t: ["--eft-eval", _file(t, "v.jsonl.gz", "not gzip")],
+                          "cannot read as gzipped JSONL"),
     "jsonl-empty-file": (lambda t: ["--ift", _file(t, "a.jsonl", "\n\n")], "no rows"),
     "jsonl-binary": (lambda t: ["--ift", _file(t, "a.jsonl.gz", "not gzip")], "cannot read as gzipped JSONL"),
     "ift-missing-response": (lambda t: ["--ift", _file(t, "a.jsonl", '{"instruction": "x"}\n')],
@@ -180,3 +191,20 @@ def test_an_input_edited_between_rounds_stops_the_resume(tmp_path, tiny_model, s
 
     with Run.open(tmp_path / "runs" / "ok") as run:
         assert not run.stage_done(2, "self_instruct")
+
+
+def test_a_gzipped_eval_set_loads(tmp_path):
+    # It was accepted by name and then read as text: a .jsonl.gz eval set never loaded.
+    import gzip
+    import json
+
+    from selfreward.inspection.metrics import load_eval_set
+
+    rows = [{"instruction": f"Q{k}", "responses": [{"text": "good", "rank": 0}, {"text": "bad", "rank": 1}]}
+            for k in range(3)]
+    text = "".join(json.dumps(r) + "\n" for r in rows)
+    (tmp_path / "v.jsonl").write_text(text)
+    with gzip.open(tmp_path / "v.jsonl.gz", "wt") as fh:
+        fh.write(text)
+    assert load_eval_set(tmp_path / "v.jsonl.gz") == load_eval_set(tmp_path / "v.jsonl")
+    assert len(load_eval_set(tmp_path / "v.jsonl.gz")) == 3
