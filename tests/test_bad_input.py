@@ -208,3 +208,24 @@ def test_a_gzipped_eval_set_loads(tmp_path):
         fh.write(text)
     assert load_eval_set(tmp_path / "v.jsonl.gz") == load_eval_set(tmp_path / "v.jsonl")
     assert len(load_eval_set(tmp_path / "v.jsonl.gz")) == 3
+
+
+def test_a_judge_reply_with_a_lone_surrogate_does_not_stop_the_run(tmp_path, tiny_model, seed_files):
+    import json
+    import sqlite3
+
+    script = tmp_path / "judge.json"
+    # json.dumps writes the lone surrogate as the escape an API's JSON would carry.
+    script.write_text(json.dumps(["Relevant \ud83d but broken. Score: 4", "Partly relevant. Score: 1",
+                                  "Mostly there.\nScore: 3"]))
+    base = ["iterate", "--runs-dir", str(tmp_path / "runs"), "--name", "s", "--preset", "tiny", "--rounds", "2",
+            "--model", str(tiny_model), "--ift", str(seed_files["ift"]), "--eft", str(seed_files["eft"]),
+            "--eft-eval", "", "--judge", "scripted", "--judge-script", str(script),
+            "--set", "prompts_per_round=2", "--set", "n_candidates=2", "--set", "judge_samples=1"]
+    result = CliRunner().invoke(cli, base)
+    assert result.exit_code == 0, result.output
+    db = sqlite3.connect(tmp_path / "runs" / "s" / "run.db")
+    raws = [r[0] for r in db.execute("select raw from judgments where round = 2")]
+    assert "Relevant \ufffd but broken. Score: 4" in raws
+    verified = CliRunner().invoke(cli, ["verify", str(tmp_path / "runs" / "s")])
+    assert verified.exit_code == 0, verified.output

@@ -234,3 +234,14 @@ def test_a_hub_model_is_pinned_to_its_revision_at_registration(tmp_path, tiny_mo
         assert m0["path"] == str(repo / "snapshots" / first) == run.model_path("M0")
         assert m0["sha256"] == weights_sha(repo / "snapshots" / first) != weights_sha(repo / "snapshots" / second)
         assert m0["note"] == f"source: someone/tiny-chat (hub revision {first})"
+
+
+def test_a_reply_with_a_lone_surrogate_is_stored(run):
+    # An API's JSON can carry "\ud800": SQLite refuses to encode it, and the seeded reply failed every resume.
+    text = "fine so far \ud800 and after"
+    with run.stage(2, "candidates") as commit:
+        commit.insert_all("prompts", [{"id": 1, "round": 2, "text": "p \udfff", "source": "t", "created_at": "now"}])
+        commit.insert_all("candidates", [{"round": 2, "prompt_id": 1, "idx": 0, "text": text, "n_tokens": 5}])
+    assert run.rows("select text from candidates") == [{"text": "fine so far \ufffd and after"}]
+    assert run.rows("select text from prompts") == [{"text": "p \ufffd"}]
+    assert run.rows("select text from candidates where text = ?", ["fine so far \ud800 and after"])

@@ -11,6 +11,7 @@ import fcntl
 import json
 import sqlite3
 import os
+import re
 import threading
 import time
 from contextlib import contextmanager
@@ -283,12 +284,37 @@ class PeakMemory:
 BUSY_TIMEOUT_S = 60.0
 
 
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def storable(value):
+    """Text SQLite can store: a lone surrogate (a model's reply can hold one, as a JSON escape from an API)
+    becomes U+FFFD. SQLite refuses to encode it, so the same seeded reply failed its stage on every resume."""
+    if isinstance(value, str) and not value.isascii():
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return _SURROGATE.sub("\ufffd", value)
+    return value
+
+
+class Database(sqlite_utils.Database):
+    """sqlite_utils' Database; every statement's text parameters pass through `storable` on the way in."""
+
+    def execute(self, sql, parameters=None):
+        if isinstance(parameters, dict):
+            parameters = {k: storable(v) for k, v in parameters.items()}
+        elif parameters is not None:
+            parameters = [storable(v) for v in parameters]
+        return super().execute(sql, parameters)
+
+
 def connect(db_path: Path, writer: bool) -> sqlite_utils.Database:
     conn = sqlite3.connect(str(db_path), timeout=BUSY_TIMEOUT_S)
     conn.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_S * 1000)}")
     if writer:
         conn.execute("PRAGMA journal_mode = WAL")  # persistent: stored in the file
-    return sqlite_utils.Database(conn)
+    return Database(conn)
 
 
 class Run:
