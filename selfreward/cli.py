@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
 import logging
 import os
 import re
+import sqlite3
 import sys
 from pathlib import Path
 
@@ -49,6 +51,21 @@ class Group(click.Group):
             return super().invoke(ctx)
         except SelfRewardError as e:
             raise click.ClickException(str(e)) from None
+        except sqlite3.DatabaseError as e:
+            name = getattr(e, "sqlite_errorname", "")
+            if name == "SQLITE_FULL":
+                raise click.ClickException(f"the disk is full ({e}): free space and run the command again "
+                                           f"(what finished before is saved)") from None
+            if name in ("SQLITE_CORRUPT", "SQLITE_NOTADB"):
+                raise click.ClickException(f"a run database is damaged ({e}); restore its run.db from a copy") \
+                    from None
+            raise
+        except OSError as e:
+            if e.errno != errno.ENOSPC:
+                raise
+            raise click.ClickException(f"no space left on device{' for ' + str(e.filename) if e.filename else ''}: "
+                                       f"free space and run the command again (what finished before is saved)") \
+                from None
         except KeyboardInterrupt:
             click.echo("\ninterrupted: finished stages are saved; run the same command again to resume", err=True)
             sys.exit(130)

@@ -229,3 +229,50 @@ def test_a_judge_reply_with_a_lone_surrogate_does_not_stop_the_run(tmp_path, tin
     assert "Relevant \ufffd but broken. Score: 4" in raws
     verified = CliRunner().invoke(cli, ["verify", str(tmp_path / "runs" / "s")])
     assert verified.exit_code == 0, verified.output
+
+
+@pytest.mark.parametrize("damage", ["garbage", "truncated"])
+def test_a_damaged_run_db_is_one_line(tmp_path, damage):
+    from selfreward.config import resolve
+    from selfreward.core.store import Run
+
+    Run.create(tmp_path / "runs" / "r", resolve({}, {"preset": "tiny"})).close()
+    db = tmp_path / "runs" / "r" / "run.db"
+    if damage == "garbage":
+        db.write_bytes(b"this is not a database, it is a shopping list\n" * 100)
+    else:
+        db.write_bytes(db.read_bytes()[:100] + b"\0" * 3000)  # the header kept, the pages gone
+    for args in (["status", "r"], ["verify", "r"], ["iterate", "--name", "r", "--rounds", "1"]):
+        result = CliRunner().invoke(cli, [*args, "--runs-dir", str(tmp_path / "runs")])
+        assert result.exit_code == 1, (args, result.output)
+        assert "Traceback" not in result.output and len(result.output.strip().splitlines()) == 1, result.output
+        assert "damaged" in result.output
+
+
+def test_a_full_disk_is_one_line_and_the_run_resumes(tmp_path, tiny_model, seed_files, judge_script, monkeypatch):
+    """SQLITE_FULL on a real file: the writers' connections may not grow run.db by one page
+    (PRAGMA max_page_count), as on a full disk."""
+    from selfreward.core import store
+
+    base = ["iterate", "--runs-dir", str(tmp_path / "runs"), "--name", "f", "--preset", "tiny",
+            "--model", str(tiny_model), "--ift", str(seed_files["ift"]), "--eft", str(seed_files["eft"]),
+            "--eft-eval", "", "--judge", "scripted", "--judge-script", str(judge_script),
+            "--set", "prompts_per_round=4", "--set", "n_candidates=4", "--set", "candidate_max_new_tokens=64"]
+    assert CliRunner().invoke(cli, base + ["--rounds", "1"]).exit_code == 0
+    connect = store.connect
+
+    def full(db_path, writer):
+        db = connect(db_path, writer)
+        if writer:
+            db.execute("VACUUM")  # no free pages left to fill first
+            db.execute(f"PRAGMA max_page_count = {db.execute('PRAGMA page_count').fetchone()[0]}")
+        return db
+
+    monkeypatch.setattr(store, "connect", full)
+    result = CliRunner().invoke(cli, base + ["--rounds", "2"])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    last = result.output.strip().splitlines()[-1]
+    assert last.startswith("Error: the disk is full (database or disk is full)"), result.output
+    monkeypatch.setattr(store, "connect", connect)
+    result = CliRunner().invoke(cli, base + ["--rounds", "2"])
+    assert result.exit_code == 0, result.output

@@ -345,6 +345,12 @@ class Run:
                 migrations.apply(db)
             elif migrations.pending(db):
                 cls._migrate_old_run(path, db)
+        except sqlite3.DatabaseError as e:
+            release_lock(lock)
+            if getattr(e, "sqlite_errorname", "") not in ("SQLITE_NOTADB", "SQLITE_CORRUPT"):
+                raise
+            raise SelfRewardError(f"{path / 'run.db'} is damaged or not a run database ({e}); restore it from "
+                                  f"a copy") from None
         except BaseException:
             release_lock(lock)
             raise
