@@ -69,9 +69,10 @@ def test_a_merge_never_deletes_a_model_named_like_its_scratch(tiny_model, tmp_pa
     models = tmp_path / "models"
     (models / "M2.tmp").mkdir(parents=True)
     (models / "M2.tmp" / "config.json").write_text("{}")
+    (models / ".M2.k1ll3d_x.merging").mkdir()  # the stage of a merge of M2 that was killed
     adapter = tmp_path / "adapter"
     get_peft_model(load_model(str(tiny_model)), LoraConfig(r=2, target_modules=["q_proj"])).save_pretrained(adapter)
     merge_adapter(str(tiny_model), adapter, models / "M2")
     assert (models / "M2.tmp" / "config.json").read_text() == "{}"
     assert (models / "M2" / "config.json").is_file() and list((models / "M2").glob("*.safetensors"))
-    assert sorted(p.name for p in models.iterdir()) == ["M2", "M2.tmp"]  # no scratch left behind
+    assert sorted(p.name for p in models.iterdir()) == ["M2", "M2.tmp"]  # no scratch left, nor a stale one

@@ -241,9 +241,16 @@ def merge_adapter(base_path: str, adapter_path: Path, out: Path, probe=None, loa
     result = probe(merged, tokenizer) if probe else None
     # Staged in a folder of our own whose name starts with '.', so no model (`M2.tmp`, a reward model
     # named `X.tmp`) is ever taken for the scratch folder and deleted; a kill leaves only dot-folders.
+    import re
     import tempfile
 
     out.parent.mkdir(parents=True, exist_ok=True)
+    # A merge killed before its rename left its stage: this model's, as no model's name starts with '.',
+    # and stale, as one writer at a time holds the run.
+    stale = re.compile(re.escape(f".{out.name}.") + r"[a-z0-9_]{8}\.merging")
+    for old in out.parent.iterdir():
+        if stale.fullmatch(old.name):
+            shutil.rmtree(old, ignore_errors=True)
     stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".merging", dir=out.parent))
     try:
         tmp = stage / out.name
