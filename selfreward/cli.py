@@ -434,6 +434,8 @@ def eval_judge_cmd(run, models, dataset, limit, samples, verbosity, canaries, as
             "select name from models where kind != 'reward-model' order by round")]
         for name in names:
             _policy(r, name)  # fails clearly on a model the run does not have
+        if not dataset:
+            r.check_inputs(("eft_eval",))  # the run's own eval set, as it was when the run began
         _quiet_libraries()
         rows = eval_judge(r, overrides, names, dataset or r.config().eft_eval, limit, samples, verbosity, canaries)
     if as_json:
@@ -519,6 +521,8 @@ def train_rm_cmd(run, source, base, name, epochs, lr, batch_size, held_out, runs
     from selfreward.core.store import Run
 
     with Run.open(_run_path(run, runs_dir), writer=True) as r:
+        if held_out is None:
+            r.check_inputs(("eft_eval",))
         _quiet_libraries()
         if launched(r.config()):
             click.echo("note: train-rm trains in this one process; the run's train_processes and "

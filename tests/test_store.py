@@ -245,3 +245,18 @@ def test_a_reply_with_a_lone_surrogate_is_stored(run):
     assert run.rows("select text from candidates") == [{"text": "fine so far \ufffd and after"}]
     assert run.rows("select text from prompts") == [{"text": "p \ufffd"}]
     assert run.rows("select text from candidates where text = ?", ["fine so far \ud800 and after"])
+
+
+def test_eval_judge_refuses_the_runs_eval_set_once_edited(judged_run, seed_files):
+    from click.testing import CliRunner
+
+    from selfreward.cli import cli
+
+    run_dir = str(judged_run.path)
+    judged_run.close()
+    with seed_files["eft"].open("a") as fh:  # the run's eft_eval (and eft)
+        fh.write('{"instruction": "i", "response": "r", "justification": "j", "score": 5}\n')
+    for args in (["eval", "judge", run_dir, "--limit", "1"], ["train-rm", run_dir]):
+        result = CliRunner().invoke(cli, args)
+        assert result.exit_code == 1, result.output
+        assert "eft_eval file" in result.output and "has changed since run" in result.output

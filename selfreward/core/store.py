@@ -423,12 +423,14 @@ class Run:
         finally:
             shutil.rmtree(stage, ignore_errors=True)
 
-    def check_inputs(self) -> None:
+    def check_inputs(self, keys=INPUT_KEYS) -> None:
         """Refuse to go on when an input file differs from the one the run was created with."""
         from selfreward.data import file_sha256
 
         row = self.db.execute("select value from config where key = ?", [INPUTS_KEY]).fetchone()
         for key, recorded in (json.loads(row[0]) if row else {}).items():  # runs made before: nothing recorded
+            if key not in keys:
+                continue
             path = recorded["path"]
             try:
                 stat = os.stat(path)
