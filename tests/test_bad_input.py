@@ -216,8 +216,7 @@ def test_a_judge_reply_with_a_lone_surrogate_does_not_stop_the_run(tmp_path, tin
 
     script = tmp_path / "judge.json"
     # json.dumps writes the lone surrogate as the escape an API's JSON would carry.
-    script.write_text(json.dumps(["Relevant \ud83d but broken. Score: 4", "Partly relevant. Score: 1",
-                                  "Mostly there.\nScore: 3"]))
+    script.write_text(json.dumps(["Relevant \ud83d but broken. Score: 4", "Partly \udfff relevant. Score: 1"]))
     base = ["iterate", "--runs-dir", str(tmp_path / "runs"), "--name", "s", "--preset", "tiny", "--rounds", "2",
             "--model", str(tiny_model), "--ift", str(seed_files["ift"]), "--eft", str(seed_files["eft"]),
             "--eft-eval", "", "--judge", "scripted", "--judge-script", str(script),
@@ -225,8 +224,8 @@ def test_a_judge_reply_with_a_lone_surrogate_does_not_stop_the_run(tmp_path, tin
     result = CliRunner().invoke(cli, base)
     assert result.exit_code == 0, result.output
     db = sqlite3.connect(tmp_path / "runs" / "s" / "run.db")
-    raws = [r[0] for r in db.execute("select raw from judgments where round = 2")]
-    assert "Relevant \ufffd but broken. Score: 4" in raws
+    raws = {r[0] for r in db.execute("select raw from judgments where round = 2")}
+    assert raws and raws <= {"Relevant \ufffd but broken. Score: 4", "Partly \ufffd relevant. Score: 1"}, raws
     verified = CliRunner().invoke(cli, ["verify", str(tmp_path / "runs" / "s")])
     assert verified.exit_code == 0, verified.output
 
