@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
 import logging
 import os
 import re
+import sqlite3
 import sys
 from pathlib import Path
 
@@ -67,6 +69,21 @@ class Group(click.Group):
             return super().invoke(ctx)
         except SelfRewardError as e:
             raise click.ClickException(str(e)) from None
+        except sqlite3.DatabaseError as e:
+            name = getattr(e, "sqlite_errorname", "")
+            if name == "SQLITE_FULL":
+                raise click.ClickException(f"the disk is full ({e}): free space and run the command again "
+                                           f"(what finished before is saved)") from None
+            if name in ("SQLITE_CORRUPT", "SQLITE_NOTADB"):
+                raise click.ClickException(f"a run database is damaged ({e}); restore its run.db from a copy") \
+                    from None
+            raise
+        except OSError as e:
+            if e.errno != errno.ENOSPC:
+                raise
+            raise click.ClickException(f"no space left on device{' for ' + str(e.filename) if e.filename else ''}: "
+                                       f"free space and run the command again (what finished before is saved)") \
+                from None
         except KeyboardInterrupt:
             click.echo("\ninterrupted: finished stages are saved; run the same command again to resume", err=True)
             sys.exit(130)
@@ -257,7 +274,7 @@ def _check_same_config(run, asked: dict) -> None:
 def _check_inputs(cfg) -> None:
     """Fail before the run folder exists: bad data or model never leave a half-made run."""
     from selfreward.data import read_eft, read_ift
-    from selfreward.backends.models import resolve_source
+    from selfreward.backends.models import resolve_policy
     from selfreward.prompts import load_template
 
     read_ift(cfg.ift)
@@ -275,7 +292,7 @@ def _check_inputs(cfg) -> None:
     load_template("additive_judge")
     load_template("self_instruct")
     check_judge(cfg)
-    resolve_source(cfg.model)
+    resolve_policy(cfg.model)
 
 
 def check_judge(cfg) -> None:
@@ -447,6 +464,8 @@ def eval_judge_cmd(run, models, dataset, limit, samples, verbosity, canaries, as
             "select name from models where kind != 'reward-model' order by round")]
         for name in names:
             _policy(r, name)  # fails clearly on a model the run does not have
+        if not dataset:
+            r.check_inputs(("eft_eval",))  # the run's own eval set, as it was when the run began
         _quiet_libraries()
         rows = eval_judge(r, overrides, names, dataset or r.config().eft_eval, limit, samples, verbosity, canaries)
     if as_json:
@@ -578,6 +597,8 @@ def train_rm_cmd(run, source, base, name, epochs, lr, batch_size, held_out, runs
     from selfreward.core.store import Run
 
     with Run.open(_run_path(run, runs_dir), writer=True) as r:
+        if held_out is None:
+            r.check_inputs(("eft_eval",))
         _quiet_libraries()
         if launched(r.config()):
             click.echo("note: train-rm trains in this one process; the run's train_processes and "
@@ -633,8 +654,10 @@ def import_oasst_cmd(path, out_dir, lang, keep_deleted, keep_unreviewed):
         selfreward data import-oasst 2023-04-12_oasst_ready.trees.jsonl.gz --out data/oasst
         selfreward data import-oasst oasst1-train.parquet --out data/oasst --lang en,de
     """
+    from selfreward.inspection.export import refuse_run_folder
     from selfreward.oasst import import_oasst
 
+    refuse_run_folder(out_dir, "write")
     langs = None if lang == "all" else tuple(x.strip() for x in lang.split(",") if x.strip())
     counts = import_oasst(path, out_dir, lang=langs, drop_deleted=not keep_deleted,
                           require_review=not keep_unreviewed)
@@ -669,8 +692,10 @@ def make_eft_cmd(ranked, out, model, samples, max_share, limit, runs_dir, **judg
     from selfreward.backends.engines import make_engine
     from selfreward.backends.judges import build_judge, default_engines
     from selfreward.backends.models import resolve_source
+    from selfreward.inspection.export import refuse_run_folder
     from selfreward.oasst import make_eft, write_eft
 
+    refuse_run_folder(out, "write")  # before any judging
     cfg = resolve({}, _judge_overrides(judge_kw))
     check_judge(cfg)
     from selfreward.data import iter_jsonl
@@ -825,6 +850,10 @@ def report(run, out_dir, runs_dir):
     from selfreward.core.store import Run
 
     r = Run.open(_run_path(run, runs_dir))
+    if out_dir and Path(out_dir).resolve() != (r.path / "report").resolve():
+        from selfreward.inspection.export import refuse_run_folder
+
+        refuse_run_folder(out_dir, "write the report")  # only the default runs/<name>/report lies in a run
     click.echo(f"wrote {build_report(r, Path(out_dir) if out_dir else r.path / 'report')}")
 
 

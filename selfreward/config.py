@@ -278,8 +278,8 @@ def load_toml(path: str | Path) -> dict:
     if not path.is_file():
         raise SelfRewardError(f"config file not found: {path}")
     try:
-        raw = tomllib.loads(path.read_text())
-    except tomllib.TOMLDecodeError as e:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise SelfRewardError(f"config file {path} is not valid TOML: {e}") from None
     return {RENAMED.get(k, k): coerce(k, v) for k, v in raw.items()}
 
@@ -298,6 +298,18 @@ def resolve(toml: dict | None = None, cli: dict | None = None) -> Config:
 
 
 def validate(c: Config) -> None:
+    import math
+
+    for key, f in FIELDS.items():
+        value = getattr(c, key)
+        # NaN passes every comparison below unnoticed, and neither it nor inf can be written to config.toml.
+        if f.type == "float" and not math.isfinite(value):
+            raise SelfRewardError(f"config key '{key}' must be a finite number, got {value}")
+        if f.type == "str" and not _unicode(value):
+            raise SelfRewardError(f"config key '{key}' holds text that is not valid Unicode (a lone surrogate)")
+    if c.min_words < 1 or c.max_words < c.min_words:
+        raise SelfRewardError(f"min_words must be at least 1 and max_words at least min_words, got "
+                              f"{c.min_words} and {c.max_words}")
     positive = ["prompts_per_round", "n_candidates", "judge_samples", "candidate_max_new_tokens", "judge_max_new_tokens",
                 "instruct_max_new_tokens", "gen_batch_size", "sft_batch_size", "dpo_batch_size",
                 "micro_batch_size", "max_length", "lora_r"]
@@ -534,12 +546,30 @@ def as_dict(c: Config) -> dict:
     return dataclasses.asdict(c)
 
 
+def _unicode(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def toml_value(value) -> str:
+    """A str, int or finite float as TOML. Not json.dumps: it writes a character outside the BMP as a
+    surrogate pair of \\u escapes, and NaN as NaN, neither of which TOML reads."""
+    if isinstance(value, str):
+        escaped = {'"': '\\"', "\\": "\\\\", "\n": "\\n", "\t": "\\t", "\r": "\\r"}
+        return '"' + "".join(escaped.get(ch) or (f"\\u{ord(ch):04x}" if ord(ch) < 0x20 or ord(ch) == 0x7F else ch)
+                             for ch in value) + '"'
+    return json.dumps(value, allow_nan=False)
+
+
 def to_toml(c: Config) -> str:
     """A flat TOML dump (all values are str, int or float)."""
     lines = []
     for key, value in as_dict(c).items():
         lines.append(f"# {FIELDS[key].metadata['help']}")
-        lines.append(f"{key} = {json.dumps(value)}")
+        lines.append(f"{key} = {toml_value(value)}")
     return "\n".join(lines) + "\n"
 
 

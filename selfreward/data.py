@@ -7,6 +7,7 @@ EFT rows: {"instruction": str, "response": str, "justification": str, "score": i
 from __future__ import annotations
 
 import gzip
+import hashlib
 import json
 from pathlib import Path
 from typing import Iterator
@@ -36,6 +37,10 @@ def iter_jsonl(path: str | Path, what: str = "data file") -> Iterator[tuple[str,
                     row = json.loads(line)
                 except json.JSONDecodeError as e:
                     raise SelfRewardError(f"{where}: malformed JSON ({e.msg})") from None
+                except ValueError as e:  # an integer of more than 4300 digits
+                    raise SelfRewardError(f"{where}: malformed JSON ({str(e).split(':')[0]})") from None
+                except RecursionError:
+                    raise SelfRewardError(f"{where}: malformed JSON (nested too deeply)") from None
                 if not isinstance(row, dict):
                     raise SelfRewardError(f"{where}: expected a JSON object, got {type(row).__name__}")
                 yield where, row
@@ -74,6 +79,14 @@ def read_ift(path) -> list[dict]:
 
 def read_eft(path) -> list[dict]:
     return read_jsonl(path, EFT_FIELDS)
+
+
+def file_sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def eft_target(row: dict) -> str:

@@ -95,7 +95,7 @@ def snapshot(run_dir: Path) -> dict[str, list[tuple]]:
 
 def leftovers(run_dir: Path) -> list[str]:
     """Scratch a finished run must not keep: training work folders, half-merged models, pid files."""
-    found = [p for p in run_dir.rglob("*") if p.name.endswith((".tmp", ".work", ".creating", ".pid"))]
+    found = [p for p in run_dir.rglob("*") if p.name.endswith((".tmp", ".work", ".creating", ".merging", ".pid"))]
     found += [p for p in run_dir.parent.glob("*.creating")]
     return sorted(str(p.relative_to(run_dir.parent)) for p in found)
 

@@ -75,10 +75,19 @@ def test_status_of_missing_run(tmp_path):
 KEY = "sk-live-abcdef0123456789abcdef"
 
 
-def _file(tmp_path, name, text):
+def _file(tmp_path, name, text, errors="strict"):
     path = tmp_path / name
-    path.write_text(text)
+    path.write_text(text, errors=errors)
     return str(path)
+
+
+def _bin_only(tmp_path):
+    # Accepted at creation once, then refused at the first load: the run hashes and loads safetensors only.
+    folder = tmp_path / "bin-model"
+    folder.mkdir()
+    (folder / "config.json").write_text('{"model_type": "llama"}')
+    (folder / "pytorch_model.bin").write_bytes(b"pickled weights")
+    return str(folder)
 
 
 CASES = {
@@ -86,6 +95,17 @@ CASES = {
     "jsonl-not-json": (lambda t: ["--ift", _file(t, "a.jsonl", "{oops}\n")], "malformed JSON"),
     "jsonl-a-list": (lambda t: ["--ift", _file(t, "a.jsonl", "[1, 2]\n")], "expected a JSON object, got list"),
     "jsonl-a-string": (lambda t: ["--ift", _file(t, "a.jsonl", '"text"\n')], "expected a JSON object, got str"),
+    "jsonl-huge-integer": (lambda t: ["--ift", _file(t, "a.jsonl", '{"instruction": ' + "9" * 5000 + "}\n")],
+                           "a.jsonl:1: malformed JSON (Exceeds the limit (4300 digits)"),
+    "jsonl-deep-nesting": (lambda t: ["--eft", _file(t, "e.jsonl", "[" * 100000 + "\n")],
+                           "e.jsonl:1: malformed JSON (nested too deeply)"),
+    "eval-line-not-object": (lambda t: ["--eft-eval", _file(t, "v.jsonl", "[1, 2]\n")],
+                             "v.jsonl:1: expected a JSON object, got list"),
+    "eval-line-a-number": (lambda t: ["--eft-eval", _file(t, "v.jsonl", "\n7\n")], "v.jsonl:2: expected a JSON object"),
+    "eval-set-binary": (lambda t: ["--eft-eval", _file(t, "v.jsonl", "\udcff\udcfe\x00", "surrogateescape")],
+                        "cannot read as JSONL"),
+    "eval-set-bad-gzip": (lambda t: ["--eft-eval", _file(t, "v.jsonl.gz", "not gzip")],
+                          "cannot read as gzipped JSONL"),
     "jsonl-empty-file": (lambda t: ["--ift", _file(t, "a.jsonl", "\n\n")], "no rows"),
     "jsonl-binary": (lambda t: ["--ift", _file(t, "a.jsonl.gz", "not gzip")], "cannot read as gzipped JSONL"),
     "ift-missing-response": (lambda t: ["--ift", _file(t, "a.jsonl", '{"instruction": "x"}\n')],
@@ -104,6 +124,7 @@ CASES = {
     "eval-set-missing": (lambda t: ["--eft-eval", str(t / "none.jsonl")], "evaluation set not found"),
     "unknown-model-folder": (lambda t: ["--model", str(t / "nope")], "model not found"),
     "model-folder-without-config": (lambda t: ["--model", str(t)], "has no config.json"),
+    "model-folder-bin-only": (lambda t: ["--model", _bin_only(t)], "has no .safetensors weights"),
     "bad-toml": (lambda t: ["--config", _file(t, "c.toml", "n_candidates = = 3\n")], "is not valid TOML"),
     "toml-unknown-key": (lambda t: ["--config", _file(t, "c.toml", "candidates = 3\n")],
                          "unknown config key 'candidates'"),
@@ -112,6 +133,10 @@ CASES = {
     "set-without-equals": (lambda t: ["--set", "n_candidates"], "--set wants key=value"),
     "set-fraction-for-int": (lambda t: ["--set", "judge_samples=2.5"], "wants a int"),
     "one-candidate": (lambda t: ["--set", "n_candidates=1"], "n_candidates must be at least 2"),
+    "infinite-float": (lambda t: ["--set", "api_timeout=1e999"], "must be a finite number"),
+    "nan-in-toml": (lambda t: ["--config", _file(t, "c.toml", "judge_temperature = nan\n")], "must be a finite number"),
+    "binary-toml": (lambda t: ["--config", _file(t, "c.toml", "\udcff\x00", "surrogateescape")], "not valid TOML"),
+    "min-words-zero": (lambda t: ["--set", "min_words=0"], "min_words must be at least 1"),
     "negative-temperature": (lambda t: ["--set", "candidate_temperature=-1"], "must be >= 0"),
     "rho-out-of-range": (lambda t: ["--set", "length_rho=0.9"], "length_rho must lie in [0, 0.5]"),
     "gpu-fraction-out-of-range": (lambda t: ["--set", "vllm_gpu_memory_utilization=2"], "must lie in (0, 1]"),
@@ -149,3 +174,104 @@ def test_credentials_never_reach_a_resumed_run(tmp_path, tiny_model, seed_files,
     for path in run_dir.rglob("*"):
         if path.is_file() and path.suffix in (".db", ".toml", ".json", ".log", ""):
             assert KEY.encode() not in path.read_bytes(), path
+
+
+def test_an_input_edited_between_rounds_stops_the_resume(tmp_path, tiny_model, seed_files, judge_script):
+    base = ["iterate", "--runs-dir", str(tmp_path / "runs"), "--name", "ok", "--preset", "tiny",
+            "--model", str(tiny_model), "--ift", str(seed_files["ift"]), "--eft", str(seed_files["eft"]),
+            "--eft-eval", "", "--judge", "scripted", "--judge-script", str(judge_script)]
+    assert CliRunner().invoke(cli, base + ["--rounds", "1"]).exit_code == 0
+    with seed_files["ift"].open("a") as fh:
+        fh.write('{"instruction": "A new row added mid-run", "response": "r"}\n')
+    result = CliRunner().invoke(cli, base + ["--rounds", "2"])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert result.output.strip().count("\n") == 0, result.output
+    assert "ift file" in result.output and "has changed since run" in result.output
+    from selfreward.core.store import Run
+
+    with Run.open(tmp_path / "runs" / "ok") as run:
+        assert not run.stage_done(2, "self_instruct")
+
+
+def test_a_gzipped_eval_set_loads(tmp_path):
+    # It was accepted by name and then read as text: a .jsonl.gz eval set never loaded.
+    import gzip
+    import json
+
+    from selfreward.inspection.metrics import load_eval_set
+
+    rows = [{"instruction": f"Q{k}", "responses": [{"text": "good", "rank": 0}, {"text": "bad", "rank": 1}]}
+            for k in range(3)]
+    text = "".join(json.dumps(r) + "\n" for r in rows)
+    (tmp_path / "v.jsonl").write_text(text)
+    with gzip.open(tmp_path / "v.jsonl.gz", "wt") as fh:
+        fh.write(text)
+    assert load_eval_set(tmp_path / "v.jsonl.gz") == load_eval_set(tmp_path / "v.jsonl")
+    assert len(load_eval_set(tmp_path / "v.jsonl.gz")) == 3
+
+
+def test_a_judge_reply_with_a_lone_surrogate_does_not_stop_the_run(tmp_path, tiny_model, seed_files):
+    import json
+    import sqlite3
+
+    script = tmp_path / "judge.json"
+    # json.dumps writes the lone surrogate as the escape an API's JSON would carry.
+    script.write_text(json.dumps(["Relevant \ud83d but broken. Score: 4", "Partly \udfff relevant. Score: 1"]))
+    base = ["iterate", "--runs-dir", str(tmp_path / "runs"), "--name", "s", "--preset", "tiny", "--rounds", "2",
+            "--model", str(tiny_model), "--ift", str(seed_files["ift"]), "--eft", str(seed_files["eft"]),
+            "--eft-eval", "", "--judge", "scripted", "--judge-script", str(script),
+            "--set", "prompts_per_round=2", "--set", "n_candidates=2", "--set", "judge_samples=1"]
+    result = CliRunner().invoke(cli, base)
+    assert result.exit_code == 0, result.output
+    db = sqlite3.connect(tmp_path / "runs" / "s" / "run.db")
+    raws = {r[0] for r in db.execute("select raw from judgments where round = 2")}
+    assert raws and raws <= {"Relevant \ufffd but broken. Score: 4", "Partly \ufffd relevant. Score: 1"}, raws
+    verified = CliRunner().invoke(cli, ["verify", str(tmp_path / "runs" / "s")])
+    assert verified.exit_code == 0, verified.output
+
+
+@pytest.mark.parametrize("damage", ["garbage", "truncated"])
+def test_a_damaged_run_db_is_one_line(tmp_path, damage):
+    from selfreward.config import resolve
+    from selfreward.core.store import Run
+
+    Run.create(tmp_path / "runs" / "r", resolve({}, {"preset": "tiny"})).close()
+    db = tmp_path / "runs" / "r" / "run.db"
+    if damage == "garbage":
+        db.write_bytes(b"this is not a database, it is a shopping list\n" * 100)
+    else:
+        db.write_bytes(db.read_bytes()[:100] + b"\0" * 3000)  # the header kept, the pages gone
+    for args in (["status", "r"], ["verify", "r"], ["iterate", "--name", "r", "--rounds", "1"]):
+        result = CliRunner().invoke(cli, [*args, "--runs-dir", str(tmp_path / "runs")])
+        assert result.exit_code == 1, (args, result.output)
+        assert "Traceback" not in result.output and len(result.output.strip().splitlines()) == 1, result.output
+        assert "damaged" in result.output
+
+
+def test_a_full_disk_is_one_line_and_the_run_resumes(tmp_path, tiny_model, seed_files, judge_script, monkeypatch):
+    """SQLITE_FULL on a real file: the writers' connections may not grow run.db by one page
+    (PRAGMA max_page_count), as on a full disk."""
+    from selfreward.core import store
+
+    base = ["iterate", "--runs-dir", str(tmp_path / "runs"), "--name", "f", "--preset", "tiny",
+            "--model", str(tiny_model), "--ift", str(seed_files["ift"]), "--eft", str(seed_files["eft"]),
+            "--eft-eval", "", "--judge", "scripted", "--judge-script", str(judge_script),
+            "--set", "prompts_per_round=4", "--set", "n_candidates=4", "--set", "candidate_max_new_tokens=64"]
+    assert CliRunner().invoke(cli, base + ["--rounds", "1"]).exit_code == 0
+    connect = store.connect
+
+    def full(db_path, writer):
+        db = connect(db_path, writer)
+        if writer:
+            db.execute("VACUUM")  # no free pages left to fill first
+            db.execute(f"PRAGMA max_page_count = {db.execute('PRAGMA page_count').fetchone()[0]}")
+        return db
+
+    monkeypatch.setattr(store, "connect", full)
+    result = CliRunner().invoke(cli, base + ["--rounds", "2"])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    last = result.output.strip().splitlines()[-1]
+    assert last.startswith("Error: the disk is full (database or disk is full)"), result.output
+    monkeypatch.setattr(store, "connect", connect)
+    result = CliRunner().invoke(cli, base + ["--rounds", "2"])
+    assert result.exit_code == 0, result.output

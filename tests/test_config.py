@@ -43,3 +43,36 @@ def test_dump_round_trips(tmp_path):
     path = tmp_path / "config.toml"
     path.write_text(to_toml(cfg))
     assert resolve(load_toml(path)) == cfg
+
+
+def test_any_text_and_number_round_trip_through_config_toml(tmp_path):
+    # json.dumps wrote a non-BMP character as a surrogate pair of \u escapes, which TOML refuses.
+    text = 'emoji 😀, CJK 模型, a "quote", a back\\slash, a tab\tand\nnewline, DEL \x7f, bell \x07'
+    cfg = resolve({}, {"preset": "demo", "api_model": text, "vllm_extra_args": "--x 𝔘", "length_rho": 1e-05,
+                       "sft_learning_rate": 5.5e-06, "api_timeout": 1e300})
+    path = tmp_path / "config.toml"
+    path.write_text(to_toml(cfg), encoding="utf-8")
+    assert resolve(load_toml(path)) == cfg
+
+
+@pytest.mark.parametrize("key", ["candidate_temperature", "api_timeout", "length_rho", "dpo_beta", "rl_beta"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+def test_nan_and_inf_are_refused(key, value):
+    with pytest.raises(SelfRewardError, match=f"config key '{key}' must be a finite number"):
+        resolve({}, {"preset": "demo", key: value})
+
+
+def test_nan_in_a_toml_file_is_refused(tmp_path):
+    toml = tmp_path / "c.toml"
+    toml.write_text("judge_temperature = nan\n")
+    with pytest.raises(SelfRewardError, match="must be a finite number"):
+        resolve(load_toml(toml))
+    toml.write_bytes(b"\xff\xfe binary \x00")
+    with pytest.raises(SelfRewardError, match="not valid TOML"):
+        load_toml(toml)
+
+
+@pytest.mark.parametrize("values", [{"min_words": 0}, {"min_words": -1}, {"min_words": 5, "max_words": 4}])
+def test_word_limits_are_validated(values):
+    with pytest.raises(SelfRewardError, match="min_words must be at least 1"):
+        resolve({}, {"preset": "demo", **values})

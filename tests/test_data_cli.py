@@ -50,3 +50,33 @@ def test_import_errors_are_one_line(tmp_path):
     result = CliRunner().invoke(cli, ["data", "import-oasst", str(bad), "--out", str(tmp_path / "o")])
     assert result.exit_code != 0 and "bad.jsonl:1" in result.output
     assert not (tmp_path / "o" / "ift.jsonl").exists()
+
+
+def test_outputs_inside_a_run_folder_are_refused(tmp_path):
+    # `make-eft --out runs/demo/run.db` used to replace the run's database: these outputs take export's guard.
+    from selfreward.config import resolve
+    from selfreward.core.store import Run
+
+    Run.create(tmp_path / "runs" / "demo", resolve({}, {"preset": "tiny"})).close()
+    run_db = tmp_path / "runs" / "demo" / "run.db"
+    before = run_db.read_bytes()
+    trees = tmp_path / "trees.jsonl"
+    trees.write_text(json.dumps(tree("t1", "How do tides work?", [("The moon.", 0), ("Wind.", 1)])) + "\n")
+    ranked = tmp_path / "ranked.jsonl"
+    ranked.write_text(json.dumps({"instruction": "Why?", "responses": [{"text": "a", "rank": 0},
+                                                                         {"text": "b", "rank": 1}]}) + "\n")
+    script = tmp_path / "judge.json"
+    script.write_text(json.dumps(["Good.\nScore: 5", "Bad.\nScore: 1"]))
+    for args in (["data", "make-eft", str(ranked), "--out", str(run_db), "--judge", "scripted",
+                  "--judge-script", str(script), "--max-share", "1"],
+                 ["data", "import-oasst", str(trees), "--out", str(tmp_path / "runs" / "demo")],
+                 ["data", "import-oasst", str(trees), "--out", str(tmp_path / "runs" / "demo" / "models" / "x")],
+                 ["report", "demo", "--runs-dir", str(tmp_path / "runs"), "--out",
+                  str(tmp_path / "runs" / "demo" / "models")]):
+        result = CliRunner().invoke(cli, args)
+        assert result.exit_code == 1, (args, result.output)
+        assert "is inside the run folder" in result.output and len(result.output.strip().splitlines()) == 1
+    assert run_db.read_bytes() == before
+    assert {p.name for p in (tmp_path / "runs" / "demo").iterdir()} <= {".lock", "config.toml", "models", "run.db",
+                                                                       "run.db-wal", "run.db-shm"}
+    assert not any((tmp_path / "runs" / "demo" / "models").iterdir())

@@ -58,3 +58,21 @@ def test_model_folders_reach_the_disk_before_their_stage_commits(tmp_path, tiny_
     assert any(p.startswith(m1) and p.endswith(".safetensors") and "/adapter/" not in p for p in synced)
     assert any(p.startswith(m1 + "/adapter/") and p.endswith(".safetensors") for p in synced)
     assert m1 in synced  # the folder entry itself
+
+
+def test_a_merge_never_deletes_a_model_named_like_its_scratch(tiny_model, tmp_path):
+    # A reward model may be named `M2.tmp`; merging M2 used to stage in (and first delete) M2.tmp.
+    from peft import LoraConfig, get_peft_model
+
+    from selfreward.backends.models import load_model, merge_adapter
+
+    models = tmp_path / "models"
+    (models / "M2.tmp").mkdir(parents=True)
+    (models / "M2.tmp" / "config.json").write_text("{}")
+    (models / ".M2.k1ll3d_x.merging").mkdir()  # the stage of a merge of M2 that was killed
+    adapter = tmp_path / "adapter"
+    get_peft_model(load_model(str(tiny_model)), LoraConfig(r=2, target_modules=["q_proj"])).save_pretrained(adapter)
+    merge_adapter(str(tiny_model), adapter, models / "M2")
+    assert (models / "M2.tmp" / "config.json").read_text() == "{}"
+    assert (models / "M2" / "config.json").is_file() and list((models / "M2").glob("*.safetensors"))
+    assert sorted(p.name for p in models.iterdir()) == ["M2", "M2.tmp"]  # no scratch left, nor a stale one

@@ -99,3 +99,164 @@ def test_writers_refuse_a_run_in_use(judged_run, tmp_path):
         assert status.exit_code == 0
     finally:
         holder.close()
+
+
+def test_creating_a_run_never_touches_a_folder_it_did_not_make(tmp_path):
+    # `exp.creating` is a valid run name: creating `exp` used to wipe it as its own scratch folder.
+    config = resolve({}, {"preset": "tiny"})
+    other = Run.create(tmp_path / "exp.creating", config)
+    other.db["prompts"].insert({"round": 2, "text": "keep me", "source": "t", "created_at": "now"})
+    other.close()
+    (tmp_path / "exp.creating" / "models" / "M1").mkdir()
+    Run.create(tmp_path / "exp", config).close()
+    with Run.open(tmp_path / "exp.creating") as kept:
+        assert [r["text"] for r in kept.rows("select text from prompts")] == ["keep me"]
+    assert (tmp_path / "exp.creating" / "models" / "M1").is_dir()
+    # Nothing of the build is left beside the runs, and its scratch name can never be a run's.
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["exp", "exp.creating"]
+
+
+def test_a_folder_in_the_way_is_one_clear_error(tmp_path):
+    (tmp_path / "exp").mkdir()
+    (tmp_path / "exp" / "notes.txt").write_text("mine")
+    with pytest.raises(SelfRewardError, match="something that is not a run is there"):
+        Run.create(tmp_path / "exp", resolve({}, {"preset": "tiny"}))
+    assert (tmp_path / "exp" / "notes.txt").read_text() == "mine"
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".exp")] == []
+
+
+CREATE_MANY = """
+import json, sys
+from pathlib import Path
+from selfreward.config import resolve
+from selfreward.core.store import Run
+from selfreward.errors import SelfRewardError
+
+runs, go, me = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3])
+config = resolve({}, {"preset": "tiny", "seed": me})
+while not go.exists():
+    pass
+for k in range(int(sys.argv[4])):
+    try:
+        Run.create(runs / f"exp{k}", config).close()
+        print(json.dumps([k, "created"]), flush=True)
+    except SelfRewardError as e:
+        print(json.dumps([k, "refused: " + str(e)]), flush=True)
+"""
+
+
+def test_two_processes_creating_one_run_name(tmp_path):
+    """Two first `iterate`s of the same names, as real processes started together: for each name one
+    creates the run, the other is told in one line, and the run is whole (the winner's config)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    runs, go, n = tmp_path / "runs", tmp_path / "go", 12
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    procs = [subprocess.Popen([sys.executable, "-c", CREATE_MANY, str(runs), str(go), str(me), str(n)], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for me in (1, 2)]
+    import time
+
+    time.sleep(3)  # both imported and spinning on the start file
+    go.touch()
+    outs = [p.communicate(timeout=300) for p in procs]
+    for p, (out, err) in zip(procs, outs):
+        assert p.returncode == 0 and "Traceback" not in err, err
+    results = [dict(json.loads(line) for line in out.splitlines()) for out, _ in outs]
+    for k in range(n):
+        said = sorted([results[0][k], results[1][k]])
+        assert said[0] == "created", said
+        assert said[1].startswith("refused: ") and "created by another selfreward process meanwhile" in said[1]
+        winner = 1 if results[0][k] == "created" else 2
+        with Run.open(runs / f"exp{k}") as r:
+            assert r.config().seed == winner
+    assert sorted(p.name for p in runs.iterdir()) == sorted(f"exp{k}" for k in range(n))
+
+
+def test_an_input_file_edited_after_creation_is_refused(tmp_path, seed_files):
+    config = resolve({}, {"preset": "tiny", "ift": str(seed_files["ift"]), "eft": str(seed_files["eft"]),
+                          "eft_eval": str(seed_files["eft"])})
+    run = Run.create(tmp_path / "r", config)
+    with run.stage(2, "self_instruct"):
+        pass
+    original = seed_files["ift"].read_bytes()
+    seed_files["ift"].write_bytes(original.replace(b"pump", b"pomp"))  # the same size
+    with pytest.raises(SelfRewardError, match=r"ift file .* has changed since run .* was created"):
+        with run.stage(2, "candidates"):
+            pass
+    seed_files["ift"].write_bytes(original)
+    # An edit while a stage runs (it read the file then) keeps the stage from committing.
+    with pytest.raises(SelfRewardError, match="eft file"):
+        with run.stage(2, "candidates") as commit:
+            commit.insert_all("prompts", [{"round": 2, "text": "x", "source": "t", "created_at": "now"}])
+            seed_files["eft"].write_text(seed_files["eft"].read_text() + "\n")
+    assert not run.stage_done(2, "candidates") and run.db["prompts"].count == 0
+    seed_files["eft"].unlink()
+    with pytest.raises(SelfRewardError, match="is missing; restore it"):
+        with run.stage(2, "candidates"):
+            pass
+
+
+def test_a_hub_model_is_pinned_to_its_revision_at_registration(tmp_path, tiny_model, seed_files, judge_script,
+                                                               monkeypatch):
+    """A hub id resolves, when the run registers M0, to the snapshot of the revision `main` names then;
+    the run records that folder (its name is the commit) and its weights' hash, and loads it even after
+    `main` moves. (No hub here: a cache laid out as huggingface_hub lays it out, used offline.)"""
+    import shutil
+
+    import huggingface_hub
+    from click.testing import CliRunner
+
+    from selfreward.backends.models import weights_sha
+    from selfreward.cli import cli
+    from tests.conftest import build_tiny_model
+
+    cache = tmp_path / "hub"
+    repo = cache / "models--someone--tiny-chat"
+    first, second = "1" * 40, "2" * 40
+    shutil.copytree(tiny_model, repo / "snapshots" / first)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(first)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    args = ["iterate", "--runs-dir", str(tmp_path / "runs"), "--name", "hub", "--preset", "tiny", "--rounds", "1",
+            "--model", "someone/tiny-chat", "--ift", str(seed_files["ift"]), "--eft", str(seed_files["eft"]),
+            "--eft-eval", "", "--judge", "scripted", "--judge-script", str(judge_script)]
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 0, result.output
+    # The repo moves on: `main` now names other weights.
+    build_tiny_model(repo / "snapshots" / second, seed=1)
+    (repo / "refs" / "main").write_text(second)
+    with Run.open(tmp_path / "runs" / "hub") as run:
+        m0 = run.model("M0")
+        assert m0["path"] == str(repo / "snapshots" / first) == run.model_path("M0")
+        assert m0["sha256"] == weights_sha(repo / "snapshots" / first) != weights_sha(repo / "snapshots" / second)
+        assert m0["note"] == f"source: someone/tiny-chat (hub revision {first})"
+
+
+def test_a_reply_with_a_lone_surrogate_is_stored(run):
+    # An API's JSON can carry "\ud800": SQLite refuses to encode it, and the seeded reply failed every resume.
+    text = "fine so far \ud800 and after"
+    with run.stage(2, "candidates") as commit:
+        commit.insert_all("prompts", [{"id": 1, "round": 2, "text": "p \udfff", "source": "t", "created_at": "now"}])
+        commit.insert_all("candidates", [{"round": 2, "prompt_id": 1, "idx": 0, "text": text, "n_tokens": 5}])
+    assert run.rows("select text from candidates") == [{"text": "fine so far \ufffd and after"}]
+    assert run.rows("select text from prompts") == [{"text": "p \ufffd"}]
+    assert run.rows("select text from candidates where text = ?", ["fine so far \ud800 and after"])
+
+
+def test_eval_judge_refuses_the_runs_eval_set_once_edited(judged_run, seed_files):
+    from click.testing import CliRunner
+
+    from selfreward.cli import cli
+
+    run_dir = str(judged_run.path)
+    judged_run.close()
+    with seed_files["eft"].open("a") as fh:  # the run's eft_eval (and eft)
+        fh.write('{"instruction": "i", "response": "r", "justification": "j", "score": 5}\n')
+    for args in (["eval", "judge", run_dir, "--limit", "1"], ["train-rm", run_dir]):
+        result = CliRunner().invoke(cli, args)
+        assert result.exit_code == 1, result.output
+        assert "eft_eval file" in result.output and "has changed since run" in result.output

@@ -33,8 +33,9 @@ def embedded_gguf() -> Path:
     return path
 
 
-def resolve_source(spec: str) -> str:
-    """A local folder transformers can load, or a hub id. Fails early on a bad path."""
+def resolve_source(spec: str, pin: bool = False) -> str:
+    """A local folder transformers can load, or a hub id (with `pin`, its snapshot folder: see
+    resolve_policy). Fails early on a bad path."""
     if spec == EMBEDDED:
         return str(gguf_to_folder(embedded_gguf(), name="SmolLM2-135M-Instruct"))
     path = Path(spec).expanduser()
@@ -48,6 +49,8 @@ def resolve_source(spec: str) -> str:
         return str(path.resolve())
     if path.exists() or spec.startswith((".", "/", "~")) or spec.count("/") > 1:
         raise SelfRewardError(f"model not found: {spec} (not a model folder, .gguf file, or hub id)")
+    if pin:
+        return hub_snapshot(spec)
     # A hub id: ask for its config now, so an unknown or unreachable model fails before a run exists.
     from transformers import AutoConfig
 
@@ -57,6 +60,35 @@ def resolve_source(spec: str) -> str:
         raise SelfRewardError(f"model '{spec}' is not a local folder or .gguf file, and the hub could not provide "
                               f"it: {str(e).splitlines()[0]}") from None
     return spec
+
+
+# What a pinned hub snapshot needs: config, weights, tokenizer and chat template (never a pickled .bin
+# or a repo's `original/` copy of the weights).
+HUB_FILES = ["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja", "*.tiktoken"]
+
+
+def resolve_policy(spec: str) -> str:
+    """M0's folder, as the run records it. A hub id is pinned: its current revision's snapshot is
+    fetched into the hub cache and the run loads that folder (named by its commit), hashed like any
+    local folder, so a later push to the repo never changes the run's base model. The weights must
+    be safetensors: they are what a run hashes and checks before each load."""
+    path = resolve_source(spec, pin=True)
+    if not (Path(path) / "config.json").is_file():
+        raise SelfRewardError(f"model {spec} has no config.json; is it a transformers model?")
+    if not any(Path(path).glob("*.safetensors")):
+        raise SelfRewardError(f"model {spec} has no .safetensors weights (a pickled .bin checkpoint is never "
+                              f"loaded); convert it with save_pretrained(..., safe_serialization=True)")
+    return path
+
+
+def hub_snapshot(repo_id: str) -> str:
+    from huggingface_hub import snapshot_download
+
+    try:
+        return snapshot_download(repo_id, allow_patterns=HUB_FILES)
+    except (OSError, ValueError) as e:
+        raise SelfRewardError(f"model '{repo_id}' is not a local folder or .gguf file, and the hub could not "
+                              f"provide it: {str(e).splitlines()[0]}") from None
 
 
 def gguf_to_folder(gguf: Path, name: str | None = None) -> Path:
@@ -196,7 +228,7 @@ def sequence_logps(model, tokenizer, pairs: list[dict]) -> list[float]:
 def merge_adapter(base_path: str, adapter_path: Path, out: Path, probe=None, load=None, before=None):
     """Merge a LoRA adapter into a full-precision reload of its base (never into 4-bit weights:
     the merged model has no quantization_config and no quantized tensors) and write it, with the
-    base's tokenizer, to `out` (via out.tmp, renamed into place). `load(path)` loads the base
+    base's tokenizer, to `out` (staged beside it, renamed into place). `load(path)` loads the base
     (default: the causal LM at full precision; a reward model passes its classifier loader).
     Returns (before's result on the base as loaded, probe's on the merged model before it is
     saved): `before(model, tokenizer)` and `probe(model, tokenizer)`, each None where not given."""
@@ -207,15 +239,30 @@ def merge_adapter(base_path: str, adapter_path: Path, out: Path, probe=None, loa
     earlier = before(base, tokenizer) if before else None
     merged = PeftModel.from_pretrained(base, str(adapter_path)).merge_and_unload()
     result = probe(merged, tokenizer) if probe else None
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    merged.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    from selfreward.core import failpoints
+    # Staged in a folder of our own whose name starts with '.', so no model (`M2.tmp`, a reward model
+    # named `X.tmp`) is ever taken for the scratch folder and deleted; a kill leaves only dot-folders.
+    import re
+    import tempfile
 
-    failpoints.hit("merge")
-    shutil.rmtree(out, ignore_errors=True)
-    os.replace(tmp, out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # A merge killed before its rename left its stage: this model's, as no model's name starts with '.',
+    # and stale, as one writer at a time holds the run.
+    stale = re.compile(re.escape(f".{out.name}.") + r"[a-z0-9_]{8}\.merging")
+    for old in out.parent.iterdir():
+        if stale.fullmatch(old.name):
+            shutil.rmtree(old, ignore_errors=True)
+    stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".merging", dir=out.parent))
+    try:
+        tmp = stage / out.name
+        merged.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        from selfreward.core import failpoints
+
+        failpoints.hit("merge")
+        shutil.rmtree(out, ignore_errors=True)  # this model's own folder, from an attempt that was killed
+        os.replace(tmp, out)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
     return earlier, result
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from selfreward.core import failpoints
 from selfreward.core.context import Context
-from selfreward.backends.models import resolve_source, weights_sha
+from selfreward.backends.models import resolve_policy, weights_sha
 from selfreward.core.stages import (actor, candidates, consistency, evaluate, judging, meta, online, pairs,
                                    self_instruct, train)
 from selfreward.core.store import now
@@ -66,12 +66,14 @@ def stalled(ctx: Context, t: int) -> bool:
 def register_m0(ctx: Context) -> None:
     if ctx.run.db.execute("select 1 from models where name = 'M0'").fetchone():
         return
-    path = resolve_source(ctx.cfg.model)
-    sha = weights_sha(Path(path)) if Path(path).is_dir() else None  # a hub id is hashed by nobody here
+    path = resolve_policy(ctx.cfg.model)  # a hub id: the snapshot of its revision now, which is what loads
+    note = f"source: {ctx.cfg.model}"
+    if Path(path).parent.name == "snapshots" and not Path(ctx.cfg.model).exists():
+        note += f" (hub revision {Path(path).name})"
     with ctx.run.db.atomic():
         ctx.run.db["models"].insert({"name": "M0", "round": 0, "kind": "base", "parent": None, "path": path,
-                                     "adapter_path": None, "note": f"source: {ctx.cfg.model}",
-                                     "created_at": now(), "sha256": sha})
+                                     "adapter_path": None, "note": note,
+                                     "created_at": now(), "sha256": weights_sha(Path(path))})
 
 
 def round_finished(ctx: Context, t: int) -> bool:

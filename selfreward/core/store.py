@@ -11,6 +11,7 @@ import fcntl
 import json
 import sqlite3
 import os
+import re
 import threading
 import time
 from contextlib import contextmanager
@@ -106,6 +107,28 @@ def m003_evals(db: sqlite_utils.Database):
          "a_tokens": int, "b_tokens": int, "outcome": str, "judge": str},
         pk="id",
     )
+
+
+# The config row holding the sha256 of each input file (IFT, EFT, eval set), taken at creation: the
+# files are read again every round, and an edit between rounds would silently change the run's data.
+INPUTS_KEY = "_inputs"
+INPUT_KEYS = ("ift", "eft", "eft_eval", "if_eval", "win_eval")
+
+
+def input_hashes(config: Config) -> dict:
+    from selfreward.data import file_sha256
+
+    out = {}
+    for key in INPUT_KEYS:
+        path = getattr(config, key)
+        if key == "win_eval" and config.eval_judge == "none":
+            continue  # read only by an eval judge
+        if path:
+            try:
+                out[key] = {"path": path, "sha256": file_sha256(path)}
+            except OSError as e:
+                raise SelfRewardError(f"cannot read the {key} file {path}: {e.strerror}") from None
+    return out
 
 
 APPEND_ONLY = ("candidates", "judgments", "pairs", "comparisons")  # m009 adds its own three
@@ -303,12 +326,37 @@ class PeakMemory:
 BUSY_TIMEOUT_S = 60.0
 
 
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def storable(value):
+    """Text SQLite can store: a lone surrogate (a model's reply can hold one, as a JSON escape from an API)
+    becomes U+FFFD. SQLite refuses to encode it, so the same seeded reply failed its stage on every resume."""
+    if isinstance(value, str) and not value.isascii():
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return _SURROGATE.sub("\ufffd", value)
+    return value
+
+
+class Database(sqlite_utils.Database):
+    """sqlite_utils' Database; every statement's text parameters pass through `storable` on the way in."""
+
+    def execute(self, sql, parameters=None):
+        if isinstance(parameters, dict):
+            parameters = {k: storable(v) for k, v in parameters.items()}
+        elif parameters is not None:
+            parameters = [storable(v) for v in parameters]
+        return super().execute(sql, parameters)
+
+
 def connect(db_path: Path, writer: bool) -> sqlite_utils.Database:
     conn = sqlite3.connect(str(db_path), timeout=BUSY_TIMEOUT_S)
     conn.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_S * 1000)}")
     if writer:
         conn.execute("PRAGMA journal_mode = WAL")  # persistent: stored in the file
-    return sqlite_utils.Database(conn)
+    return Database(conn)
 
 
 class Run:
@@ -324,6 +372,7 @@ class Run:
         self.path = path
         self.db = db
         self._lock = lock
+        self._inputs_seen: dict = {}
 
     # --- opening ---
     @classmethod
@@ -338,6 +387,12 @@ class Run:
                 migrations.apply(db)
             elif migrations.pending(db):
                 cls._migrate_old_run(path, db)
+        except sqlite3.DatabaseError as e:
+            release_lock(lock)
+            if getattr(e, "sqlite_errorname", "") not in ("SQLITE_NOTADB", "SQLITE_CORRUPT"):
+                raise
+            raise SelfRewardError(f"{path / 'run.db'} is damaged or not a run database ({e}); restore it from "
+                                  f"a copy") from None
         except BaseException:
             release_lock(lock)
             raise
@@ -357,26 +412,82 @@ class Run:
     @classmethod
     def create(cls, path: str | Path, config: Config) -> "Run":
         path = Path(path)
-        # Build the run in a temporary folder and rename it into place, so a
-        # failure here never leaves a half-made run behind.
-        tmp = path.with_name(path.name + ".creating")
-        if tmp.exists():
-            import shutil
-
-            shutil.rmtree(tmp)
         try:
-            (tmp / "models").mkdir(parents=True)
+            path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise SelfRewardError(f"cannot create the run folder {path}: {e.strerror}") from None
-        db = connect(tmp / "run.db", writer=True)
-        migrations.apply(db)
-        with db.atomic():
-            db["config"].insert_all({"key": k, "value": json.dumps(v)} for k, v in as_dict(config).items())
-            db["config"].insert({"key": "_created_by", "value": json.dumps(f"selfreward {__version__}")})
-        db.close()
-        (tmp / "config.toml").write_text(to_toml(config))
-        os.replace(tmp, path)
-        return cls.open(path, writer=True)
+        # One creator at a time in a runs folder: two first `iterate`s of one name must not both build it.
+        # The lock is on the runs folder itself, so it leaves no file behind.
+        try:
+            creating = os.open(path.parent, os.O_RDONLY)
+        except OSError as e:
+            raise SelfRewardError(f"cannot create the run folder {path}: {e.strerror}") from None
+        try:
+            fcntl.flock(creating, fcntl.LOCK_EX)
+            if (path / "run.db").is_file():
+                raise SelfRewardError(f"run {path} was created by another selfreward process meanwhile; "
+                                      f"run the command again to resume it")
+            if path.exists() and (not path.is_dir() or any(path.iterdir())):
+                raise SelfRewardError(f"cannot create the run folder {path}: something that is not a run is "
+                                      f"there; move it away or choose another --name")
+            cls._build(path, config)
+            return cls.open(path, writer=True)  # the run's own lock before the creation lock goes
+        finally:
+            os.close(creating)  # and its flock with it
+
+    @staticmethod
+    def _build(path: Path, config: Config) -> None:
+        """Build the run in a folder of our own beside it and rename it into place, so a failure
+        never leaves a half-made run. The stage's name starts with '.', which no run name may, and
+        only what this process made is ever removed."""
+        import shutil
+        import tempfile
+
+        try:
+            stage = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".creating", dir=path.parent))
+        except OSError as e:
+            raise SelfRewardError(f"cannot create the run folder {path}: {e.strerror}") from None
+        try:
+            tmp = stage / path.name
+            (tmp / "models").mkdir(parents=True)
+            db = connect(tmp / "run.db", writer=True)
+            migrations.apply(db)
+            with db.atomic():
+                db["config"].insert_all({"key": k, "value": json.dumps(v)} for k, v in as_dict(config).items())
+                db["config"].insert({"key": "_created_by", "value": json.dumps(f"selfreward {__version__}")})
+                db["config"].insert({"key": INPUTS_KEY, "value": json.dumps(input_hashes(config))})
+            db.close()
+            (tmp / "config.toml").write_text(to_toml(config), encoding="utf-8")
+            try:
+                os.replace(tmp, path)
+            except OSError as e:
+                raise SelfRewardError(f"cannot create the run folder {path}: {e.strerror}") from None
+        finally:
+            shutil.rmtree(stage, ignore_errors=True)
+
+    def check_inputs(self, keys=INPUT_KEYS) -> None:
+        """Refuse to go on when an input file differs from the one the run was created with."""
+        from selfreward.data import file_sha256
+
+        row = self.db.execute("select value from config where key = ?", [INPUTS_KEY]).fetchone()
+        for key, recorded in (json.loads(row[0]) if row else {}).items():  # runs made before: nothing recorded
+            if key not in keys:
+                continue
+            path = recorded["path"]
+            try:
+                stat = os.stat(path)
+                seen = (stat.st_size, stat.st_mtime_ns)
+            except OSError:
+                raise SelfRewardError(f"{key} file {path} of run {self.path} is missing; restore it (sha256 "
+                                      f"{recorded['sha256']}) to resume") from None
+            if self._inputs_seen.get(key) == seen:
+                continue  # unchanged since it was last hashed
+            actual = file_sha256(path)
+            if actual != recorded["sha256"]:
+                raise SelfRewardError(f"{key} file {path} has changed since run {self.path} was created (sha256 "
+                                      f"{actual[:16]}, recorded {recorded['sha256'][:16]}); restore it, or start "
+                                      f"a new run with the new data")
+            self._inputs_seen[key] = seen
 
     def close(self) -> None:
         self.db.close()
@@ -406,7 +517,7 @@ class Run:
     def set_config(self, key: str, value) -> None:
         with self.db.atomic():
             self.db["config"].upsert({"key": key, "value": json.dumps(value)}, pk="key")
-        (self.path / "config.toml").write_text(to_toml(self.config()))
+        (self.path / "config.toml").write_text(to_toml(self.config()), encoding="utf-8")
 
     # --- stages ---
     def stage_done(self, round: int, stage: str) -> bool:
@@ -417,12 +528,14 @@ class Run:
         """Time a stage and hand it a Commit; its writes land in one transaction at the end."""
         from selfreward.core import failpoints
 
+        self.check_inputs()
         started, t0 = now(), time.perf_counter()
         commit = StageCommit()
         failpoints.enter(f"r{round}:{stage}")
         failpoints.hit("start")
         with PeakMemory() as mem:
             yield commit
+        self.check_inputs()  # the stage read them: an edit during it must not reach its rows
         with self.db.atomic():
             for fn in commit.writes:
                 fn(self.db)

@@ -323,13 +323,18 @@ def _check_round(run: Run, round: int) -> None:
                               f"({'rounds: ' + ', '.join(map(str, have)) if have else 'it has no rounds yet'})")
 
 
-def _check_target(out: Path, folder: bool, force: bool, what: str) -> None:
-    """Refuse, before anything is written, a target that would cost the user files export did not write."""
-    where = out.resolve()
+def refuse_run_folder(out: str | Path, verb: str = "export") -> None:
+    """Refuse an output path inside any run folder (`--out runs/demo/run.db` would replace the run's
+    database): a run folder holds only what the run wrote, and resuming trusts that."""
+    where = Path(out).resolve()
     run_dir = next((p for p in (where, *where.parents) if (p / "run.db").is_file()), None)
     if run_dir is not None:
-        # Even with --force: a run folder holds only what the run wrote, and resuming trusts that.
-        raise SelfRewardError(f"{out} is inside the run folder {run_dir}; export to a path outside any run folder")
+        raise SelfRewardError(f"{out} is inside the run folder {run_dir}; {verb} to a path outside any run folder")
+
+
+def _check_target(out: Path, folder: bool, force: bool, what: str) -> None:
+    """Refuse, before anything is written, a target that would cost the user files export did not write."""
+    refuse_run_folder(out)  # even with --force
     if out.is_dir():
         if not folder:
             raise SelfRewardError(f"{out} is a folder, and {what} is one file; give a file path")

@@ -9,7 +9,6 @@ ranked file written by `data import-oasst` (rank 0 = best).
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from itertools import combinations
@@ -40,14 +39,14 @@ def load_eval_set(path: str | Path) -> list[EvalGroup]:
     path = Path(path)
     if not path.is_file():
         raise SelfRewardError(f"evaluation set not found: {path}")
-    first = next((line for line in path.open(encoding="utf-8") if line.strip()), None)
+    # The first row says which format: read as every row is (a .gz, a binary file or a line that is
+    # not an object is one clear error, not a traceback).
+    rows = iter_jsonl(path, "evaluation set")
+    first = next(rows, None)
+    rows.close()
     if first is None:
         raise SelfRewardError(f"{path}: no rows")
-    try:
-        ranked = "responses" in json.loads(first)
-    except json.JSONDecodeError as e:
-        raise SelfRewardError(f"{path}:1: malformed JSON ({e.msg})") from None
-    return _read_ranked(path) if ranked else groups_from_eft(read_eft(path))
+    return _read_ranked(path) if "responses" in first[1] else groups_from_eft(read_eft(path))
 
 
 def groups_from_eft(rows: list[dict]) -> list[EvalGroup]:
