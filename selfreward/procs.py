@@ -15,7 +15,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import psutil
@@ -130,12 +129,3 @@ def _leads(pid: int) -> bool:
     except OSError:
         return False
 
-
-def wait_gone(pgid: int, timeout: float) -> bool:
-    """Whether the group is empty within `timeout` s (a SIGKILLed group takes a moment to go)."""
-    deadline = time.monotonic() + timeout
-    while group_members(pgid):
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.1)
-    return True

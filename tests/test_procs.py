@@ -158,3 +158,28 @@ def test_the_gguf_cache_is_built_once_by_two_processes_at_once(tmp_path):
     assert len(log.read_text().split()) == 1  # built once
     assert sorted(p.name for p in target.iterdir()) == ["config.json", "model.safetensors"]
     assert [p.name for p in target.parent.iterdir() if p != target and not p.name.endswith(".lock")] == []
+
+
+def test_the_socket_folder_is_private_and_short_enough(tmp_path):
+    """Sockets go in `sockets` of the run folder, mode 0700 (the dev endpoints behind them take no
+    key); a run folder too deep for a socket path (107 bytes) gets a fresh 0700 folder in the temp
+    folder, named for the run."""
+    import stat
+    import tempfile
+
+    from selfreward.backends.engines.vllm import MAX_SOCKET_PATH, socket_dir
+
+    run = tmp_path / "runs" / "exp"
+    run.mkdir(parents=True)
+    (run / "sockets").mkdir(mode=0o755)  # an older folder, open to all: closed again
+    folder = socket_dir(run, ["policy-0", "policy-1"])
+    assert folder == run / "sockets" and stat.S_IMODE(folder.stat().st_mode) == 0o700
+    deep = tmp_path / ("d" * 60) / ("e" * 60) / "exp"
+    deep.mkdir(parents=True)
+    folder = socket_dir(deep, ["policy"])
+    try:
+        assert folder.parent == Path(tempfile.gettempdir()) and folder.name.startswith("selfreward-exp-")
+        assert stat.S_IMODE(folder.stat().st_mode) == 0o700
+        assert len(os.fsencode(folder / "policy.sock")) <= MAX_SOCKET_PATH
+    finally:
+        folder.rmdir()

@@ -217,6 +217,8 @@ def test_a_replica_unreachable_at_the_start_is_probed_after_the_cool_down():
     ("http://127.0.0.1:1/v1,,http://127.0.0.1:2/v1", "empty entry"),
     ("http://127.0.0.1:1/v1, http://127.0.0.1:1/v1", "same replica twice"),
     ("http://127.0.0.1:1/v1,http://u:sk-x@127.0.0.1:2/v1", "credentials"),
+    ("http://127.0.0.1:1/v1?api_key=sk-x", "query string"),
+    ("http://127.0.0.1:1/v1#sk-x", "query string"),
 ])
 def test_each_replica_url_is_checked(value, error):
     with pytest.raises(SelfRewardError, match=error) as err:
@@ -312,7 +314,7 @@ def test_vllm_engine_runs_two_replicas_and_ends_both(vllm_cfg, tmp_path):
     e = VLLMEngine(cfg, cfg.model, tmp_path)
     try:
         pids = [s.proc.pid for s in e.servers]
-        assert len({s.port for s in e.servers}) == 2 and all(group_alive(p) for p in pids)
+        assert len({s.socket for s in e.servers}) == 2 and all(group_alive(p) for p in pids)
         assert sorted(p.name for p in tmp_path.glob("vllm-*.pid")) == sorted(f"vllm-{p}.pid" for p in pids)
         assert all((tmp_path / "logs" / f"vllm-policy-{k}.log").is_file() for k in (0, 1))
         sampling = Sampling(0.7, 0.9, 8, 2)

@@ -131,7 +131,7 @@ def socket_dir(workdir: Path, names: list[str]) -> Path:
     where that path is too long for a socket, a fresh one in the temp folder named for the run."""
     folder = Path(workdir) / "sockets"
     if max(len(os.fsencode(folder / f"{n}.sock")) for n in names) <= MAX_SOCKET_PATH:
-        folder.mkdir(mode=0o700, exist_ok=True)
+        folder.mkdir(mode=0o700, parents=True, exist_ok=True)
         os.chmod(folder, 0o700)  # an older or hand-made folder too: its mode decides who reaches the servers
         return folder
     return Path(tempfile.mkdtemp(prefix=f"selfreward-{Path(workdir).name[:24]}-"))  # mkdtemp makes it 0700
