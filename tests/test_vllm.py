@@ -22,6 +22,7 @@ import threading
 import time
 from pathlib import Path
 
+import httpx
 import psutil
 import pytest
 import sqlite_utils
@@ -249,14 +250,19 @@ def test_vllm_engine_loads_another_model_in_place(embedded, tmp_path):
         del os.environ["OPENAI_API_KEY"]
     try:
         assert engine.swappable  # auto: on CPU
-        # The dev endpoints the swap needs are on a Unix socket in a folder only this user can enter; nothing of
-        # the server's group listens on TCP; and the client holds no key from the environment.
+        # The dev endpoints the swap needs are on a Unix socket in a folder only this user can enter; no TCP port
+        # of the server's group speaks HTTP (vLLM's own engine-core and torch.distributed sockets are on
+        # 127.0.0.1); and the client holds no key from the environment.
         (server,) = engine.servers
         assert server.socket.is_socket() and server.socket.parent == tmp_path / "a" / "sockets"
         assert stat.S_IMODE(server.socket.parent.stat().st_mode) == 0o700
-        listening = [c for pid in group_members(server.proc.pid) for c in psutil.Process(pid).net_connections("inet")
-                     if c.status == psutil.CONN_LISTEN]
-        assert listening == []
+        listening = {(pid, c.laddr.ip, c.laddr.port) for pid in group_members(server.proc.pid)
+                     for c in psutil.Process(pid).net_connections("inet") if c.status == psutil.CONN_LISTEN}
+        print(f"\nTCP listeners of the server's group (pid, ip, port): {sorted(listening)}")
+        for _, ip, port in listening:
+            assert ip == "127.0.0.1"
+            with pytest.raises(httpx.HTTPError):
+                httpx.get(f"http://127.0.0.1:{port}/health", timeout=2)
         assert engine.replicas[0].client.api_key == "not-set" and engine.replicas[0].url == f"unix:{server.socket}"
         # One worker on CPU runs inside the engine-core process (VLLM_ENABLE_V1_MULTIPROCESSING=0): the
         # group is the launcher (vLLM's API server) and the engine core, with no third process importing vLLM.

@@ -373,12 +373,12 @@ class OpenAIEngine:
 
 def _uds_client(path: str):
     """The openai client's HTTP over a Unix socket (the client's own connection limits: a transport
-    given to httpx ignores the client's)."""
-    import httpx
+    given to the client ignores the client's). openai 3 runs on httpx2, whose transport it needs."""
+    import httpx2
     from openai import DefaultHttpxClient
 
-    limits = httpx.Limits(max_connections=1000, max_keepalive_connections=100)
-    return DefaultHttpxClient(transport=httpx.HTTPTransport(uds=path, limits=limits))
+    limits = httpx2.Limits(max_connections=1000, max_keepalive_connections=100)
+    return DefaultHttpxClient(transport=httpx2.HTTPTransport(uds=path, limits=limits))
 
 
 def _is_chat(prompt: Prompt) -> bool:
