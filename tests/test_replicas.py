@@ -331,3 +331,43 @@ def test_vllm_engine_runs_two_replicas_and_ends_both(vllm_cfg, tmp_path):
     finally:
         e.close()
     assert not any(group_alive(p, grace=10) for p in pids) and not list(tmp_path.glob("vllm-*.pid"))
+
+
+def test_servers_on_unix_sockets_get_no_key_from_the_environment(tmp_path, monkeypatch):
+    """The vllm engine's own servers: reached through their sockets, named unix:<path>, and sent no
+    hosted key (a server we started needs none; $OPENAI_API_KEY is for the API it names)."""
+    import socketserver
+
+    seen = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def address_string(self):
+            return "unix"
+
+        def log_message(self, *args):
+            pass
+
+        def do_POST(self):
+            self.rfile.read(int(self.headers["Content-Length"]))
+            seen.append(self.headers.get("Authorization"))
+            payload = json.dumps({"id": "x", "object": "chat.completion", "created": 0, "model": "m",
+                                  "choices": [{"index": 0, "finish_reason": "stop",
+                                               "message": {"role": "assistant", "content": "over the socket"}}]})
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(payload)))
+            self.end_headers()
+            self.wfile.write(payload.encode())
+
+    sock = tmp_path / "policy.sock"
+    server = socketserver.ThreadingUnixStreamServer(str(sock), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-hosted-secret")
+    try:
+        e = OpenAIEngine([], "m", sockets=[str(sock)], max_retries=0)
+        outs = e.generate(chats(["a", "b"]), 1, Sampling(0.7, 0.9, 8, 1))
+        e.close()
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert [o[0].text for o in outs] == ["over the socket"] * 2
+    assert seen == ["Bearer not-set"] * 2 and [r["url"] for r in e.replica_counts()] == [f"unix:{sock}"]
