@@ -57,7 +57,7 @@ TARGETS = {"generation": 2.5, "judging": 5.0, "overhead_pct": 10.0}
 # Not one of the measured prompts, so the warm-up leaves nothing in the prefix cache they could use.
 WARM_UP = [{"role": "user", "content": "Say hello."}]
 # Flags of the vLLM server that mean nothing to `vllm.LLM`.
-SERVER_ONLY = {"model", "served_model_name", "host", "port", "disable_uvicorn_access_log"}
+SERVER_ONLY = {"model", "served_model_name", "uds", "disable_uvicorn_access_log"}
 
 
 @dataclass(frozen=True)
@@ -183,7 +183,7 @@ def bare_vllm(cfg, model_path: str, prompts, n: int, sampling: Sampling, workdir
     from selfreward.backends.engines.vllm import _cuda, last_error, server_args, server_env
 
     cuda = _cuda()
-    kwargs = llm_kwargs(server_args(cfg, model_path, "policy", 0, cuda))
+    kwargs = llm_kwargs(server_args(cfg, model_path, "policy", "unused.sock", cuda))
     log(f"bare vLLM: LLM({model_path!r}, {', '.join(f'{k}={v!r}' for k, v in kwargs.items())})")
     job = {"parent": os.getpid(), "model": model_path, "llm_kwargs": kwargs, "prompts": prompts, "n": n,
            "temperature": sampling.temperature, "top_p": sampling.top_p, "max_tokens": sampling.max_new_tokens,
@@ -225,7 +225,7 @@ def run(sizes: Sizes, skip_bare: bool, workdir: Path) -> dict:
     judging = Sampling(cfg.judge_temperature, cfg.judge_top_p, sizes.judge_tokens, 0)
     n = sizes.samples
     generation, judgments, starts = [], [], []
-    log(f"model {model_path}; vLLM server flags: {' '.join(server_args(cfg, model_path, 'policy', 0, _cuda()))}")
+    log(f"model {model_path}; vLLM server flags: {' '.join(server_args(cfg, model_path, 'policy', 'policy.sock', _cuda()))}")
 
     log("transformers: loading")
     t0 = time.perf_counter()
@@ -289,7 +289,7 @@ def run(sizes: Sizes, skip_bare: bool, workdir: Path) -> dict:
     if not skip_bare:
         overhead = 100 * (generation[2]["rate"] - generation[1]["rate"]) / generation[2]["rate"]
     return {"sizes": asdict(sizes), "generation_sampling": asdict(gen), "judge_sampling": asdict(judging),
-            "vllm_server_args": server_args(cfg, model_path, "policy", 0, _cuda()),
+            "vllm_server_args": server_args(cfg, model_path, "policy", "policy.sock", _cuda()),
             "generation": generation, "judging": judgments, "starts": starts, "overhead_pct": overhead,
             "targets": TARGETS}
 

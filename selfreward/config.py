@@ -357,6 +357,7 @@ def validate(c: Config) -> None:
         raise SelfRewardError("vllm_distributed_executor_backend must be 'mp', 'ray' or '' (vLLM's choice)")
     if not 0 < c.vllm_gpu_memory_utilization <= 1:
         raise SelfRewardError("vllm_gpu_memory_utilization must lie in (0, 1]")
+    check_vllm_extra_args(c.vllm_extra_args)
     check_api_settings(c)
     check_judge_training(c)
     check_actor_eval(c)
@@ -540,6 +541,36 @@ def check_url(value: str) -> None:
     if url.username or url.password:
         raise SelfRewardError("api_base must not carry credentials (user:password@); put the key in the "
                               "environment variable named by api_key_env")
+    if url.query or url.fragment:
+        # A key in ?key=... would be kept in config.toml, the run's database and every log line naming the URL.
+        raise SelfRewardError("api_base must not carry a query string (?...) or fragment (#...): a key there would "
+                              "be stored with the run; put the key in the environment variable named by api_key_env")
+
+
+# Flags the vllm engine sets itself: where its servers listen (a socket only this user can reach) and what they
+# are sent. vllm_extra_args may not override them, nor carry a secret that config.toml and the logs would keep.
+VLLM_RESERVED_FLAGS = ("--host", "--port", "--uds", "--api-key", "--hf-token")
+
+
+def check_vllm_extra_args(value: str) -> None:
+    """The engine decides where its servers listen and what they are sent; a secret here would be
+    stored with the run. The messages name the flag, never its value."""
+    import shlex
+
+    try:
+        args = shlex.split(value)
+    except ValueError as e:
+        raise SelfRewardError(f"vllm_extra_args is not a valid command line ({e})") from None
+    for arg in args:
+        # vLLM reads --api_key as --api-key, and argparse takes any unambiguous prefix (--ho for --host).
+        given = arg.split("=", 1)[0].replace("_", "-")
+        flag = next((f for f in VLLM_RESERVED_FLAGS if len(given) > 2 and f.startswith(given)), None)
+        if flag:
+            why = {"--hf-token": "it would be stored with the run; vLLM reads HF_TOKEN from the environment",
+                   "--api-key": "the servers need no key (only you can reach their socket), and one here would "
+                                "be stored with the run"}.get(
+                flag, "the engine decides where its servers listen: a Unix socket in a folder only you can enter")
+            raise SelfRewardError(f"vllm_extra_args must not set {flag}: {why}")
 
 
 def as_dict(c: Config) -> dict:

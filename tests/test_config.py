@@ -76,3 +76,20 @@ def test_nan_in_a_toml_file_is_refused(tmp_path):
 def test_word_limits_are_validated(values):
     with pytest.raises(SelfRewardError, match="min_words must be at least 1"):
         resolve({}, {"preset": "demo", **values})
+
+
+@pytest.mark.parametrize("extra, flag", [
+    ("--host 0.0.0.0", "--host"), ("--port=8000", "--port"), ("--uds /tmp/x.sock", "--uds"),
+    ("--api-key sk-secret", "--api-key"), ("--api_key=sk-secret", "--api-key"), ("--hf-token hf_secret", "--hf-token"),
+    ("--max-num-batched-tokens 512 --ho 0.0.0.0", "--host"),  # argparse takes an unambiguous prefix
+])
+def test_vllm_extra_args_cannot_move_the_server_or_carry_a_secret(extra, flag):
+    with pytest.raises(SelfRewardError, match=f"^vllm_extra_args must not set {flag}:") as err:
+        resolve(cli={"vllm_extra_args": extra})
+    assert "secret" not in str(err.value) and "0.0.0.0" not in str(err.value) and "\n" not in str(err.value)
+
+
+def test_vllm_extra_args_pass_other_flags_and_refuse_a_broken_line():
+    assert resolve(cli={"vllm_extra_args": "--max-num-batched-tokens 512 --enable-prompt-tokens-details"})
+    with pytest.raises(SelfRewardError, match="^vllm_extra_args is not a valid command line"):
+        resolve(cli={"vllm_extra_args": "--served-model-name 'x"})

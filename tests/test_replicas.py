@@ -217,6 +217,8 @@ def test_a_replica_unreachable_at_the_start_is_probed_after_the_cool_down():
     ("http://127.0.0.1:1/v1,,http://127.0.0.1:2/v1", "empty entry"),
     ("http://127.0.0.1:1/v1, http://127.0.0.1:1/v1", "same replica twice"),
     ("http://127.0.0.1:1/v1,http://u:sk-x@127.0.0.1:2/v1", "credentials"),
+    ("http://127.0.0.1:1/v1?api_key=sk-x", "query string"),
+    ("http://127.0.0.1:1/v1#sk-x", "query string"),
 ])
 def test_each_replica_url_is_checked(value, error):
     with pytest.raises(SelfRewardError, match=error) as err:
@@ -312,7 +314,7 @@ def test_vllm_engine_runs_two_replicas_and_ends_both(vllm_cfg, tmp_path):
     e = VLLMEngine(cfg, cfg.model, tmp_path)
     try:
         pids = [s.proc.pid for s in e.servers]
-        assert len({s.port for s in e.servers}) == 2 and all(group_alive(p) for p in pids)
+        assert len({s.socket for s in e.servers}) == 2 and all(group_alive(p) for p in pids)
         assert sorted(p.name for p in tmp_path.glob("vllm-*.pid")) == sorted(f"vllm-{p}.pid" for p in pids)
         assert all((tmp_path / "logs" / f"vllm-policy-{k}.log").is_file() for k in (0, 1))
         sampling = Sampling(0.7, 0.9, 8, 2)
@@ -329,3 +331,43 @@ def test_vllm_engine_runs_two_replicas_and_ends_both(vllm_cfg, tmp_path):
     finally:
         e.close()
     assert not any(group_alive(p, grace=10) for p in pids) and not list(tmp_path.glob("vllm-*.pid"))
+
+
+def test_servers_on_unix_sockets_get_no_key_from_the_environment(tmp_path, monkeypatch):
+    """The vllm engine's own servers: reached through their sockets, named unix:<path>, and sent no
+    hosted key (a server we started needs none; $OPENAI_API_KEY is for the API it names)."""
+    import socketserver
+
+    seen = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def address_string(self):
+            return "unix"
+
+        def log_message(self, *args):
+            pass
+
+        def do_POST(self):
+            self.rfile.read(int(self.headers["Content-Length"]))
+            seen.append(self.headers.get("Authorization"))
+            payload = json.dumps({"id": "x", "object": "chat.completion", "created": 0, "model": "m",
+                                  "choices": [{"index": 0, "finish_reason": "stop",
+                                               "message": {"role": "assistant", "content": "over the socket"}}]})
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(payload)))
+            self.end_headers()
+            self.wfile.write(payload.encode())
+
+    sock = tmp_path / "policy.sock"
+    server = socketserver.ThreadingUnixStreamServer(str(sock), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-hosted-secret")
+    try:
+        e = OpenAIEngine([], "m", sockets=[str(sock)], max_retries=0)
+        outs = e.generate(chats(["a", "b"]), 1, Sampling(0.7, 0.9, 8, 1))
+        e.close()
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert [o[0].text for o in outs] == ["over the socket"] * 2
+    assert seen == ["Bearer not-set"] * 2 and [r["url"] for r in e.replica_counts()] == [f"unix:{sock}"]

@@ -15,11 +15,15 @@ from __future__ import annotations
 import json
 import os
 import signal
+import stat
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
+import httpx
+import psutil
 import pytest
 import sqlite_utils
 
@@ -28,6 +32,7 @@ vllm_spec = pytest.importorskip("vllm", reason="vLLM is not installed (make inst
 from selfreward.backends.engines import Sampling  # noqa: E402
 from selfreward.backends.engines.openai import OpenAIEngine  # noqa: E402
 from selfreward.backends.engines.vllm import group_members  # noqa: E402
+from selfreward.errors import SelfRewardError  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -52,7 +57,7 @@ def wait_for(predicate, timeout: float, what: str, proc=None):
 
 
 def server_groups(run_dir: Path) -> list[int]:
-    return [int(p.read_text().split()[0]) for p in run_dir.glob("vllm-*.pid")]
+    return [json.loads(p.read_text())["pid"] for p in run_dir.glob("vllm-*.pid")]
 
 
 def test_loop_on_vllm_survives_kill_9_mid_generation(tmp_path):
@@ -238,9 +243,27 @@ def test_vllm_engine_loads_another_model_in_place(embedded, tmp_path):
     def answer(engine):
         return engine.generate([prompt], 1, greedy)[0][0].text
 
-    engine = VLLMEngine(cfg, embedded, tmp_path / "a")
+    os.environ["OPENAI_API_KEY"] = "sk-hosted-secret"  # never sent to a server we started
+    try:
+        engine = VLLMEngine(cfg, embedded, tmp_path / "a")
+    finally:
+        del os.environ["OPENAI_API_KEY"]
     try:
         assert engine.swappable  # auto: on CPU
+        # The dev endpoints the swap needs are on a Unix socket in a folder only this user can enter; no TCP port
+        # of the server's group speaks HTTP (vLLM's own engine-core and torch.distributed sockets are on
+        # 127.0.0.1); and the client holds no key from the environment.
+        (server,) = engine.servers
+        assert server.socket.is_socket() and server.socket.parent == tmp_path / "a" / "sockets"
+        assert stat.S_IMODE(server.socket.parent.stat().st_mode) == 0o700
+        listening = {(pid, c.laddr.ip, c.laddr.port) for pid in group_members(server.proc.pid)
+                     for c in psutil.Process(pid).net_connections("inet") if c.status == psutil.CONN_LISTEN}
+        print(f"\nTCP listeners of the server's group (pid, ip, port): {sorted(listening)}")
+        for _, ip, port in listening:
+            assert ip == "127.0.0.1"
+            with pytest.raises(httpx.HTTPError):
+                httpx.get(f"http://127.0.0.1:{port}/health", timeout=2)
+        assert engine.replicas[0].client.api_key == "not-set" and engine.replicas[0].url == f"unix:{server.socket}"
         # One worker on CPU runs inside the engine-core process (VLLM_ENABLE_V1_MULTIPROCESSING=0): the
         # group is the launcher (vLLM's API server) and the engine core, with no third process importing vLLM.
         (pgid,) = server_groups(tmp_path / "a")
@@ -252,9 +275,19 @@ def test_vllm_engine_loads_another_model_in_place(embedded, tmp_path):
         swapped = answer(engine)
     finally:
         engine.close()
+    assert not (tmp_path / "a" / "sockets").exists()  # the last server's socket, and its folder, went with it
     fresh_engine = VLLMEngine(cfg, str(other), tmp_path / "b")
     try:
         fresh = answer(fresh_engine)
+        # The engine core dies mid-generation while the server's HTTP side lives on: one error line, in seconds,
+        # not requests held until their timeout.
+        (core,) = fresh_engine.servers[0].members
+        threading.Timer(2.0, os.kill, (core, signal.SIGKILL)).start()
+        t0 = time.monotonic()
+        with pytest.raises(SelfRewardError, match=r"^the vLLM server stopped \(its engine process \d+ died\)") as err:
+            fresh_engine.generate([[{"role": "user", "content": f"Tell a long story, {i}."}] for i in range(8)], 1,
+                                  Sampling(0.7, 0.9, 400, 0))
+        assert time.monotonic() - t0 < 20 and "\n" not in str(err.value)
     finally:
         fresh_engine.close()
     assert swapped == fresh != before

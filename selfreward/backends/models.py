@@ -97,22 +97,45 @@ def gguf_to_folder(gguf: Path, name: str | None = None) -> Path:
     target = cache_dir() / "models" / f"{name or gguf.stem}-{key}"
     if (target / "config.json").is_file():
         return target
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    print(f"converting {gguf.name} to safetensors (once) -> {target}")
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    # The loaded model carries a GGUF quantizer marker that refuses save_pretrained;
-    # a fresh model from the same config (minus the marker) takes the dequantized weights.
-    config = loaded.config
-    del config.quantization_config
-    fresh = AutoModelForCausalLM.from_config(config)
-    fresh.load_state_dict(loaded.state_dict())
-    tmp = target.with_name(target.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    fresh.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    os.replace(tmp, target)
+    def convert(folder: Path) -> None:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        print(f"converting {gguf.name} to safetensors (once) -> {target}")
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        # The loaded model carries a GGUF quantizer marker that refuses save_pretrained;
+        # a fresh model from the same config (minus the marker) takes the dequantized weights.
+        config = loaded.config
+        del config.quantization_config
+        fresh = AutoModelForCausalLM.from_config(config)
+        fresh.load_state_dict(loaded.state_dict())
+        fresh.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+
+    return build_once(target, convert)
+
+
+def build_once(target: Path, build) -> Path:
+    """`target`, made by `build(folder)` unless it exists. Two processes may ask at once (two runs
+    starting on the embedded model): a lock lets one build while the other waits and then takes
+    its folder; each builds in a fresh hidden folder of its own, renamed into place whole, so that
+    neither deletes the other's work nor renames onto a finished folder."""
+    import fcntl
+    import tempfile
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with open(target.parent / f".{target.name}.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, or when this process dies
+        if target.is_dir():
+            return target  # built by another process while this one waited
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+        try:
+            build(tmp)
+            os.replace(tmp, target)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
     return target
 
 

@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
 from selfreward.errors import SelfRewardError
 from selfreward.core.store import Run
+from selfreward.procs import python_module
 
 TABLES = {
     "config": ("The run's resolved configuration (secrets are never stored).",
@@ -144,7 +144,7 @@ def command(run: Run, host: str, port: int, metadata_path: Path) -> list[str]:
     `iterate` commits. Datasette opens a mutable file read-only (mode=ro), with normal
     locking, and writes nothing; WAL lets it read while a stage commits."""
     db = str(run.path / "run.db")
-    return [sys.executable, "-m", "datasette", "serve", db, "--host", host, "--port", str(port),
+    return [*python_module("datasette"), "serve", db, "--host", host, "--port", str(port),
             "-m", str(metadata_path), "--setting", "truncate_cells_html", "0"]
 
 

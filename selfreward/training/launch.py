@@ -16,9 +16,7 @@ from __future__ import annotations
 import json
 import os
 import re
-import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -56,7 +54,8 @@ def launch(cfg, work: Path, base_path: str, out: Path, round: int,
     """Train under `accelerate launch` and wait for it: (logged rows, adapter folder), both
     written by rank 0 into `work`. A launch that fails is one line with the workers' most telling
     error line; the whole output is in runs/<name>/logs/train-<model>.log."""
-    from selfreward.backends.engines.vllm import free_port, signal_group
+    from selfreward import procs
+    from selfreward.backends.engines.vllm import free_port
     from selfreward.config import as_dict
     from selfreward.core import failpoints
 
@@ -68,8 +67,8 @@ def launch(cfg, work: Path, base_path: str, out: Path, round: int,
     # `stage`: the crash test's kill points named `<stage>:step` fire in the ranks, where the steps are.
     spec.write_text(json.dumps({"entry": name, "out": str(out), "config": as_dict(cfg), "stage": failpoints.where(),
                                 "args": {"base_path": base_path, "round": round, **data}}))
-    cmd = [sys.executable, "-m", MODULE, "launch", str(os.getpid()), "--", *accelerate_flags(cfg, free_port()),
-           "-m", MODULE, "run", str(spec)]
+    cmd = procs.python_module(MODULE, "launch", str(os.getpid()), "--", *accelerate_flags(cfg, free_port()),
+                              "-m", MODULE, "run", str(spec))
     log_path = out.parent.parent / "logs" / f"train-{out.name}.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "ab") as log:
@@ -82,13 +81,7 @@ def launch(cfg, work: Path, base_path: str, out: Path, round: int,
     try:
         code = proc.wait()
     finally:
-        if proc.poll() is None:  # interrupted here: torchrun's agent ends its ranks on SIGTERM
-            signal_group(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                pass
-        signal_group(proc.pid, signal.SIGKILL)
+        procs.end_group(proc)  # interrupted here: torchrun's agent ends its ranks on SIGTERM
     rows, adapter = work / "rows.json", work / "adapter"
     if code != 0 or not rows.is_file() or not (adapter / "adapter_config.json").is_file():
         why = f"exit {code}" if code != 0 else "no adapter or rows.json from rank 0"
@@ -101,7 +94,8 @@ def launch(cfg, work: Path, base_path: str, out: Path, round: int,
 def _env(cfg, work: Path) -> dict:
     import torch
 
-    env = dict(os.environ)
+    # PYTHONSAFEPATH: the ranks, which torchrun starts with `python -m`, import nothing from the current folder.
+    env = {**os.environ, "PYTHONSAFEPATH": "1"}
     if not torch.cuda.is_available() and "OMP_NUM_THREADS" not in env:
         # torchrun would give each rank 1 thread; the cores are shared among the ranks instead.
         env["OMP_NUM_THREADS"] = str(max(1, len(os.sched_getaffinity(0)) // cfg.train_processes))

@@ -122,18 +122,26 @@ class OpenAIEngine:
 
     def __init__(self, base_url: str | list[str], model: str, key_env: str = "OPENAI_API_KEY", concurrency: int = 8,
                  timeout: float = 60.0, max_retries: int = 5, send_seed: bool = True, backoff: float = 1.0,
-                 name: str | None = None, cooldown: float = 30.0):
+                 name: str | None = None, cooldown: float = 30.0, sockets: list[str] | None = None):
+        """sockets: Unix socket paths, one per replica, for servers this project started (the vllm
+        engine); the replicas are then named `unix:<path>` and no key from the environment is sent."""
         from openai import OpenAI  # lazy: the client loads only for this engine
 
-        urls = split_urls(base_url)
+        urls = [f"unix:{s}" for s in sockets] if sockets else split_urls(base_url)
         if not urls:
             raise SelfRewardError("the openai engine needs api_base, e.g. http://127.0.0.1:8000/v1")
         if not model:
             raise SelfRewardError("the openai engine needs api_model, the model name the server serves")
         # Local servers take any key; hosted ones need the real one from the environment.
-        key = os.environ.get(key_env) or "not-set"
-        self.replicas = [Replica(url, OpenAI(base_url=url, api_key=key, timeout=timeout, max_retries=0))
-                         for url in urls]
+        key = (not sockets and os.environ.get(key_env)) or "not-set"
+
+        def client(url: str):
+            if sockets:
+                return OpenAI(base_url="http://localhost/v1", api_key=key, timeout=timeout, max_retries=0,
+                              http_client=_uds_client(url.removeprefix("unix:")))
+            return OpenAI(base_url=url, api_key=key, timeout=timeout, max_retries=0)
+
+        self.replicas = [Replica(url, client(url)) for url in urls]
         self.served_model, self.model_path = model, model
         self.concurrency, self.max_retries, self.backoff = concurrency, max_retries, backoff
         self.timeout, self.cooldown = timeout, cooldown
@@ -439,6 +447,16 @@ class OpenAIEngine:
     def close(self) -> None:
         for replica in self.replicas:
             replica.client.close()
+
+
+def _uds_client(path: str):
+    """The openai client's HTTP over a Unix socket (the client's own connection limits: a transport
+    given to the client ignores the client's). openai 3 runs on httpx2, whose transport it needs."""
+    import httpx2
+    from openai import DefaultHttpxClient
+
+    limits = httpx2.Limits(max_connections=1000, max_keepalive_connections=100)
+    return DefaultHttpxClient(transport=httpx2.HTTPTransport(uds=path, limits=limits))
 
 
 def _is_chat(prompt: Prompt) -> bool:

