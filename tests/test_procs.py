@@ -116,15 +116,15 @@ def test_python_m_subprocesses_never_import_from_the_current_folder(tmp_path):
         (tmp_path / fake).mkdir()
         (tmp_path / fake / "__init__.py").write_text(f"open({str(marker)!r}, 'a').write({fake!r})\n")
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    cmd = procs.python_module("selfreward.core.train_worker", "nonsense")
+    cmd = procs.python_module("selfreward.training.worker", "nonsense")
     out = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
-    assert "usage: python -m selfreward.core.train_worker" in out.stderr, out.stderr[-2000:]
+    assert "usage: python -m selfreward.training.worker" in out.stderr, out.stderr[-2000:]
     assert not marker.exists()
     # The same check for a child of such a process: the ranks torchrun starts with `python -m`.
-    out = subprocess.run([sys.executable, "-m", "selfreward.core.train_worker", "nonsense"], cwd=tmp_path,
+    out = subprocess.run([sys.executable, "-m", "selfreward.training.worker", "nonsense"], cwd=tmp_path,
                          env={**env, "PYTHONSAFEPATH": "1"}, capture_output=True, text=True, timeout=120)
     assert "usage:" in out.stderr and not marker.exists()
-    from selfreward.core.train_worker import _env
+    from selfreward.training.launch import _env
     from selfreward.config import resolve
 
     assert _env(resolve(cli={"preset": "tiny"}), tmp_path)["PYTHONSAFEPATH"] == "1"
