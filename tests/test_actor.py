@@ -67,6 +67,25 @@ def test_every_model_is_checked_on_verifiable_instructions_and_status_shows_it(t
                                                   "--json"]).output)
     assert as_json["actor"]["models"] == ["M0", "M1", "M2"]
 
+    # eval instruct: a malformed line is one error naming the file and line, before any model loads
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"key": 1, "prompt": "Say hi.", "instruction_id_list": ["punctuation:no_comma"], '
+                   '"kwargs": [{}]}\n{"key": 2, "prompt": "Say hi."}\n')
+    out = CliRunner().invoke(cli, ["eval", "instruct", "a", "--runs-dir", str(tmp_path / "runs"), "--data", str(bad)])
+    assert out.exit_code == 1 and f"{bad}:2:" in out.output and "Traceback" not in out.output
+    assert run.db["eval_metrics"].count == 0
+    good = tmp_path / "good.jsonl"
+    good.write_text(bad.read_text().splitlines()[0] + "\n")
+    out = CliRunner().invoke(cli, ["eval", "instruct", "a", "--runs-dir", str(tmp_path / "runs"), "--data", str(good),
+                                   "--models", "M2", "--json"])
+    assert out.exit_code == 0, out.output
+    assert json.loads(out.stdout)[0]["if_checked"] == 1
+    stored = run.rows("select a.dataset, c.instruction_id, c.strict from eval_answers a join if_checks c "
+                      "on c.answer_id = a.id where a.dataset like 'if:%'")
+    assert len(stored) == 1 and stored[0]["instruction_id"] == "punctuation:no_comma" and stored[0]["strict"] in (0, 1)
+    assert {r["name"] for r in run.rows("select name from eval_metrics where kind = 'instruct'")} >= {
+        "if_prompt_strict", "if_checked", "if_floor"}
+
 
 def prefer_baseline(db_path):
     """A scripted independent judge on 127.0.0.1 that always finds M1's answer better, whichever side

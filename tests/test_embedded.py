@@ -35,5 +35,25 @@ def test_embedded_model_two_rounds(tmp_path):
     assert fit == (kept if models["M2"]["kind"] != "copy" else 0)
     assert "acc after" in proc.stdout
 
+    # The actor, measured each round on the embedded verifiable-instruction set.
+    assert "actor quality" in proc.stdout and "IF prompt strict" in proc.stdout
+    assert db["eval_answers"].count_where("dataset = 'if' and model = 'M2'") == 4
+
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0 and "nothing to do" in again.stdout
+
+    # `eval instruct` on any IFEval-format file: an id newer than the checkers is unchecked, not a fail.
+    data = tmp_path / "ifeval.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row in [
+        {"key": 1, "prompt": "Write one sentence about rain, in lowercase letters only.",
+         "instruction_id_list": ["change_case:english_lowercase"], "kwargs": [{}]},
+        {"key": 2, "prompt": "Name three fruits without using any commas.",
+         "instruction_id_list": ["punctuation:no_comma", "future:not_a_checker_yet"], "kwargs": [{}, {}]}]))
+    out = subprocess.run([sys.executable, "-m", "selfreward", "eval", "instruct", str(runs / "e2e"), "--data",
+                          str(data), "--models", "M0,M2", "--json"], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = json.loads(out.stdout)
+    assert [r["model"] for r in rows] == ["M0", "M2"]
+    assert all(r["if_checked"] == 1 and r["if_unchecked"] == 1 for r in rows)
+    reasons = [c["unchecked"] for c in db["if_checks"].rows_where("instruction_id = 'future:not_a_checker_yet'")]
+    assert len(reasons) == 2 and all("unknown instruction id" in r for r in reasons)
