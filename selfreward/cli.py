@@ -655,16 +655,19 @@ def verify(run, runs_dir):
     # What could not be re-read is said, with its count: "ok" covers only what was checked.
     unchecked = []
     if counts["judgments_without_raw"]:
-        unchecked.append(f"{counts['judgments_without_raw']} without raw judge text (pairwise summaries, "
-                         f"PairRM, reward models, failed requests, human labels)")
+        unchecked.append(f"{counts['judgments_without_raw']} without raw judge text (PairRM, reward models, "
+                         f"failed requests, human labels)")
     if counts["judgments_unknown_template"]:
         unchecked.append(f"{counts['judgments_unknown_template']} made with a template this version does not have")
     if unchecked:
         click.echo(f"not re-read: {'; '.join(unchecked)}")
     if problems:
         raise click.ClickException(f"{len(problems)} mismatch(es) in {r.path}")
-    click.echo(f"ok: {counts['pairs']} pairs and {counts['judgments_checked']} of {counts['judgments']} judgments "
-               f"match their stored inputs")
+    also = "".join(f", {counts[key]} {what}" for key, what in (("comparisons_checked", "pairwise comparisons"),
+                                                                ("consistency_checked", "consistency judgments"))
+                   if counts[key])
+    click.echo(f"ok: {counts['pairs']} pairs and {counts['judgments_checked']} of {counts['judgments']} judgments"
+               f"{also} match their stored inputs")
 
 
 @cli.command(name="rationales")

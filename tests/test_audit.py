@@ -9,6 +9,7 @@ import pytest
 from click.testing import CliRunner
 
 from selfreward.cli import cli
+from selfreward.core.store import append_only_triggers
 
 
 def invoke(*args):
@@ -17,10 +18,25 @@ def invoke(*args):
 
 @pytest.mark.parametrize("table", ["judgments", "candidates", "pairs"])
 def test_triggers_refuse_edits(judged_run, table):
+    # A plain sqlite3 client, as someone editing the file by hand would use (a reader's Run cannot write at all).
+    db = sqlite3.connect(judged_run.path / "run.db")
     with pytest.raises(sqlite3.IntegrityError, match="append-only: UPDATE refused"):
-        judged_run.db.execute(f"update {table} set round = 99")
+        db.execute(f"update {table} set round = 99")
     with pytest.raises(sqlite3.IntegrityError, match="append-only: DELETE refused"):
-        judged_run.db.execute(f"delete from {table}")
+        db.execute(f"delete from {table}")
+    # INSERT OR REPLACE deletes the old row without firing the DELETE trigger (recursive_triggers is off).
+    row = db.execute(f"select * from {table} order by id limit 1")
+    cols = [d[0] for d in row.description]
+    old = dict(zip(cols, row.fetchone()))
+    changed = {**old, "round": 99}
+    with pytest.raises(sqlite3.IntegrityError, match="append-only: INSERT of an existing id refused"):
+        db.execute(f"insert or replace into {table} ({', '.join(cols)}) values ({', '.join('?' * len(cols))})",
+                   list(changed.values()))
+    db.commit()
+    assert db.execute(f"select round from {table} where id = ?", [old["id"]]).fetchone() == (old["round"],)
+    db.close()
+    with pytest.raises(sqlite3.OperationalError, match="readonly"):  # readers open run.db read-only
+        judged_run.db.execute(f"insert into {table} (round) values (1)")
 
 
 def test_every_judgment_carries_provenance(judged_run):
@@ -61,6 +77,7 @@ def test_verify_says_what_it_could_not_reread(judged_run):
     (second,) = db.execute("select id from judgments where score is null order by id limit 1").fetchone()
     db.execute("update judgments set template_sha = 'feedfeedfeedfeed' where id = ?", [first])
     db.execute("update judgments set raw = null where id = ?", [second])
+    db.execute(append_only_triggers("judgments")["judgments_no_update"])  # put back, so that only the edit shows
     db.commit()
     db.close()
     result = invoke("verify", judged_run.path)

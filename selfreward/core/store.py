@@ -109,15 +109,31 @@ def m003_evals(db: sqlite_utils.Database):
 
 
 APPEND_ONLY = ("candidates", "judgments", "pairs", "comparisons")  # m009 adds its own three
+APPEND_ONLY_M009 = ("meta_judgments", "judge_pairs", "consistency_judgments")
 
 
-def append_only(db: sqlite_utils.Database, tables) -> None:
-    """Triggers that refuse UPDATE and DELETE on each table."""
-    for table in tables:
-        for action in ("UPDATE", "DELETE"):
-            db.execute(f"""
+def append_only_triggers(table: str) -> dict[str, str]:
+    """The SQL of each trigger that keeps `table` append-only, by trigger name (`verify` compares
+    the stored triggers with these)."""
+    out = {f"{table}_no_{action.lower()}": f"""
                 CREATE TRIGGER {table}_no_{action.lower()} BEFORE {action} ON {table}
-                BEGIN SELECT RAISE(ABORT, '{table} are append-only: {action} refused'); END""")
+                BEGIN SELECT RAISE(ABORT, '{table} are append-only: {action} refused'); END"""
+           for action in ("UPDATE", "DELETE")}
+    # INSERT OR REPLACE deletes the old row without firing the DELETE trigger (unless recursive_triggers
+    # is on), so an insert may not name an id that is already there.
+    out[f"{table}_no_replace"] = f"""
+                CREATE TRIGGER {table}_no_replace BEFORE INSERT ON {table}
+                WHEN EXISTS (SELECT 1 FROM {table} WHERE id = NEW.id)
+                BEGIN SELECT RAISE(ABORT, '{table} are append-only: INSERT of an existing id refused'); END"""
+    return out
+
+
+def append_only(db: sqlite_utils.Database, tables, kinds=("no_update", "no_delete")) -> None:
+    """Triggers that refuse UPDATE and DELETE on each table (and, from m010, a replacing INSERT)."""
+    for table in tables:
+        for name, sql in append_only_triggers(table).items():
+            if name.endswith(kinds):
+                db.execute(sql)
 
 
 @migrations()
@@ -205,8 +221,14 @@ def m009_judge_training(db: sqlite_utils.Database):
          "finish_reason": str, "template_sha": str, "judge_model_sha": str, "sampling": str, "created_at": str},
         pk="id", foreign_keys=[("candidate_id", "candidates", "id")])
     db["consistency_judgments"].create_index(["round"])
-    append_only(db, ("meta_judgments", "judge_pairs", "consistency_judgments"))
+    append_only(db, APPEND_ONLY_M009)
     db["meta_judgments"].enable_fts(["rationale", "raw"], create_triggers=True)
+
+
+@migrations()
+def m010_refuse_replace(db: sqlite_utils.Database):
+    # A plain sqlite3 client's INSERT OR REPLACE rewrote an append-only row past the UPDATE and DELETE triggers.
+    append_only(db, APPEND_ONLY + APPEND_ONLY_M009, kinds=("no_replace",))
 
 
 def take_lock(path: Path, wait: bool = False, quiet: bool = False):
@@ -264,7 +286,11 @@ BUSY_TIMEOUT_S = 60.0
 
 
 def connect(db_path: Path, writer: bool) -> sqlite_utils.Database:
-    conn = sqlite3.connect(str(db_path), timeout=BUSY_TIMEOUT_S)
+    if writer:
+        conn = sqlite3.connect(str(db_path), timeout=BUSY_TIMEOUT_S)
+    else:
+        # Auditing a run must not change it: a reader's connection cannot write, even by accident.
+        conn = sqlite3.connect(f"{Path(db_path).resolve().as_uri()}?mode=ro", uri=True, timeout=BUSY_TIMEOUT_S)
     conn.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_S * 1000)}")
     if writer:
         conn.execute("PRAGMA journal_mode = WAL")  # persistent: stored in the file
@@ -276,8 +302,9 @@ class Run:
 
     Writers (`iterate`, `eval`, `import-labels`) open it with `writer=True`: they take
     the run's lock first, then migrate and write; a second writer gets one clear line.
-    Readers never wait for the lock and never write, except to bring an old run's
-    schema up to date when no writer holds it (a writer has already done so).
+    Readers never wait for the lock and open run.db read-only: a run with an older
+    schema is refused with one line (a writer upgrades it), so auditing never changes
+    the evidence.
     """
 
     def __init__(self, path: Path, db: sqlite_utils.Database, lock=None):
@@ -297,22 +324,14 @@ class Run:
             if writer:
                 migrations.apply(db)
             elif migrations.pending(db):
-                cls._migrate_old_run(path, db)
+                db.close()
+                raise SelfRewardError(f"run {path}: old schema: a writer upgrades it (iterate, eval, train-rm or "
+                                      f"import-labels); readers never change a run, so to keep this one as it is, "
+                                      f"upgrade a copy")
         except BaseException:
             release_lock(lock)
             raise
         return cls(path, db, lock)
-
-    @staticmethod
-    def _migrate_old_run(path: Path, db) -> None:
-        lock = take_lock(path, wait=False, quiet=True)
-        if lock is None:
-            raise SelfRewardError(f"run {path} is being written by another selfreward process with an older "
-                                  f"schema; try again when it has finished")
-        try:
-            migrations.apply(db)
-        finally:
-            release_lock(lock)
 
     @classmethod
     def create(cls, path: str | Path, config: Config) -> "Run":
