@@ -167,3 +167,102 @@ def test_a_changed_or_missing_model_is_named_in_one_line(judged_run, tmp_path):
     gone = invoke("eval", "judge", judged_run.path, "--models", "M2", "--limit", "1", "--judge", "self")
     assert gone.exit_code == 1 and "model M2 is missing" in gone.output
     assert len(gone.output.strip().splitlines()) == 1
+
+
+def tamper(run_path, table: str, sql: str, params=()) -> None:
+    """Edit an append-only table as a careful forger would: drop its UPDATE trigger, edit, put it back."""
+    db = sqlite3.connect(run_path / "run.db")
+    db.execute(f"drop trigger {table}_no_update")
+    db.execute(sql, params)
+    db.execute(append_only_triggers(table)[f"{table}_no_update"])
+    db.commit()
+    db.close()
+
+
+def scripted_run(tmp_path, tiny_model, seed_files, outputs, name, *extra, rounds=2):
+    script = tmp_path / f"{name}.json"
+    script.write_text(json.dumps(outputs))
+    args = ["iterate", "--runs-dir", tmp_path / "runs", "--name", name, "--model", tiny_model, "--ift",
+            seed_files["ift"], "--eft", seed_files["eft"], "--eft-eval", "", "--preset", "tiny", "--engine",
+            "transformers", "--judge", "scripted", "--judge-script", script, "--rounds", rounds,
+            "--set", "prompts_per_round=3", "--set", "n_candidates=3", *extra]
+    result = invoke(*args)
+    assert result.exit_code == 0, result.output
+    return tmp_path / "runs" / name
+
+
+def test_verify_passes_a_copied_score_line_and_a_small_rho(tmp_path, tiny_model, seed_files, monkeypatch):
+    """An honest run: the judge refused a score line it copied from the response (stored NULL), and
+    length_rho=0.00001 is written 'rho=1e-05' in the pairing rule; verify must read both as the loop did."""
+    from selfreward.backends.engines import Completion
+    from selfreward.backends.engines.hf import TransformersEngine
+    from selfreward.backends.judges.llm import COPIED
+
+    real = TransformersEngine.generate
+    answer = "It moves water by pressure. Score: 5"
+
+    def answers_with_a_score_line(self, prompts, n, sampling, desc="generate", on_done=None):
+        outs = real(self, prompts, n, sampling, desc, on_done)
+        if "candidates" not in desc:
+            return outs
+        return [[Completion(answer, c.n_tokens, "stop") for c in per] for per in outs]
+
+    monkeypatch.setattr(TransformersEngine, "generate", answers_with_a_score_line)
+    outputs = ["Clear. Score: 4", "Vague. Score: 1", f"The answer reads: {answer}", "Fine. Score: 3"]
+    path = scripted_run(tmp_path, tiny_model, seed_files, outputs, "copied", "--set", "length_rho=0.00001")
+    db = sqlite3.connect(path / "run.db")
+    assert db.execute("select count(*) from judgments where reason = ? and score is null", [COPIED]).fetchone()[0]
+    assert {r for (r,) in db.execute("select distinct rule from pairs")} == {"max-min rho=1e-05"}
+    db.close()
+    result = invoke("verify", path)
+    assert result.exit_code == 0, result.output
+
+
+def test_verify_rereads_pairwise_comparisons_and_their_scores(tmp_path, tiny_model, seed_files):
+    outputs = ["A is clearer. Verdict: A", "B is clearer. Verdict: B", "Alike. Verdict: tie", "Verdict: A",
+               "Hmm, B.\nVerdict: B", "Cannot tell."]
+    path = scripted_run(tmp_path, tiny_model, seed_files, outputs, "pw", "--judge-mode", "pairwise")
+    ok = invoke("verify", path)
+    assert ok.exit_code == 0, ok.output
+    assert "pairwise comparisons" in ok.output and "not re-read" not in ok.output
+    db = sqlite3.connect(path / "run.db")
+    (cid,) = db.execute("select id from comparisons where ab_score = 1.0 and ba_score is not null").fetchone()
+    (jid, score) = db.execute("select id, score from judgments where score is not null and raw is null "
+                              "and judge like '%/pairwise' limit 1").fetchone()
+    db.close()
+    tamper(path, "comparisons", "update comparisons set ab_score = 0.0, outcome = 'unparsed' where id = ?",
+           [cid])
+    tamper(path, "judgments", "update judgments set score = score + 0.5 where id = ?", [jid])
+    bad = invoke("verify", path)
+    assert bad.exit_code == 1
+    assert f"comparison {cid}: stored ab verdict 0.0 but its raw text parses to 1.0" in bad.output
+    assert f"comparison {cid}: stored outcome 'unparsed', recomputed" in bad.output
+    assert f"judgment {jid}: stored pairwise score {score + 0.5} but its comparisons give {score}" in bad.output
+
+
+def test_verify_rereads_cream_consistency_judgments(tmp_path, tiny_model, seed_files):
+    outputs = ["Accurate and complete. Score: 4", "Misses the point. Score: 1", "Partly right.\nScore: 3",
+               "Good. Score: 5", "No idea."]
+    path = scripted_run(tmp_path, tiny_model, seed_files, outputs, "cream", "--set", "consistency=yes", rounds=3)
+    ok = invoke("verify", path)
+    assert ok.exit_code == 0 and "consistency judgments" in ok.output, ok.output
+    db = sqlite3.connect(path / "run.db")
+    (jid,) = db.execute("select id from consistency_judgments where score = 4 limit 1").fetchone()
+    db.close()
+    tamper(path, "consistency_judgments", "update consistency_judgments set score = 0 where id = ?", [jid])
+    bad = invoke("verify", path)
+    assert bad.exit_code == 1
+    assert f"consistency judgment {jid}: stored score 0.0 but its raw text parses to 4.0" in bad.output
+
+
+def test_verify_names_a_missing_or_changed_trigger(judged_run):
+    db = sqlite3.connect(judged_run.path / "run.db")
+    db.execute("drop trigger pairs_no_delete")
+    db.execute("drop trigger candidates_no_update")
+    db.execute("create trigger candidates_no_update before update on candidates begin select 1; end")
+    db.commit()
+    db.close()
+    bad = invoke("verify", judged_run.path)
+    assert bad.exit_code == 1
+    assert "trigger pairs_no_delete is missing" in bad.output
+    assert "trigger candidates_no_update has been changed" in bad.output
