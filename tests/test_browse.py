@@ -97,7 +97,9 @@ def test_rows_committed_while_browsing_show_up(datasette, judged_run):
 
     url = datasette + "/run/prompts.json?_shape=array&_size=max"
     before = len(_json.loads(urllib.request.urlopen(url, timeout=5).read()))
-    with judged_run.db.conn:
-        judged_run.db.execute("insert into prompts (round, text, source, created_at) values (9, 'x', 't', 'now')")
+    import sqlite3
+
+    with sqlite3.connect(judged_run.path / "run.db") as db:  # a writer's commit (the reader cannot write)
+        db.execute("insert into prompts (round, text, source, created_at) values (9, 'x', 't', 'now')")
     after = len(_json.loads(urllib.request.urlopen(url, timeout=5).read()))
     assert after == before + 1
