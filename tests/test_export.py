@@ -114,7 +114,8 @@ def test_label_studio_round_trip(run, tmp_path):
     before = run.db["judgments"].count
     export = _annotated(tasks[:2], [[2, 0, 1], [1, 2, 0]])
     counts = import_labels(run, _write(tmp_path / "export.json", export), round=2)
-    assert counts == {"tasks": 2, "annotations": 2, "judgments": 6, "skipped_cancelled": 0, "skipped_existing": 0}
+    assert counts == {"tasks": 2, "annotations": 2, "judgments": 6, "skipped_cancelled": 0, "skipped_existing": 0,
+                      "skipped_no_id": 0, "skipped_duplicate": 0}
     rows = run.rows("select * from judgments where judge like 'human:%' order by id")
     assert len(rows) == 6 == run.db["judgments"].count - before
     first = tasks[0]["data"]["items"]
@@ -140,6 +141,21 @@ def test_label_studio_older_list_shape_and_cancelled(run, tmp_path):
     assert counts["annotations"] == 2 and counts["skipped_cancelled"] == 2 and counts["judgments"] == 6
     scores = [r["score"] for r in run.rows("select score from judgments where judge='human:7' order by id")]
     assert scores == [5.0, 2.5, 0.0] * 2
+
+
+def test_label_studio_annotation_without_id_or_twice_in_a_file_is_skipped(run, tmp_path):
+    export_label_studio(run, 2, tmp_path / "ls")
+    tasks = json.loads((tmp_path / "ls" / "tasks.json").read_text())
+    export = _annotated(tasks[:3], [[0, 1, 2], [2, 1, 0], [1, 0, 2]])
+    export[0]["annotations"].append(dict(export[0]["annotations"][0]))  # exported twice
+    del export[1]["annotations"][0]["id"]
+    export[2]["annotations"].append({**export[2]["annotations"][0], "id": None})
+    counts = import_labels(run, _write(tmp_path / "export.json", export))
+    assert counts["annotations"] == 2 and counts["judgments"] == 6
+    assert counts["skipped_duplicate"] == 1 and counts["skipped_no_id"] == 2
+    per_candidate = run.rows("select candidate_id, count(*) n from judgments where judge like 'human:%' "
+                             "group by candidate_id")
+    assert len(per_candidate) == 6 and {r["n"] for r in per_candidate} == {1}
 
 
 def test_label_studio_bad_input_writes_nothing(run, tmp_path):
