@@ -158,6 +158,32 @@ def test_label_studio_annotation_without_id_or_twice_in_a_file_is_skipped(run, t
     assert len(per_candidate) == 6 and {r["n"] for r in per_candidate} == {1}
 
 
+def test_human_labels_stay_out_of_model_score_means(run, tmp_path):
+    import sqlite3
+
+    from selfreward.inspection.browse import QUERIES
+    from selfreward.inspection.report import show_prompt
+
+    def views():
+        db = sqlite3.connect(run.path / "run.db")
+        out = [db.execute(QUERIES[q]["sql"], {"min_spread": 0}).fetchall() for q in ("low_agreement",
+                                                                                   "score_distribution")]
+        db.close()
+        return out, show_prompt(run, 200)
+
+    before = views()
+    export_label_studio(run, 2, tmp_path / "ls")
+    tasks = json.loads((tmp_path / "ls" / "tasks.json").read_text())
+    assert import_labels(run, _write(tmp_path / "export.json", _annotated(tasks[:1], [[2, 1, 0]])))["judgments"] == 3
+    after = views()
+    assert after[0] == before[0]
+    shown = after[1]
+    assert "[human:7]" in shown and shown.count("mean score") == before[1].count("mean score")
+    means = [line.split("mean score ")[1] for text in (before[1], shown) for line in text.splitlines()
+             if "mean score" in line]
+    assert means[:3] == means[3:]  # 4.50, 2.50, 1.00: the model judge's, labels listed but not averaged in
+
+
 def test_label_studio_bad_input_writes_nothing(run, tmp_path):
     export_label_studio(run, 2, tmp_path / "ls")
     tasks = json.loads((tmp_path / "ls" / "tasks.json").read_text())

@@ -287,8 +287,8 @@ def rationales(run: Run, round: int | None = None, min_score: float | None = Non
                s.spread, pm.margin, j.reason, j.rationale, c.text as response
         from judgments j
         join candidates c on c.id = j.candidate_id
-        join (select candidate_id, max(score) - min(score) as spread from judgments
-              group by candidate_id) s on s.candidate_id = j.candidate_id
+        left join (select candidate_id, max(score) - min(score) as spread from judgments
+              where judge not like 'human:%' group by candidate_id) s on s.candidate_id = j.candidate_id
         left join (select chosen_id as cid, chosen_score - rejected_score as margin from pairs where status = 'kept'
                    union all
                    select rejected_id, chosen_score - rejected_score from pairs where status = 'kept') pm
@@ -348,7 +348,7 @@ def render(rows: list[dict], fmt: str, width: int = 60, columns: list[str] = RAT
         writer.writeheader()
         writer.writerows(rows)
         return buf.getvalue()
-    from selfreward.inspection.report import table
+    from selfreward.inspection.report import table, terminal_safe
 
     def cut(text):
         text = " ".join((text or "").split())
@@ -356,4 +356,4 @@ def render(rows: list[dict], fmt: str, width: int = 60, columns: list[str] = RAT
 
     shown = [{**r, "rationale": cut(r["rationale"] or r["reason"]), "response": cut(r["response"])} for r in rows]
     cols = [(c, c) for c in columns if c != "reason"]
-    return table(shown, cols) + "\n"
+    return terminal_safe(table(shown, cols)) + "\n"
