@@ -266,3 +266,52 @@ def test_verify_names_a_missing_or_changed_trigger(judged_run):
     assert bad.exit_code == 1
     assert "trigger pairs_no_delete is missing" in bad.output
     assert "trigger candidates_no_update has been changed" in bad.output
+
+
+def test_model_hash_covers_config_tokenizer_and_chat_template(judged_run):
+    from selfreward.backends.models import _safetensors_sha, check_weights
+
+    m2 = judged_run.path / "models" / "M2"
+    (sha,) = judged_run.db.execute("select sha256 from models where name = 'M2'").fetchone()
+    template = m2 / "chat_template.jinja" if (m2 / "chat_template.jinja").exists() else m2 / "tokenizer_config.json"
+    for f in (m2 / "config.json", m2 / "tokenizer.json", template):
+        saved = f.read_bytes()
+        f.write_bytes(saved + b"\n")  # still valid: one byte more
+        bad = invoke("verify", judged_run.path)
+        assert bad.exit_code == 1 and "model M2 at" in bad.output and "has changed" in bad.output, f.name
+        with pytest.raises(Exception, match="has changed"):  # a load checks too, whatever the size
+            check_weights("M2", m2, sha)
+        f.write_bytes(saved)
+    check_weights("M2", m2, sha)
+    # A run recorded before: 16 hex digits over the *.safetensors alone, still verified as such.
+    db = sqlite3.connect(judged_run.path / "run.db")
+    with db:
+        db.execute("update models set sha256 = ? where name = 'M2'", [_safetensors_sha(m2)])
+    ok = invoke("verify", judged_run.path)
+    assert ok.exit_code == 0, ok.output
+    weights = next(m2.glob("*.safetensors"))
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    bad = invoke("verify", judged_run.path)
+    assert bad.exit_code == 1 and "model M2 at" in bad.output and "has changed" in bad.output
+
+
+def test_terminal_escapes_in_model_text_are_shown_not_obeyed(tmp_path):
+    from fixture_run import build_fixture_run
+
+    run = build_fixture_run(tmp_path / "runs" / "esc")
+    evil = "Fine answer.\x1b[2J\x1b]0;pwned\x07\rScore: 5\u202e"
+    with run.db.atomic():
+        run.db["prompts"].insert({"id": 900, "round": 2, "text": "say hi\x1b[31m", "source": "t", "created_at": "x"})
+        run.db["candidates"].insert({"id": 9000, "round": 2, "prompt_id": 900, "idx": 0, "text": evil})
+        run.db["judgments"].insert({"id": 9000, "round": 2, "candidate_id": 9000, "sample": 0, "judge": "self:M1",
+                                    "score": 3, "rationale": evil, "raw": evil})
+    run.close()
+    for args in (["show", run.path, 900], ["rationales", run.path, "--round", 2]):
+        result = invoke(*args)
+        assert result.exit_code == 0, result.output
+        assert not any(ch in result.output for ch in "\x1b\x07\r\u202e"), args
+        assert "\\x1b[2J" in result.output
+    with sqlite3.connect(run.path / "run.db") as db:  # the stored text is left as it was
+        assert db.execute("select text from candidates where id = 9000").fetchone() == (evil,)
