@@ -715,8 +715,10 @@ def rationales_cmd(run, round_, min_score, max_score, spread, failures, margin, 
 @click.argument("run")
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", default=8001, show_default=True, type=int)
+@click.option("--public", is_flag=True, help="Allow a --host other than loopback: anyone who reaches it can read "
+                                             "the whole run and run any SQL on it, with no login.")
 @click.option("--runs-dir", default="runs", show_default=True, type=click.Path(file_okay=False))
-def browse(run, host, port, runs_dir):
+def browse(run, host, port, public, runs_dir):
     """Open the run in Datasette (install with: pip install -e '.[browse]'),
     with descriptions of every table and column and canned queries: pairs with
     both sides' rationales, low-agreement judgments, parse failures, and the
@@ -730,7 +732,7 @@ def browse(run, host, port, runs_dir):
     from selfreward.inspection.browse import serve
     from selfreward.core.store import Run
 
-    serve(Run.open(_run_path(run, runs_dir)), host, port)
+    serve(Run.open(_run_path(run, runs_dir)), host, port, public)
 
 
 @cli.command()

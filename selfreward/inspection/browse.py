@@ -157,9 +157,27 @@ def write_metadata(directory: Path) -> Path:
     return path
 
 
-def serve(run: Run, host: str, port: int) -> None:
+def loopback(host: str) -> bool:
+    import ipaddress
+
+    try:
+        return host == "localhost" or ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False  # a name other than localhost may resolve anywhere
+
+
+def serve(run: Run, host: str, port: int, public: bool = False) -> None:
     import importlib.util
 
+    # Datasette runs any read-only SQL it is sent, with no login: on another address that is the whole run
+    # (prompts, responses, config) for anyone who can reach the port.
+    if not loopback(host):
+        if not public:
+            raise SelfRewardError(f"browse --host {host} would let anyone who reaches port {port} read the whole run "
+                                  f"and run any SQL on it, with no login; keep the default 127.0.0.1 (tunnel with "
+                                  f"ssh -L), or pass --public to serve it anyway")
+        print(f"warning: serving {run.path} on {host}:{port} with no login: anyone who reaches it can read the "
+              f"whole run and run any SQL on it")
     if importlib.util.find_spec("datasette") is None:
         raise SelfRewardError("browse needs Datasette: pip install -e '.[browse]'")
     with tempfile.TemporaryDirectory(prefix="selfreward-browse-") as tmp:
