@@ -637,8 +637,10 @@ def make_eft_cmd(ranked, out, model, samples, max_share, limit, runs_dir, **judg
 @click.option("--runs-dir", default="runs", show_default=True, type=click.Path(file_okay=False))
 def verify(run, runs_dir):
     """Recompute every pair from the stored scores and the stored pairing rule,
-    and re-read every stored score from its stored raw judge output. Lists each
-    mismatch and exits 1 if there is any.
+    and re-read every stored score from its stored raw judge output (judgments,
+    CREAM's consistency judgments, pairwise comparisons and the scores they
+    give); check the append-only triggers and every model folder's hash. Lists
+    each mismatch and exits 1 if there is any. Opens the run read-only.
 
     \b
     Example:
