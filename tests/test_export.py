@@ -235,9 +235,11 @@ def _refused(result, match):
 
 
 def _snapshot(folder):
-    """Every file under folder, with a hash of its bytes."""
+    """Every file under folder, with a hash of its bytes. A reader's read-only connection cannot remove
+    SQLite's WAL index (-shm) and empty log (-wal) when it closes: neither holds run data."""
     return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir"
-            for p in sorted(folder.rglob("*"))}
+            for p in sorted(folder.rglob("*"))
+            if not (p.name.endswith("-shm") or p.name.endswith("-wal") and p.stat().st_size == 0)}
 
 
 def _exported_rows(out, fmt):
