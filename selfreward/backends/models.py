@@ -257,11 +257,11 @@ _hashed: dict = {}  # (folder, every file's name, size, mtime and inode) -> its 
 
 
 def weights_sha(folder: Path, memo: bool = False) -> str:
-    """sha256 over every file of a model folder that shapes its outputs: weights, config, generation
-    config, tokenizer and chat template, each with its relative name (hidden entries and *.md aside)."""
+    """sha256 over every file a load of the folder reads: weights, config, generation config, tokenizer
+    and chat template, each with its name. Subfolders (a run's LoRA adapter, whose config names its
+    base by path), hidden files and *.md are not read by a load, so not hashed."""
     folder = Path(folder)
-    files = sorted(f for f in folder.rglob("*") if f.is_file() and f.suffix != ".md"
-                   and not any(part.startswith(".") for part in f.relative_to(folder).parts))
+    files = sorted(f for f in folder.iterdir() if f.is_file() and f.suffix != ".md" and not f.name.startswith("."))
     stats = []
     for f in files:
         st = f.stat()
