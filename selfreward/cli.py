@@ -738,8 +738,10 @@ def make_eft_cmd(ranked, out, model, samples, max_share, limit, runs_dir, **judg
 @click.option("--runs-dir", default="runs", show_default=True, type=click.Path(file_okay=False))
 def verify(run, runs_dir):
     """Recompute every pair from the stored scores and the stored pairing rule,
-    and re-read every stored score from its stored raw judge output. Lists each
-    mismatch and exits 1 if there is any.
+    and re-read every stored score from its stored raw judge output (judgments,
+    CREAM's consistency judgments, pairwise comparisons and the scores they
+    give); check the append-only triggers and every model folder's hash. Lists
+    each mismatch and exits 1 if there is any. Opens the run read-only.
 
     \b
     Example:
@@ -756,16 +758,19 @@ def verify(run, runs_dir):
     # What could not be re-read is said, with its count: "ok" covers only what was checked.
     unchecked = []
     if counts["judgments_without_raw"]:
-        unchecked.append(f"{counts['judgments_without_raw']} without raw judge text (pairwise summaries, "
-                         f"PairRM, reward models, failed requests, human labels)")
+        unchecked.append(f"{counts['judgments_without_raw']} without raw judge text (PairRM, reward models, "
+                         f"failed requests, human labels)")
     if counts["judgments_unknown_template"]:
         unchecked.append(f"{counts['judgments_unknown_template']} made with a template this version does not have")
     if unchecked:
         click.echo(f"not re-read: {'; '.join(unchecked)}")
     if problems:
         raise click.ClickException(f"{len(problems)} mismatch(es) in {r.path}")
-    click.echo(f"ok: {counts['pairs']} pairs and {counts['judgments_checked']} of {counts['judgments']} judgments "
-               f"match their stored inputs")
+    also = "".join(f", {counts[key]} {what}" for key, what in (("comparisons_checked", "pairwise comparisons"),
+                                                                ("consistency_checked", "consistency judgments"))
+                   if counts[key])
+    click.echo(f"ok: {counts['pairs']} pairs and {counts['judgments_checked']} of {counts['judgments']} judgments"
+               f"{also} match their stored inputs")
 
 
 @cli.command(name="rationales")
@@ -813,8 +818,10 @@ def rationales_cmd(run, round_, min_score, max_score, spread, failures, margin, 
 @click.argument("run")
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", default=8001, show_default=True, type=int)
+@click.option("--public", is_flag=True, help="Allow a --host other than loopback: anyone who reaches it can read "
+                                             "the whole run and run any SQL on it, with no login.")
 @click.option("--runs-dir", default="runs", show_default=True, type=click.Path(file_okay=False))
-def browse(run, host, port, runs_dir):
+def browse(run, host, port, public, runs_dir):
     """Open the run in Datasette (install with: pip install -e '.[browse]'),
     with descriptions of every table and column and canned queries: pairs with
     both sides' rationales, low-agreement judgments, parse failures, and the
@@ -828,7 +835,7 @@ def browse(run, host, port, runs_dir):
     from selfreward.inspection.browse import serve
     from selfreward.core.store import Run
 
-    serve(Run.open(_run_path(run, runs_dir)), host, port)
+    serve(Run.open(_run_path(run, runs_dir)), host, port, public)
 
 
 @cli.command()

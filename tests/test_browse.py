@@ -97,7 +97,25 @@ def test_rows_committed_while_browsing_show_up(datasette, judged_run):
 
     url = datasette + "/run/prompts.json?_shape=array&_size=max"
     before = len(_json.loads(urllib.request.urlopen(url, timeout=5).read()))
-    with judged_run.db.conn:
-        judged_run.db.execute("insert into prompts (round, text, source, created_at) values (9, 'x', 't', 'now')")
+    import sqlite3
+
+    with sqlite3.connect(judged_run.path / "run.db") as db:  # a writer's commit (the reader cannot write)
+        db.execute("insert into prompts (round, text, source, created_at) values (9, 'x', 't', 'now')")
     after = len(_json.loads(urllib.request.urlopen(url, timeout=5).read()))
     assert after == before + 1
+
+
+def test_browse_refuses_a_public_host_unless_asked(tmp_path):
+    from click.testing import CliRunner
+    from fixture_run import build_fixture_run
+
+    from selfreward.cli import cli
+    from selfreward.inspection.browse import loopback
+
+    run = build_fixture_run(tmp_path / "runs" / "b")
+    run.close()
+    for host in ("0.0.0.0", "192.168.1.5", "::", "example.org"):
+        result = CliRunner().invoke(cli, ["browse", str(run.path), "--host", host, "--port", "1"])
+        assert result.exit_code == 1 and "--public" in result.output, result.output
+        assert len(result.output.strip().splitlines()) == 1
+    assert all(loopback(h) for h in ("127.0.0.1", "127.0.0.2", "::1", "[::1]", "localhost"))

@@ -8,6 +8,7 @@ import sqlite_utils
 from click.testing import CliRunner
 
 from selfreward.cli import cli
+from selfreward.inspection.report import terminal_safe
 
 
 def iterate(tmp_path, tiny_model, seed_files, judge_script, *extra):
@@ -112,7 +113,7 @@ def test_status_and_show(two_rounds):
     prompt = next(db["prompts"].rows_where("round = 2"))
     show = runner.invoke(cli, ["show", str(path), str(prompt["id"])])
     assert show.exit_code == 0, show.output
-    assert prompt["text"][:20] in show.output.replace("\n    ", " ")
+    assert terminal_safe(prompt["text"])[:20] in show.output.replace("\n    ", " ")  # control characters escaped
     assert "judge sample 0 [scripted]" in show.output
     missing = runner.invoke(cli, ["show", str(path), "99999"])
     assert missing.exit_code != 0 and "no prompt with id 99999" in missing.output

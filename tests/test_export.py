@@ -129,7 +129,8 @@ def test_label_studio_round_trip(run, tmp_path):
     before = run.db["judgments"].count
     export = _annotated(tasks[:2], [[2, 0, 1], [1, 2, 0]])
     counts = import_labels(run, _write(tmp_path / "export.json", export), round=2)
-    assert counts == {"tasks": 2, "annotations": 2, "judgments": 6, "skipped_cancelled": 0, "skipped_existing": 0}
+    assert counts == {"tasks": 2, "annotations": 2, "judgments": 6, "skipped_cancelled": 0, "skipped_existing": 0,
+                      "skipped_no_id": 0, "skipped_duplicate": 0}
     rows = run.rows("select * from judgments where judge like 'human:%' order by id")
     assert len(rows) == 6 == run.db["judgments"].count - before
     first = tasks[0]["data"]["items"]
@@ -155,6 +156,47 @@ def test_label_studio_older_list_shape_and_cancelled(run, tmp_path):
     assert counts["annotations"] == 2 and counts["skipped_cancelled"] == 2 and counts["judgments"] == 6
     scores = [r["score"] for r in run.rows("select score from judgments where judge='human:7' order by id")]
     assert scores == [5.0, 2.5, 0.0] * 2
+
+
+def test_label_studio_annotation_without_id_or_twice_in_a_file_is_skipped(run, tmp_path):
+    export_label_studio(run, 2, tmp_path / "ls")
+    tasks = json.loads((tmp_path / "ls" / "tasks.json").read_text())
+    export = _annotated(tasks[:3], [[0, 1, 2], [2, 1, 0], [1, 0, 2]])
+    export[0]["annotations"].append(dict(export[0]["annotations"][0]))  # exported twice
+    del export[1]["annotations"][0]["id"]
+    export[2]["annotations"].append({**export[2]["annotations"][0], "id": None})
+    counts = import_labels(run, _write(tmp_path / "export.json", export))
+    assert counts["annotations"] == 2 and counts["judgments"] == 6
+    assert counts["skipped_duplicate"] == 1 and counts["skipped_no_id"] == 2
+    per_candidate = run.rows("select candidate_id, count(*) n from judgments where judge like 'human:%' "
+                             "group by candidate_id")
+    assert len(per_candidate) == 6 and {r["n"] for r in per_candidate} == {1}
+
+
+def test_human_labels_stay_out_of_model_score_means(run, tmp_path):
+    import sqlite3
+
+    from selfreward.inspection.browse import QUERIES
+    from selfreward.inspection.report import show_prompt
+
+    def views():
+        db = sqlite3.connect(run.path / "run.db")
+        out = [db.execute(QUERIES[q]["sql"], {"min_spread": 0}).fetchall() for q in ("low_agreement",
+                                                                                   "score_distribution")]
+        db.close()
+        return out, show_prompt(run, 200)
+
+    before = views()
+    export_label_studio(run, 2, tmp_path / "ls")
+    tasks = json.loads((tmp_path / "ls" / "tasks.json").read_text())
+    assert import_labels(run, _write(tmp_path / "export.json", _annotated(tasks[:1], [[2, 1, 0]])))["judgments"] == 3
+    after = views()
+    assert after[0] == before[0]
+    shown = after[1]
+    assert "[human:7]" in shown and shown.count("mean score") == before[1].count("mean score")
+    means = [line.split("mean score ")[1] for text in (before[1], shown) for line in text.splitlines()
+             if "mean score" in line]
+    assert means[:3] == means[3:]  # 4.50, 2.50, 1.00: the model judge's, labels listed but not averaged in
 
 
 def test_label_studio_bad_input_writes_nothing(run, tmp_path):
@@ -263,9 +305,11 @@ def _refused(result, match):
 
 
 def _snapshot(folder):
-    """Every file under folder, with a hash of its bytes."""
+    """Every file under folder, with a hash of its bytes. A reader's read-only connection cannot remove
+    SQLite's WAL index (-shm) and empty log (-wal) when it closes: neither holds run data."""
     return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir"
-            for p in sorted(folder.rglob("*"))}
+            for p in sorted(folder.rglob("*"))
+            if not (p.name.endswith("-shm") or p.name.endswith("-wal") and p.stat().st_size == 0)}
 
 
 def _exported_rows(out, fmt):

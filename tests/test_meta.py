@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import sqlite3
 
 import pytest
 import sqlite_utils
@@ -125,7 +126,7 @@ def test_meta_rewarding_through_the_loop(tmp_path, tiny_model, seed_files, meta_
         assert meta["meta_judgments"] == len([m for m in metas if m["round"] == t])
     # Append-only, verified, and shown to auditors.
     with pytest.raises(Exception, match="append-only"):
-        run.db.execute("update meta_judgments set winner = 'a'")
+        sqlite3.connect(path / "run.db").execute("update meta_judgments set winner = 'a'")
     runner = CliRunner()
     assert runner.invoke(cli, ["verify", str(path)]).exit_code == 0
     shown = runner.invoke(cli, ["show", str(path), str(run.rows("select c.prompt_id from judge_pairs x join candidates c "

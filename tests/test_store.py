@@ -260,3 +260,50 @@ def test_eval_judge_refuses_the_runs_eval_set_once_edited(judged_run, seed_files
         result = CliRunner().invoke(cli, args)
         assert result.exit_code == 1, result.output
         assert "eft_eval file" in result.output and "has changed since run" in result.output
+
+
+def old_run(run) -> None:
+    """Make `run` look as a run written before m010: its triggers and migration record gone."""
+    import sqlite3
+
+    run.close()
+    db = sqlite3.connect(run.path / "run.db")
+    db.execute("delete from _sqlite_migrations where name = 'm010_refuse_replace'")
+    for (name,) in db.execute("select name from sqlite_master where type = 'trigger' and name like '%_no_replace'"
+                              ).fetchall():
+        db.execute(f"drop trigger {name}")
+    db.commit()
+    db.close()
+
+
+def test_readers_never_migrate_an_old_run_and_say_so(run, tmp_path):
+    import hashlib
+
+    from click.testing import CliRunner
+
+    from selfreward.cli import cli
+
+    old_run(run)
+    db_file = run.path / "run.db"
+    before = hashlib.sha256(db_file.read_bytes()).hexdigest()
+    for args in (["status"], ["show"], ["verify"], ["rationales"], ["report"], ["browse"],
+                 ["export", "--round", "2", "--out", str(tmp_path / "x.jsonl")]):
+        result = CliRunner().invoke(cli, [args[0], str(run.path), *args[1:]])
+        assert result.exit_code == 1, (args, result.output)
+        assert "old schema: a writer upgrades it" in result.output
+        assert len(result.output.strip().splitlines()) == 1, result.output
+    assert hashlib.sha256(db_file.read_bytes()).hexdigest() == before  # auditing left the evidence as it was
+    with Run.open(run.path, writer=True) as writer:  # a writer upgrades it
+        names = {n for (n,) in writer.db.execute("select name from sqlite_master where type = 'trigger'")}
+        assert {"candidates_no_replace", "judgments_no_replace", "consistency_judgments_no_replace"} <= names
+    with Run.open(run.path) as reader:
+        assert reader.config().preset == "tiny"
+
+
+def test_a_reader_cannot_write(run):
+    import sqlite3
+
+    run.close()
+    with Run.open(run.path) as reader:
+        with pytest.raises(sqlite3.OperationalError, match="readonly"):
+            reader.db.execute("insert into prompts (round, text) values (1, 'x')")

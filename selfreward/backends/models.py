@@ -305,30 +305,51 @@ def fsync_tree(folder: Path) -> None:
             os.close(fd)
 
 
-# Above this size a load checks file names and sizes only; `verify` always hashes in full.
-FULL_HASH_MAX_BYTES = 8 << 30
-
-
 def check_weights(name: str, folder: Path, recorded: str | None, full: bool = False) -> None:
-    """A model folder must be there and hold the weights recorded when it was written."""
+    """A model folder must be there and hold the files recorded when it was written. `full`
+    (verify) hashes again even where this process has hashed the unchanged folder before."""
     folder = Path(folder)
     if not (folder / "config.json").is_file():
         raise SelfRewardError(f"model {name} is missing: {folder} holds no model (run.db recorded one there); "
                               f"restore the folder or start a new run")
     if recorded is None:
         return
-    files = sorted(folder.glob("*.safetensors"))
-    if not files:
+    if not any(folder.glob("*.safetensors")):
         raise SelfRewardError(f"model {name} at {folder} has no .safetensors weights")
-    if not full and sum(f.stat().st_size for f in files) > FULL_HASH_MAX_BYTES:
-        return
-    actual = weights_sha(folder)
+    # A 16-digit hash was recorded before the hash covered config, tokenizer and chat template: the weights only.
+    actual = _safetensors_sha(folder) if len(recorded) == 16 else weights_sha(folder, memo=not full)
     if actual != recorded:
-        raise SelfRewardError(f"model {name} at {folder} has changed since it was written (weights sha256 "
+        raise SelfRewardError(f"model {name} at {folder} has changed since it was written (sha256 "
                               f"{actual}, recorded {recorded}); restore it or start a new run")
 
 
-def weights_sha(folder: Path) -> str:
+_hashed: dict = {}  # (folder, every file's name, size, mtime and inode) -> its hash, within this process
+
+
+def weights_sha(folder: Path, memo: bool = False) -> str:
+    """sha256 over every file a load of the folder reads: weights, config, generation config, tokenizer
+    and chat template, each with its name. Subfolders (a run's LoRA adapter, whose config names its
+    base by path), hidden files and *.md are not read by a load, so not hashed."""
+    folder = Path(folder)
+    files = sorted(f for f in folder.iterdir() if f.is_file() and f.suffix != ".md" and not f.name.startswith("."))
+    stats = []
+    for f in files:
+        st = f.stat()
+        stats.append((f.relative_to(folder).as_posix(), st.st_size, st.st_mtime_ns, st.st_ino))
+    key = (str(folder.resolve()), tuple(stats))
+    if memo and key in _hashed:
+        return _hashed[key]
+    h = hashlib.sha256()
+    for f, (rel, size, *_) in zip(files, stats):
+        with f.open("rb") as fh:
+            digest = hashlib.file_digest(fh, "sha256").hexdigest()  # streamed: no size limit, no copy in memory
+        h.update(f"{rel}\0{size}\0{digest}\n".encode())
+    _hashed[key] = h.hexdigest()
+    return _hashed[key]
+
+
+def _safetensors_sha(folder: Path) -> str:
+    """The hash runs recorded before: the *.safetensors files only, 16 hex digits."""
     h = hashlib.sha256()
     for f in sorted(Path(folder).glob("*.safetensors")):
         with f.open("rb") as fh:

@@ -132,15 +132,32 @@ def input_hashes(config: Config) -> dict:
 
 
 APPEND_ONLY = ("candidates", "judgments", "pairs", "comparisons")  # m009 adds its own three
+APPEND_ONLY_M009 = ("meta_judgments", "judge_pairs", "consistency_judgments")
+APPEND_ONLY_M011 = ("eval_answers", "if_checks", "eval_comparisons", "promotions")  # the actor's evaluation
 
 
-def append_only(db: sqlite_utils.Database, tables) -> None:
-    """Triggers that refuse UPDATE and DELETE on each table."""
-    for table in tables:
-        for action in ("UPDATE", "DELETE"):
-            db.execute(f"""
+def append_only_triggers(table: str) -> dict[str, str]:
+    """The SQL of each trigger that keeps `table` append-only, by trigger name (`verify` compares
+    the stored triggers with these)."""
+    out = {f"{table}_no_{action.lower()}": f"""
                 CREATE TRIGGER {table}_no_{action.lower()} BEFORE {action} ON {table}
-                BEGIN SELECT RAISE(ABORT, '{table} are append-only: {action} refused'); END""")
+                BEGIN SELECT RAISE(ABORT, '{table} are append-only: {action} refused'); END"""
+           for action in ("UPDATE", "DELETE")}
+    # INSERT OR REPLACE deletes the old row without firing the DELETE trigger (unless recursive_triggers
+    # is on), so an insert may not name an id that is already there.
+    out[f"{table}_no_replace"] = f"""
+                CREATE TRIGGER {table}_no_replace BEFORE INSERT ON {table}
+                WHEN EXISTS (SELECT 1 FROM {table} WHERE id = NEW.id)
+                BEGIN SELECT RAISE(ABORT, '{table} are append-only: INSERT of an existing id refused'); END"""
+    return out
+
+
+def append_only(db: sqlite_utils.Database, tables, kinds=("no_update", "no_delete")) -> None:
+    """Triggers that refuse UPDATE and DELETE on each table (and, from m010, a replacing INSERT)."""
+    for table in tables:
+        for name, sql in append_only_triggers(table).items():
+            if name.endswith(kinds):
+                db.execute(sql)
 
 
 @migrations()
@@ -228,7 +245,7 @@ def m009_judge_training(db: sqlite_utils.Database):
          "finish_reason": str, "template_sha": str, "judge_model_sha": str, "sampling": str, "created_at": str},
         pk="id", foreign_keys=[("candidate_id", "candidates", "id")])
     db["consistency_judgments"].create_index(["round"])
-    append_only(db, ("meta_judgments", "judge_pairs", "consistency_judgments"))
+    append_only(db, APPEND_ONLY_M009)
     db["meta_judgments"].enable_fts(["rationale", "raw"], create_triggers=True)
 
 
@@ -239,6 +256,13 @@ def m010_api_endpoint(db: sqlite_utils.Database):
     for table in ("judgments", "generation_checkpoint"):
         db[table].add_column("endpoint", str)
         db[table].add_column("served_model", str)
+
+
+
+@migrations()
+def m010_refuse_replace(db: sqlite_utils.Database):
+    # A plain sqlite3 client's INSERT OR REPLACE rewrote an append-only row past the UPDATE and DELETE triggers.
+    append_only(db, APPEND_ONLY + APPEND_ONLY_M009, kinds=("no_replace",))
 
 
 @migrations()
@@ -261,15 +285,16 @@ def m011_actor_eval(db: sqlite_utils.Database):
     db["eval_comparisons"].create(
         {"id": int, "round": int, "model": str, "baseline": str, "answer_id": int, "baseline_answer_id": int,
          "judge": str, "preference": float, "outcome": str, "ab_score": float, "ba_score": float, "ab_raw": str,
-         "ba_raw": str, "created_at": str},
+         "ba_raw": str, "template_sha": str, "created_at": str},
         pk="id", foreign_keys=[("answer_id", "eval_answers", "id"), ("baseline_answer_id", "eval_answers", "id")])
     db["eval_comparisons"].create_index(["round"])
     # The promotion gate: whether M_t became the next round's parent, and why.
     db["promotions"].create(
-        {"round": int, "model": str, "promoted": int, "parent": str, "metric": str, "value": float,
+        {"id": int, "round": int, "model": str, "promoted": int, "parent": str, "metric": str, "value": float,
          "lo": float, "hi": float, "reason": str, "created_at": str},
-        pk="round")
-    append_only(db, ("eval_answers", "if_checks", "eval_comparisons", "promotions"))
+        pk="id")
+    db["promotions"].create_index(["round"], unique=True)
+    append_only(db, APPEND_ONLY_M011, kinds=("no_update", "no_delete", "no_replace"))
 
 
 def take_lock(path: Path, wait: bool = False, quiet: bool = False):
@@ -352,7 +377,11 @@ class Database(sqlite_utils.Database):
 
 
 def connect(db_path: Path, writer: bool) -> sqlite_utils.Database:
-    conn = sqlite3.connect(str(db_path), timeout=BUSY_TIMEOUT_S)
+    if writer:
+        conn = sqlite3.connect(str(db_path), timeout=BUSY_TIMEOUT_S)
+    else:
+        # Auditing a run must not change it: a reader's connection cannot write, even by accident.
+        conn = sqlite3.connect(f"{Path(db_path).resolve().as_uri()}?mode=ro", uri=True, timeout=BUSY_TIMEOUT_S)
     conn.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_S * 1000)}")
     if writer:
         conn.execute("PRAGMA journal_mode = WAL")  # persistent: stored in the file
@@ -364,8 +393,9 @@ class Run:
 
     Writers (`iterate`, `eval`, `import-labels`) open it with `writer=True`: they take
     the run's lock first, then migrate and write; a second writer gets one clear line.
-    Readers never wait for the lock and never write, except to bring an old run's
-    schema up to date when no writer holds it (a writer has already done so).
+    Readers never wait for the lock and open run.db read-only: a run with an older
+    schema is refused with one line (a writer upgrades it), so auditing never changes
+    the evidence.
     """
 
     def __init__(self, path: Path, db: sqlite_utils.Database, lock=None):
@@ -386,7 +416,10 @@ class Run:
             if writer:
                 migrations.apply(db)
             elif migrations.pending(db):
-                cls._migrate_old_run(path, db)
+                db.close()
+                raise SelfRewardError(f"run {path}: old schema: a writer upgrades it (iterate, eval, train-rm or "
+                                      f"import-labels); readers never change a run, so to keep this one as it is, "
+                                      f"upgrade a copy")
         except sqlite3.DatabaseError as e:
             release_lock(lock)
             if getattr(e, "sqlite_errorname", "") not in ("SQLITE_NOTADB", "SQLITE_CORRUPT"):
@@ -397,17 +430,6 @@ class Run:
             release_lock(lock)
             raise
         return cls(path, db, lock)
-
-    @staticmethod
-    def _migrate_old_run(path: Path, db) -> None:
-        lock = take_lock(path, wait=False, quiet=True)
-        if lock is None:
-            raise SelfRewardError(f"run {path} is being written by another selfreward process with an older "
-                                  f"schema; try again when it has finished")
-        try:
-            migrations.apply(db)
-        finally:
-            release_lock(lock)
 
     @classmethod
     def create(cls, path: str | Path, config: Config) -> "Run":

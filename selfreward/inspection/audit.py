@@ -28,23 +28,20 @@ def verify(run: Run, counts: dict | None = None) -> list[str]:
     """Every mismatch between the stored pairs and what the stored judgments imply.
 
     `counts`, if given, is filled with what was checked and what could not be: a
-    judgment with no raw text (a pairwise summary, PairRM, a reward model, a failed
-    request, a human label) or one made with a template this version does not have."""
-    problems = []
+    judgment with no raw text (PairRM, a reward model, a failed request, a human
+    label) or one made with a template this version does not have."""
     counts = counts if counts is not None else {}
+    # 0. The triggers that make the evidence append-only are still in place.
+    problems = _verify_triggers(run)
     # 1. Each stored score must be what its stored raw text parses to, under the template that made it.
     templates = _templates_by_sha()
-    checked = unknown_template = 0
-    for j in run.rows("select id, score, raw, template_sha, finish_reason from judgments where raw is not null "
-                      "and judge not like 'human:%'"):
-        t = templates.get(j["template_sha"])
-        if t is None:
-            unknown_template += 1
-            continue
-        checked += 1
-        parsed = t.parse(j["raw"], truncated=j["finish_reason"] == "length").score
-        if parsed != j["score"]:
-            problems.append(f"judgment {j['id']}: stored score {j['score']} but its raw text parses to {parsed}")
+    found, checked, unknown_template = _reread(run, "judgments", templates)
+    problems += found
+    found, summaries = _verify_comparisons(run, templates, counts)
+    problems += found
+    found, counts["consistency_checked"], _ = _reread(run, "consistency_judgments", templates)
+    problems += found
+    problems += _verify_eval_comparisons(run, templates, counts)
     # 0. Every model folder the run recorded still holds the weights it recorded.
     from selfreward.backends.models import check_weights
     from selfreward.errors import SelfRewardError
@@ -60,15 +57,17 @@ def verify(run: Run, counts: dict | None = None) -> list[str]:
         except SelfRewardError as e:
             problems.append(str(e))
     counts["models_checked"] = models_checked
-    counts.update({"judgments": run.db["judgments"].count, "judgments_checked": checked,
+    counts.update({"judgments": run.db["judgments"].count, "judgments_checked": checked + summaries,
                    "judgments_unknown_template": unknown_template,
-                   "judgments_without_raw": run.db["judgments"].count_where("raw is null or judge like 'human:%'"),
+                   "judgments_without_raw": run.db["judgments"].count_where(
+                       "(raw is null and judge not like '%/pairwise') or judge like 'human:%'"),
                    "pairs": run.db["pairs"].count})
     # 2. Each round's pairs must follow from the stored scores by the stored pairing rule.
     for (t,) in run.db.execute("select distinct round from pairs order by round").fetchall():
         stored = run.rows("select * from pairs where round = ? order by prompt_id", [t])
         rules = {p["rule"] for p in stored}
-        if len(rules) != 1 or not (m := re.fullmatch(r"max-min rho=([0-9.]+)", rules.pop())):
+        rho = _rule_rho(rules.pop()) if len(rules) == 1 else None
+        if rho is None:
             problems.append(f"round {t}: unknown pairing rule {sorted(p['rule'] for p in stored)[:1]}")
             continue
         cands = run.rows("select id, prompt_id, text from candidates where round = ?", [t])
@@ -76,7 +75,7 @@ def verify(run: Run, counts: dict | None = None) -> list[str]:
                              "and judge not like 'human:%'", [t])
         kind = {p["score_kind"] for p in stored} - {None}  # NULL: written before pair_score existed
         score_key = "expected_score" if kind == {"expected"} else "score"
-        expected = {p["prompt_id"]: p for p in build_pairs(cands, judgments, float(m.group(1)), score_key)}
+        expected = {p["prompt_id"]: p for p in build_pairs(cands, judgments, rho, score_key)}
         for p in stored:
             e = expected.pop(p["prompt_id"], None)
             if e is None:
@@ -91,6 +90,119 @@ def verify(run: Run, counts: dict | None = None) -> list[str]:
         problems += _verify_consistency(run, t, stored, cands, judgments, score_key)
     problems += _verify_expected(run, counts)
     problems += _verify_meta(run, templates, counts)
+    return problems
+
+
+# A pairwise LLM judge's per-sample score: no raw text of its own, it follows from the round's comparisons.
+PAIRWISE_SUMMARY = "(j.raw is null and j.judge like '%/pairwise')"
+
+
+def _rule_rho(rule: str) -> float | None:
+    """rho of a stored pairing rule, 'max-min rho=<float>' as Python writes the float (0.0, 1e-05)."""
+    m = re.fullmatch(r"max-min rho=(\S+)", rule or "")
+    try:
+        return float(m.group(1)) if m else None
+    except ValueError:
+        return None
+
+
+def _verify_triggers(run: Run) -> list[str]:
+    from selfreward.core.store import APPEND_ONLY, APPEND_ONLY_M009, APPEND_ONLY_M011, append_only_triggers
+
+    stored = dict(run.db.execute("select name, sql from sqlite_master where type = 'trigger'").fetchall())
+    problems = []
+    for table in APPEND_ONLY + APPEND_ONLY_M009 + APPEND_ONLY_M011:
+        for name, sql in append_only_triggers(table).items():
+            if name not in stored:
+                problems.append(f"trigger {name} is missing: the rows of {table} are no longer append-only")
+            elif " ".join(stored[name].split()) != " ".join(sql.split()):
+                problems.append(f"trigger {name} has been changed: the rows of {table} may have been edited")
+    return problems
+
+
+def _reread(run: Run, table: str, templates: dict) -> tuple[list[str], int, int]:
+    """Re-read each stored score of `table` (judgments, consistency_judgments) from its raw text, as
+    the judge read it: the same parser, and the same refusal of a score line copied from the response."""
+    from selfreward.backends.judges.llm import read_verdict
+
+    problems, checked, unknown = [], 0, 0
+    what = "judgment" if table == "judgments" else "consistency judgment"
+    for j in run.rows(f"select j.id, j.score, j.raw, j.template_sha, j.finish_reason, c.text as response "
+                      f"from {table} j join candidates c on c.id = j.candidate_id "
+                      f"where j.raw is not null and j.judge not like 'human:%' order by j.id"):
+        t = templates.get(j["template_sha"])
+        if t is None:
+            unknown += 1
+            continue
+        checked += 1
+        parsed = read_verdict(t, j["raw"], j["finish_reason"], j["response"]).score
+        if not _same(parsed, j["score"]):
+            problems.append(f"{what} {j['id']}: stored score {j['score']} but its raw text parses to {parsed}")
+    return problems, checked, unknown
+
+
+def _verify_comparisons(run: Run, templates: dict, counts: dict) -> tuple[list[str], int]:
+    """Pairwise judging: each comparison's two verdicts are what their raw texts parse to, its outcome
+    follows from them, and each pairwise summary score follows from the comparisons of its sample.
+    Returns the problems and how many summary scores were recomputed."""
+    from collections import defaultdict
+
+    from selfreward.backends.judges.llm import pair_outcome, pairwise_score, read_verdict
+
+    problems, checked = [], 0
+    by_sample = defaultdict(list)
+    for x in run.rows("select * from comparisons order by id"):
+        by_sample[(x["round"], x["prompt_id"], x["judge"], x["sample"])].append((x["a_id"], x["b_id"], x["outcome"]))
+        t = templates.get(x["template_sha"])
+        if t is None:
+            continue  # PairRM: logits, no text
+        checked += 1
+        for side in ("ab", "ba"):
+            raw, score = x[f"{side}_raw"], x[f"{side}_score"]
+            # A comparison row keeps no finish_reason: a reading as cut off at the token limit counts too.
+            readings = [None] if raw is None else [read_verdict(t, raw).score, read_verdict(t, raw, "length").score]
+            if not any(_same(score, r) for r in readings):
+                problems.append(f"comparison {x['id']}: stored {side} verdict {score} but its raw text parses to "
+                                f"{readings[0]}")
+        again = pair_outcome(x["ab_score"], x["ba_score"])
+        if again != x["outcome"]:
+            problems.append(f"comparison {x['id']}: stored outcome {x['outcome']!r}, recomputed {again!r}")
+    counts["comparisons_checked"] = checked
+    summaries = run.rows(f"select j.id, j.round, j.judge, j.sample, j.candidate_id, j.score, c.prompt_id "
+                         f"from judgments j join candidates c on c.id = j.candidate_id where {PAIRWISE_SUMMARY}")
+    for j in summaries:
+        again = pairwise_score(by_sample.get((j["round"], j["prompt_id"], j["judge"], j["sample"]), []),
+                               j["candidate_id"]).score
+        if not _same(again, j["score"]):
+            problems.append(f"judgment {j['id']}: stored pairwise score {j['score']} but its comparisons give "
+                            f"{again}")
+    return problems, len(summaries)
+
+
+def _verify_eval_comparisons(run: Run, templates: dict, counts: dict) -> list[str]:
+    """The actor's win rates: each comparison by the eval judge is what its raw texts (an LLM judge, in
+    both orders) or its two scores (a reward model) imply, down to the preference that was counted."""
+    from selfreward.backends.judges.llm import pair_outcome, read_verdict
+    from selfreward.evaluation.winrate import preference
+
+    problems, checked = [], 0
+    for x in run.rows("select * from eval_comparisons order by id"):
+        t = templates.get(x["template_sha"])
+        if t is not None:
+            ab, ba = (read_verdict(t, x[f"{side}_raw"]).score if x[f"{side}_raw"] is not None else None
+                      for side in ("ab", "ba"))
+            outcome = pair_outcome(ab, ba)
+        elif x["template_sha"] is None and x["ab_raw"] is None:  # a scorer: the higher score wins
+            ab, ba = x["ab_score"], x["ba_score"]
+            outcome = "unparsed" if ab is None or ba is None else "a" if ab > ba else "b" if ab < ba else "tie"
+        else:
+            continue  # a template this version does not have
+        checked += 1
+        again = preference(outcome)
+        if not (_same(ab, x["ab_score"]) and _same(ba, x["ba_score"]) and _same(again, x["preference"])):
+            problems.append(f"eval comparison {x['id']}: stored verdicts {x['ab_score']}/{x['ba_score']} and "
+                            f"preference {x['preference']}, but its judge texts give {ab}/{ba} and {again}")
+    counts["eval_comparisons_checked"] = checked
     return problems
 
 
@@ -203,8 +315,8 @@ def rationales(run: Run, round: int | None = None, min_score: float | None = Non
                s.spread, pm.margin, j.reason, j.rationale, c.text as response
         from judgments j
         join candidates c on c.id = j.candidate_id
-        join (select candidate_id, max(score) - min(score) as spread from judgments
-              group by candidate_id) s on s.candidate_id = j.candidate_id
+        left join (select candidate_id, max(score) - min(score) as spread from judgments
+              where judge not like 'human:%' group by candidate_id) s on s.candidate_id = j.candidate_id
         left join (select chosen_id as cid, chosen_score - rejected_score as margin from pairs where status = 'kept'
                    union all
                    select rejected_id, chosen_score - rejected_score from pairs where status = 'kept') pm
@@ -264,7 +376,7 @@ def render(rows: list[dict], fmt: str, width: int = 60, columns: list[str] = RAT
         writer.writeheader()
         writer.writerows(rows)
         return buf.getvalue()
-    from selfreward.inspection.report import table
+    from selfreward.inspection.report import table, terminal_safe
 
     def cut(text):
         text = " ".join((text or "").split())
@@ -272,4 +384,4 @@ def render(rows: list[dict], fmt: str, width: int = 60, columns: list[str] = RAT
 
     shown = [{**r, "rationale": cut(r["rationale"] or r["reason"]), "response": cut(r["response"])} for r in rows]
     cols = [(c, c) for c in columns if c != "reason"]
-    return table(shown, cols) + "\n"
+    return terminal_safe(table(shown, cols)) + "\n"

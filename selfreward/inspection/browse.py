@@ -102,12 +102,14 @@ where x.status = 'kept' order by x.round, x.id""",
     },
     "low_agreement": {
         "title": "Low-agreement judgments",
-        "description": "Candidates whose K judge samples disagree by at least :min_spread points.",
+        "description": "Candidates whose K judge samples disagree by at least :min_spread points (human labels "
+                       "aside).",
         "sql": """
 select c.id as candidate, c.round, p.text as prompt, c.text as response,
        group_concat(coalesce(j.score, 'NULL'), ', ') as scores, max(j.score) - min(j.score) as spread,
        group_concat('[' || coalesce(j.score, 'NULL') || '] ' || coalesce(j.rationale, j.reason), char(10)) as rationales
 from judgments j join candidates c on c.id = j.candidate_id join prompts p on p.id = c.prompt_id
+where j.judge not like 'human:%'
 group by c.id having spread >= cast(:min_spread as real) order by spread desc""",
     },
     "parse_failures": {
@@ -119,9 +121,10 @@ from judgments j where j.score is null order by j.round, j.id""",
     },
     "score_distribution": {
         "title": "Score distribution by round",
-        "description": "How many judge samples gave each score, per round (NULL = unparsed).",
+        "description": "How many judge samples gave each score, per round (NULL = unparsed; human labels aside).",
         "sql": """
-select round, score, count(*) as n from judgments group by round, score order by round, score""",
+select round, score, count(*) as n from judgments where judge not like 'human:%'
+group by round, score order by round, score""",
     },
 }
 
@@ -154,9 +157,27 @@ def write_metadata(directory: Path) -> Path:
     return path
 
 
-def serve(run: Run, host: str, port: int) -> None:
+def loopback(host: str) -> bool:
+    import ipaddress
+
+    try:
+        return host == "localhost" or ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False  # a name other than localhost may resolve anywhere
+
+
+def serve(run: Run, host: str, port: int, public: bool = False) -> None:
     import importlib.util
 
+    # Datasette runs any read-only SQL it is sent, with no login: on another address that is the whole run
+    # (prompts, responses, config) for anyone who can reach the port.
+    if not loopback(host):
+        if not public:
+            raise SelfRewardError(f"browse --host {host} would let anyone who reaches port {port} read the whole run "
+                                  f"and run any SQL on it, with no login; keep the default 127.0.0.1 (tunnel with "
+                                  f"ssh -L), or pass --public to serve it anyway")
+        print(f"warning: serving {run.path} on {host}:{port} with no login: anyone who reaches it can read the "
+              f"whole run and run any SQL on it")
     if importlib.util.find_spec("datasette") is None:
         raise SelfRewardError("browse needs Datasette: pip install -e '.[browse]'")
     with tempfile.TemporaryDirectory(prefix="selfreward-browse-") as tmp:

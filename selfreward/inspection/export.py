@@ -153,7 +153,9 @@ def import_labels(run: Run, export_path: str | Path, round: int | None = None) -
     columns = {name: None for name in run.db["judgments"].columns_dict if name != "id"}
     next_sample: dict[int, int] = {}
     rows: list[dict] = []
-    counts = {"tasks": len(tasks), "annotations": 0, "judgments": 0, "skipped_cancelled": 0, "skipped_existing": 0}
+    counts = {"tasks": len(tasks), "annotations": 0, "judgments": 0, "skipped_cancelled": 0, "skipped_existing": 0,
+              "skipped_no_id": 0, "skipped_duplicate": 0}
+    seen = set()  # (annotator, annotation id) already taken from this file
     for n, task in enumerate(tasks):
         if not isinstance(task, dict):
             raise SelfRewardError(f"{export_path}: task #{n + 1} is not a JSON object")
@@ -169,10 +171,18 @@ def import_labels(run: Run, export_path: str | Path, round: int | None = None) -
             if ann.get("was_cancelled"):
                 counts["skipped_cancelled"] += 1
                 continue
+            if ann.get("id") is None:
+                # The id is what tells one annotation from another (and an import from a re-import).
+                counts["skipped_no_id"] += 1
+                continue
             where = f"task {task_id}, annotation {ann.get('id')}"
             result, ranking = _ranking(ann, where)
             cands = _ranked_candidates(run, ranking, offered, round, where)
             judge = f"human:{_annotator(ann)}"
+            if (judge, str(ann["id"])) in seen:
+                counts["skipped_duplicate"] += 1
+                continue
+            seen.add((judge, str(ann["id"])))
             prefix = f"Label Studio annotation {ann.get('id')}: "
             if run.db.execute(
                     "select 1 from judgments where judge = ? and rationale like ? escape '\\' "

@@ -4,11 +4,21 @@ full judging record (`show`)."""
 from __future__ import annotations
 
 import json
+import re
 import textwrap
 
 from selfreward.errors import SelfRewardError
 from selfreward.core.store import Run
 from selfreward.training.methods import METHODS
+
+
+# Control characters (ANSI escapes, carriage returns, C1 codes) and bidi overrides in model text would act on
+# the auditor's terminal: shown as escapes instead. The stored text is left as it was.
+_CONTROL = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u200e\u200f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
+
+
+def terminal_safe(text: str) -> str:
+    return _CONTROL.sub(lambda m: repr(m.group())[1:-1], text)
 
 
 def _one(run: Run, sql: str, params=()):
@@ -152,7 +162,8 @@ def show_prompt(run: Run, prompt_id: int | None) -> str:
         lines.append("")
     for c in run.rows("select * from candidates where prompt_id=? order by idx", [prompt_id]):
         js = run.rows("select * from judgments where candidate_id=? order by sample", [c["id"]])
-        scores = [j["score"] for j in js if j["score"] is not None]
+        # Human labels (import-labels) are listed, but the mean is the model judge's, as pairs saw it.
+        scores = [j["score"] for j in js if j["score"] is not None and not j["judge"].startswith("human:")]
         mean = f"{sum(scores) / len(scores):.2f}" if scores else "unscored"
         tag = {pair.get("chosen_id"): "  [CHOSEN]", pair.get("rejected_id"): "  [REJECTED]"}.get(c["id"], "")
         lines.append(f"candidate {c['id']} (#{c['idx']}, {c['n_tokens']} tokens, {c['finish_reason']}): "
@@ -166,7 +177,7 @@ def show_prompt(run: Run, prompt_id: int | None) -> str:
             lines.append(_indent(j["rationale"] or j["raw"] or "(empty)", 8))
         lines += _meta_lines(run, c["id"])
         lines.append("")
-    return "\n".join(lines).rstrip() + "\n"
+    return terminal_safe("\n".join(lines).rstrip() + "\n")
 
 
 def _meta_lines(run: Run, candidate_id: int) -> list[str]:
@@ -201,7 +212,7 @@ def show_pair(run: Run, pair_id: int) -> str:
              f"prompt {prompt['id']} ({prompt['source']})", _indent(prompt["text"]), ""]
     if pair["status"] != "kept":
         lines.append(f"no chosen/rejected: {pair['n_scored']} candidates scored, {pair['n_unscored']} unscored")
-        return "\n".join(lines) + "\n"
+        return terminal_safe("\n".join(lines) + "\n")
     lines.append(f"margin {pair['chosen_score'] - pair['rejected_score']:.2f}")
     for side in ("chosen", "rejected"):
         c = run.rows("select * from candidates where id=?", [pair[f"{side}_id"]])[0]
@@ -211,7 +222,7 @@ def show_pair(run: Run, pair_id: int) -> str:
             verdict = f"score {j['score']:g}" if j["score"] is not None else f"NO SCORE ({j['reason']})"
             lines.append(f"    judge sample {j['sample']} [{j['judge']}]: {verdict}")
             lines.append(_indent(j["rationale"] or j["raw"] or "(empty)", 8))
-    return "\n".join(lines) + "\n"
+    return terminal_safe("\n".join(lines) + "\n")
 
 
 def _indent(text: str, n: int = 4) -> str:

@@ -78,10 +78,7 @@ class LLMJudge:
             # The request failed, not the judge: no output to parse, the reason kept.
             return Verdict(None, Parsed(None, "", f"request failed: {c.error}"), c.n_tokens, c.usage, c.retries,
                            c.finish_reason)
-        # A judgment cut off at the token limit counts only if its score line was complete.
-        parsed = self.template.parse(c.text, truncated=c.finish_reason == "length")
-        if parsed.score is not None and response is not None and copied_score(c.text, response, self.template):
-            parsed = Parsed(None, parsed.rationale, COPIED)
+        parsed = read_verdict(self.template, c.text, c.finish_reason, response)
         return Verdict(c.text, parsed, c.n_tokens, c.usage, c.retries, c.finish_reason, endpoint=c.endpoint,
                        served_model=c.served_model)
 
@@ -96,32 +93,46 @@ class LLMJudge:
                                                     response_b=g.responses[second]))
         outs = self.complete(prompts, samples, seed)
         results = [GroupResult([[] for _ in g.responses]) for g in groups]
-        tallies = {}  # (group, response, sample) -> [wins, ties, consistent, inconsistent]
         for n, (gi, a, b) in enumerate(jobs):
             for k in range(samples):
                 ab, ba = self._verdict(outs[2 * n][k]), self._verdict(outs[2 * n + 1][k])
                 outcome = pair_outcome(ab.parsed.score, ba.parsed.score)
                 results[gi].comparisons.append(Comparison(a, b, k, outcome, ab, ba))
-                for me, winner in ((a, "a"), (b, "b")):
-                    t = tallies.setdefault((gi, me, k), [0, 0, 0, 0])
-                    if outcome in ("a", "b", "tie"):
-                        t[2] += 1
-                        t[0] += outcome == winner
-                        t[1] += outcome == "tie"
-                    elif outcome == "inconsistent":
-                        t[3] += 1
         for gi, g in enumerate(groups):
-            for i in range(len(g.responses)):
-                for k in range(samples):
-                    wins, ties, consistent, inconsistent = tallies.get((gi, i, k), [0, 0, 0, 0])
-                    summary = f"won {wins}, tied {ties} of {consistent} position-consistent comparisons" \
-                              f" ({inconsistent} inconsistent)"
-                    if consistent:
-                        parsed = Parsed(5 * (wins + ties / 2) / consistent, summary)
-                    else:
-                        parsed = Parsed(None, summary, "no position-consistent comparison")
-                    results[gi].verdicts[i].append(Verdict(None, parsed))
+            for k in range(samples):
+                outcomes = [(x.a, x.b, x.outcome) for x in results[gi].comparisons if x.sample == k]
+                for i in range(len(g.responses)):
+                    results[gi].verdicts[i].append(Verdict(None, pairwise_score(outcomes, i)))
         return results
+
+
+def read_verdict(template: Template, text: str, finish_reason: str | None = None,
+                 response: str | None = None) -> Parsed:
+    """What a judge's output says, as judging reads it (and `verify` re-reads it)."""
+    # A judgment cut off at the token limit counts only if its score line was complete.
+    parsed = template.parse(text, truncated=finish_reason == "length")
+    if parsed.score is not None and response is not None and copied_score(text, response, template):
+        parsed = Parsed(None, parsed.rationale, COPIED)
+    return parsed
+
+
+def pairwise_score(outcomes: list[tuple], me) -> Parsed:
+    """Response `me`'s score in one sample from that sample's comparisons (a, b, outcome):
+    5 x (wins + ties/2) / its position-consistent comparisons (`verify` recomputes it so)."""
+    wins = ties = consistent = inconsistent = 0
+    for a, b, outcome in outcomes:
+        if me not in (a, b):
+            continue
+        if outcome in ("a", "b", "tie"):
+            consistent += 1
+            wins += outcome == ("a" if me == a else "b")
+            ties += outcome == "tie"
+        elif outcome == "inconsistent":
+            inconsistent += 1
+    summary = f"won {wins}, tied {ties} of {consistent} position-consistent comparisons ({inconsistent} inconsistent)"
+    if consistent:
+        return Parsed(5 * (wins + ties / 2) / consistent, summary)
+    return Parsed(None, summary, "no position-consistent comparison")
 
 
 def expected_score(probs: dict[str, float] | None) -> float | None:

@@ -86,7 +86,8 @@ def win_rates(ctx, t: int, model: str, parent: str, prompts, mine: dict) -> tupl
                                        "len_b": len(theirs[k]["text"]), "instruction": k}
                                       for k, p in zip(keys, prefs)], seed=ctx.cfg.seed)
             rows += [{"round": t, "model": model, "baseline": baseline, "key": k,
-                      "baseline_answer_id": theirs[k]["id"], "judge": judge.name, **p} for k, p in zip(keys, prefs)]
+                      "baseline_answer_id": theirs[k]["id"], "judge": judge.name, "template_sha": judge.template_sha,
+                      **p} for k, p in zip(keys, prefs)]
             done[baseline] = found
         found = done[baseline]
         for kind in ("win", "win_lc"):  # win_vs_prev, win_vs_prev_lo, win_vs_prev_hi, win_lc_vs_prev, ...
