@@ -767,7 +767,8 @@ def verify(run, runs_dir):
     if problems:
         raise click.ClickException(f"{len(problems)} mismatch(es) in {r.path}")
     also = "".join(f", {counts[key]} {what}" for key, what in (("comparisons_checked", "pairwise comparisons"),
-                                                                ("consistency_checked", "consistency judgments"))
+                                                                ("consistency_checked", "consistency judgments"),
+                                                                ("eval_comparisons_checked", "eval-judge comparisons"))
                    if counts[key])
     click.echo(f"ok: {counts['pairs']} pairs and {counts['judgments_checked']} of {counts['judgments']} judgments"
                f"{also} match their stored inputs")

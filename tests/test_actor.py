@@ -140,6 +140,18 @@ def test_a_regressing_model_is_not_promoted_and_the_loop_stops_after_its_patienc
     status = CliRunner().invoke(cli, ["status", "g", "--runs-dir", str(runs)])
     assert "M2: not promoted: win_vs_prev of M2 against M1" in status.output
     assert re.search(r"promoted\s+-\s+-\s+NO\s+NO", status.output)
+    # verify re-reads every comparison's judge texts; a forged preference is caught
+    ok = CliRunner().invoke(cli, ["verify", "g", "--runs-dir", str(runs)])
+    assert ok.exit_code == 0, ok.output
+    first = comparisons[0]
+    with sqlite3.connect(runs / "g" / "run.db") as raw:
+        raw.execute("insert into eval_comparisons (round, model, baseline, answer_id, baseline_answer_id, judge, "
+                    "preference, outcome, ab_score, ba_score, ab_raw, ba_raw, template_sha) "
+                    "values (2, 'M2', 'M1', ?, ?, ?, 1.0, 'a', 1.0, 0.0, ?, ?, ?)",
+                    [first["answer_id"], first["baseline_answer_id"], first["judge"], first["ab_raw"],
+                     first["ba_raw"], first["template_sha"]])
+    forged = CliRunner().invoke(cli, ["verify", "g", "--runs-dir", str(runs)])
+    assert forged.exit_code == 1 and "eval comparison" in forged.output
     # a rerun does not go past the gate's stop either
     again = CliRunner().invoke(cli, loop_args(tmp_path, tiny_model, seed_files, judge_script, rounds=4, name="g"),
                                catch_exceptions=False)
