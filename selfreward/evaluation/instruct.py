@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
 import math
 import random
 import re
@@ -203,10 +204,17 @@ def check(item: dict, answer: str) -> ItemResult:
     # A reasoning model's <think> block is not part of its answer (as in if-verifiable's own evaluation).
     answer_text = strip_thinking(answer)
     variants = get_loose_transformations(answer_text)
-    return ItemResult(
-        key=item["key"], answer=answer,
-        constraints=tuple(_verdict(iid, kwargs, item["prompt"], answer_text, variants)
-                          for iid, kwargs in zip(item["instruction_id_list"], item["kwargs"])))
+    # The language checkers log "Unable to detect language" through the root logger for every answer
+    # langdetect cannot read (emoji, digits): a verdict, not an error worth a line on the terminal.
+    previous = logging.root.manager.disable
+    logging.disable(logging.ERROR)
+    try:
+        return ItemResult(
+            key=item["key"], answer=answer,
+            constraints=tuple(_verdict(iid, kwargs, item["prompt"], answer_text, variants)
+                              for iid, kwargs in zip(item["instruction_id_list"], item["kwargs"])))
+    finally:
+        logging.disable(previous)
 
 
 def _wilson(k: int, n: int) -> tuple[float, float]:
