@@ -63,8 +63,23 @@ TABLES = {
                         "rewards_accuracy": "DPO, reward: share of pairs with chosen reward > rejected",
                         "model": "The reward model a 'reward' step trained (NULL for the loop's M_<round>)"}),
     "eft_eval": ("Held-out EFT examples judged by each new model (parse-rate check).", {}),
-    "metrics": ("Per-model judge metrics on held-out EFT.", {}),
-    "eval_metrics": ("Results of `selfreward eval judge` and `eval head2head`.", {}),
+    "metrics": ("Per-model metrics after each round: the judge on held-out EFT (eft_*, bias_*), the actor on "
+                "verifiable instructions (if_*) and its win rates by the eval judge (win_*, with _lo/_hi: 95% "
+                "intervals).", {}),
+    "eval_metrics": ("Results of `selfreward eval judge`, `eval head2head` and `eval instruct`.", {}),
+    "eval_answers": ("Each model's greedy answer to each held-out prompt, once per model: dataset 'if' "
+                     "(verifiable instructions), 'win' (the win-rate set) or 'if:<eval_id>' (`eval instruct`). "
+                     "Append-only.", {"key": "The prompt's key in its file"}),
+    "if_checks": ("Every constraint of a verifiable answer, checked by the IFEval/IFBench checkers. Append-only.",
+                  {"strict": "1 passed, 0 failed, NULL unchecked", "loose": "The same after IFEval's relaxations",
+                   "unchecked": "Why the constraint could not be checked (never counted as a pass or a fail)",
+                   "kwargs": "The instruction's arguments (JSON)", "checker": "The checker library and version"}),
+    "eval_comparisons": ("M_t against a baseline (its parent, M1) by the independent eval judge. Append-only.",
+                         {"preference": "1 M_t wins, 0.5 tie or orders that disagree, 0 loss, NULL unscored",
+                          "outcome": "a (M_t), b (the baseline), tie, inconsistent, or unscored",
+                          "ab_raw": "The judge's text with M_t shown first", "ba_raw": "... with the baseline first"}),
+    "promotions": ("The promotion gate: whether M_t became the next round's parent, and why. Append-only.",
+                   {"metric": "promote_metric; value, lo, hi: its difference or win rate with the 95% interval"}),
     "head2head": ("Answers of two models to held-out prompts and the judge's verdict.", {}),
 }
 
