@@ -307,3 +307,29 @@ def test_a_reader_cannot_write(run):
     with Run.open(run.path) as reader:
         with pytest.raises(sqlite3.OperationalError, match="readonly"):
             reader.db.execute("insert into prompts (round, text) values (1, 'x')")
+
+
+def test_the_actors_eval_sets_are_inputs_of_the_run_too(tmp_path, seed_files):
+    """An edited verifiable-instruction set (or win-rate set, with an eval judge) would silently change
+    every later model's yardstick: it is hashed at creation and checked like the training data."""
+    import json
+    import shutil
+
+    from selfreward.config import SEED_DIR
+
+    if_eval, win_eval = tmp_path / "if.jsonl", tmp_path / "win.jsonl"
+    shutil.copy(SEED_DIR / "if_eval.jsonl", if_eval)
+    shutil.copy(SEED_DIR / "ift_heldout.jsonl", win_eval)
+    base = {"preset": "tiny", "ift": str(seed_files["ift"]), "eft": str(seed_files["eft"]), "eft_eval": "",
+            "if_eval": str(if_eval), "win_eval": str(win_eval)}
+    without_judge = Run.create(tmp_path / "a", resolve({}, base))
+    recorded = without_judge.db.execute("select value from config where key = '_inputs'").fetchone()[0]
+    assert set(json.loads(recorded)) == {"ift", "eft", "if_eval"}  # win_eval is read only by an eval judge
+    judged = Run.create(tmp_path / "b", resolve({}, {**base, "eval_judge": "pairrm"}))
+    for path, key in ((if_eval, "if_eval"), (win_eval, "win_eval")):
+        original = path.read_bytes()
+        path.write_bytes(original + b"\n")
+        with pytest.raises(SelfRewardError, match=rf"{key} file .* has changed since run"):
+            with judged.stage(2, "actor_M2"):
+                pass
+        path.write_bytes(original)
