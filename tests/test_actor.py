@@ -179,3 +179,24 @@ def test_the_paired_bootstrap_interval_brackets_the_difference():
     assert d["diff"] == 0.5 and d["lo"] < 0.5 < d["hi"] and d["lo"] > 0
     same = paired_difference([1, 0] * 10, [1, 0] * 10)
     assert same["diff"] == same["lo"] == same["hi"] == 0
+
+
+def test_a_reward_model_as_the_eval_judge(tmp_path, tiny_model, seed_files, judge_script):
+    from test_reward_model import write_classifier
+
+    rm = write_classifier(tiny_model, tmp_path / "rm", num_labels=1)
+    result = CliRunner().invoke(cli, loop_args(tmp_path, tiny_model, seed_files, judge_script, "--set",
+                                               "eval_judge=reward-model", "--set", f"eval_judge_model={rm}",
+                                               "--set", "win_eval_size=6", name="rm"), catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    run = Run.open(tmp_path / "runs" / "rm")
+    rows = run.rows("select * from eval_comparisons")
+    assert len(rows) == 6 and all(r["judge"] == f"reward-model:{rm}" and r["ab_raw"] is None for r in rows)
+    for r in rows:  # a scorer: the higher score wins
+        assert r["preference"] == (1.0 if r["ab_score"] > r["ba_score"] else 0.0 if r["ab_score"] < r["ba_score"]
+                                   else 0.5)
+    metrics = {m["name"]: m["value"] for m in run.rows("select name, value from metrics where model = 'M2'")}
+    assert metrics["win_vs_prev"] == sum(r["preference"] for r in rows) / 6
+    assert metrics["win_vs_prev_lo"] <= metrics["win_vs_prev"] <= metrics["win_vs_prev_hi"]
+    ok = CliRunner().invoke(cli, ["verify", "rm", "--runs-dir", str(tmp_path / "runs")])
+    assert ok.exit_code == 0 and "6 eval-judge comparisons" in ok.output, ok.output
