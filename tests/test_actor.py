@@ -200,3 +200,39 @@ def test_a_reward_model_as_the_eval_judge(tmp_path, tiny_model, seed_files, judg
     assert metrics["win_vs_prev_lo"] <= metrics["win_vs_prev"] <= metrics["win_vs_prev_hi"]
     ok = CliRunner().invoke(cli, ["verify", "rm", "--runs-dir", str(tmp_path / "runs")])
     assert ok.exit_code == 0 and "6 eval-judge comparisons" in ok.output, ok.output
+
+
+def test_the_gate_reads_verifiable_instructions_as_a_paired_difference(tmp_path):
+    """promote=no-regress on if_prompt_strict: M2 failing prompts M1 passed is kept out; a difference whose
+    interval reaches 0 is not; prompts unchecked for either model do not count."""
+    import dataclasses
+
+    from selfreward.backends.engines import Completion
+    from selfreward.config import resolve
+    from selfreward.evaluation import instruct
+    from selfreward.evaluation.actor import answer_row, gate, store
+
+    cfg = dataclasses.replace(resolve({}, {"preset": "tiny"}), promote="no-regress")
+    items = [{"key": str(k), "prompt": "Answer without commas.", "instruction_id_list": ["punctuation:no_comma"],
+              "kwargs": [{}]} for k in range(20)]
+    run = Run.create(tmp_path / "r", cfg)
+
+    def answers(model: str, commas: set[int]) -> None:
+        rows = []
+        for k, item in enumerate(items):
+            text = "one, two" if k in commas else "one two"
+            result = instruct.check(item, text) if k != 19 else instruct.unchecked(item, "no answer: test")
+            rows.append((answer_row(1, model, "if", item["key"], item["prompt"], Completion(text, 2, "stop"), "t"),
+                         (item, result)))
+        with run.db.atomic():
+            store(run.db, rows)
+
+    answers("M1", commas=set())
+    answers("M2", commas=set(range(12)))          # 12 of 19 checked prompts regress
+    answers("M3", commas={0})                     # one prompt: within noise
+    worse = gate(run, cfg, 2, "M2", "M1", {})
+    assert worse["promoted"] == 0 and worse["hi"] < 0 and "the next round trains from M1" in worse["reason"]
+    assert worse["value"] == -12 / 19  # the unchecked prompt counts for neither model
+    same = gate(run, cfg, 3, "M3", "M1", {})
+    assert same["promoted"] == 1 and same["lo"] < 0 <= same["hi"]
+    assert gate(run, dataclasses.replace(cfg, promote="always"), 2, "M2", "M1", {})["promoted"] == 1
