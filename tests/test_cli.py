@@ -63,8 +63,8 @@ def test_iterate_two_rounds_fills_the_store(two_rounds):
     else:
         assert m2["kind"] == "copy"
     stages = {(s["round"], s["stage"]) for s in db["stages"].rows}
-    assert {(1, "eval_M0"), (1, "sft"), (1, "eval_M1"), (2, "self_instruct"), (2, "candidates"),
-            (2, "judge"), (2, "pairs"), (2, "dpo"), (2, "eval_M2")} == stages
+    assert {(1, "eval_M0"), (1, "actor_M0"), (1, "sft"), (1, "eval_M1"), (1, "actor_M1"), (2, "self_instruct"),
+            (2, "candidates"), (2, "judge"), (2, "pairs"), (2, "dpo"), (2, "eval_M2"), (2, "actor_M2")} == stages
     assert "M1->M2" in result.output  # the closing summary
 
 
