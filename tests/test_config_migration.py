@@ -5,6 +5,7 @@ still uses an old name is refused with the new one."""
 
 import dataclasses
 import json
+import re
 import shutil
 import sqlite3
 from pathlib import Path
@@ -180,3 +181,10 @@ def test_help_config_is_grouped_and_wrapped():
     assert all(line.startswith("  ") and " = " in line and "  " not in line.strip() for line in long), long
     assert "promote_metric" in text and "'win_lc_vs_prev'" in text  # a Literal's choices are listed
     assert not [k for k in FIELDS if TYPES[k] is str and FIELDS[k].default in ("yes", "no")]
+
+
+def test_docs_config_lists_each_group_with_its_keys():
+    page = (FIXTURE.parents[2] / "docs" / "config.md").read_text()
+    for group, keys in grouped().items():
+        listed = page.split(f"\n## {group}\n\n")[1].partition("\n\n")[0]
+        assert listed.startswith("Keys: ") and set(re.findall(r"`(\w+)`", listed)) == set(keys), group
