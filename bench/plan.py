@@ -34,7 +34,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from selfreward.config import PROMPTS_DIR, from_text, resolve  # noqa: E402
+from selfreward.config import PROMPTS_DIR, TYPES, coerce, resolve  # noqa: E402
 from selfreward.errors import SelfRewardError  # noqa: E402
 
 SOURCES = {
@@ -388,7 +388,12 @@ def parse_sets(items: list[str]) -> dict:
         if not sep:
             raise PlanError(f"--set wants key=value, got '{item}'")
         key = key.strip().replace("-", "_")
-        out[key] = from_text(key, raw)
+        kind = TYPES.get(key, str)
+        try:
+            value = float(raw) if kind is float else int(raw) if kind is int else raw
+        except ValueError:
+            raise PlanError(f"--set {key}: '{raw}' is not {'an integer' if kind is int else 'a number'}") from None
+        out[key] = coerce(key, value)
     return out
 
 

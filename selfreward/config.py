@@ -301,6 +301,7 @@ PRESETS: dict[str, dict] = {
         "micro_batch_size": 2,
     },
 }
+
 FIELDS = {f.name: f for f in dataclasses.fields(Config)}
 TYPES = typing.get_type_hints(Config)
 
@@ -338,9 +339,12 @@ def choices(key: str) -> tuple | None:
 
 
 def kind_name(key: str) -> str:
-    kind = TYPES[key]
-    return "yes or no" if kind is bool else "one of " + ", ".join(map(repr, choices(key))) if choices(key) \
-        else kind.__name__
+    """What a field takes, in words: 'yes or no', "one of 'a', 'b'", 'int', ..."""
+    if TYPES[key] is bool:
+        return "yes or no"
+    if choices(key) is not None:
+        return "one of " + ", ".join(map(repr, choices(key)))
+    return TYPES[key].__name__
 
 
 YES, NO = ("yes", "true", "on", "1"), ("no", "false", "off", "0")
@@ -429,7 +433,8 @@ def check_field(key: str, value) -> None:
         ok = isinstance(value, bool) if kind is bool else isinstance(value, str) and (
             choices(key) is None or value in choices(key))
         if not ok:
-            raise SelfRewardError(f"config key '{key}' must be {kind_name(key)}, got {value!r}")
+            raise SelfRewardError(f"config key '{key}' must be {'a bool' if kind is bool else kind_name(key)}, "
+                                  f"got {value!r}")
         if isinstance(value, str) and not _unicode(value):
             raise SelfRewardError(f"config key '{key}' holds text that is not valid Unicode (a lone surrogate)")
         return

@@ -150,7 +150,7 @@ def test_a_value_outside_a_field_type_is_one_clear_line(tmp_path, setting, messa
 
 
 @pytest.mark.parametrize("key, value, message", [
-    ("meta_rewarding", "yes", "config key 'meta_rewarding' must be yes or no, got 'yes'"),
+    ("meta_rewarding", "yes", "config key 'meta_rewarding' must be a bool, got 'yes'"),
     ("judge_mode", "rubric", "config key 'judge_mode' must be one of 'additive', 'pairwise', 'reference'"),
     ("n_candidates", 2.0, "config key 'n_candidates' must be a int, got 2.0"),
     ("api_timeout", float("nan"), "config key 'api_timeout' must be a finite number"),
