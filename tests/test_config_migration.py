@@ -188,3 +188,11 @@ def test_docs_config_lists_each_group_with_its_keys():
     for group, keys in grouped().items():
         listed = page.split(f"\n## {group}\n\n")[1].partition("\n\n")[0]
         assert listed.startswith("Keys: ") and set(re.findall(r"`(\w+)`", listed)) == set(keys), group
+
+
+def test_literal_choices_match_the_lists_their_readers_use():
+    from selfreward.backends.judges import MODES
+    from selfreward.config import PRESETS, choices
+
+    assert set(choices("judge_mode")) == set(MODES)
+    assert set(choices("preset")) == {"auto", *PRESETS}
