@@ -216,7 +216,7 @@ def run(sizes: Sizes, skip_bare: bool, workdir: Path) -> dict:
 
     model_path = resolve_source("embedded")
     cfg = resolve({}, {"preset": "demo", "engine": "vllm"})
-    cfg_no_cache = resolve({}, {"preset": "demo", "engine": "vllm", "vllm_prefix_caching": "no"})
+    cfg_no_cache = resolve({}, {"preset": "demo", "engine": "vllm", "vllm_prefix_caching": False})
     ift = read_ift(SEED_DIR / "ift_heldout.jsonl") + read_ift(SEED_DIR / "ift_train.jsonl")
     prompts = [[{"role": "user", "content": r["instruction"]}] for r in ift[: sizes.prompts]]
     eft = read_eft(SEED_DIR / "eft_heldout.jsonl")[: sizes.answers]

@@ -34,7 +34,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from selfreward.config import FIELDS, PROMPTS_DIR, RENAMED, coerce, resolve  # noqa: E402
+from selfreward.config import PROMPTS_DIR, TYPES, coerce, resolve  # noqa: E402
 from selfreward.errors import SelfRewardError  # noqa: E402
 
 SOURCES = {
@@ -236,7 +236,7 @@ def plan(cfg, model_key: str, gpu: str, gpus: int, figures: dict, instruct_keep:
     judgment = min(JUDGMENT_TOKENS, cfg.judge_max_new_tokens)
     rubric = rubric_tokens()
     prompts, n, k = cfg.prompts_per_round, cfg.n_candidates, cfg.judge_samples
-    caching = cfg.vllm_prefix_caching == "yes"
+    caching = cfg.vllm_prefix_caching
 
     # Self-instruct: one task per generation from a random 8-shot list (no shared prefix to reuse).
     attempts = min(math.ceil(prompts / instruct_keep), prompts * cfg.instruct_max_attempts)
@@ -387,12 +387,12 @@ def parse_sets(items: list[str]) -> dict:
         key, sep, raw = item.partition("=")
         if not sep:
             raise PlanError(f"--set wants key=value, got '{item}'")
-        key = RENAMED.get(key.strip().replace("-", "_"), key.strip().replace("-", "_"))
-        kind = FIELDS[key].type if key in FIELDS else "str"
+        key = key.strip().replace("-", "_")
+        kind = TYPES.get(key, str)
         try:
-            value = raw if kind == "str" else float(raw) if kind == "float" else int(raw)
+            value = float(raw) if kind is float else int(raw) if kind is int else raw
         except ValueError:
-            raise PlanError(f"--set {key}: '{raw}' is not {'an integer' if kind == 'int' else 'a number'}") from None
+            raise PlanError(f"--set {key}: '{raw}' is not {'an integer' if kind is int else 'a number'}") from None
         out[key] = coerce(key, value)
     return out
 

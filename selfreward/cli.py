@@ -17,7 +17,7 @@ import click
 from selfreward import __version__
 from selfreward.backends.engines import POLICY_ENGINES
 from selfreward.backends.judges import JUDGES, MODES
-from selfreward.config import FIELDS, RENAMED, coerce, help_text, launched, load_toml, resolve
+from selfreward.config import coerce, from_text, help_text, launched, load_toml, resolve
 from selfreward.errors import SelfRewardError
 from selfreward.training.methods import train_methods
 
@@ -112,18 +112,8 @@ def _parse_sets(values: tuple[str, ...]) -> dict:
         if not sep:
             raise SelfRewardError(f"--set wants key=value, got '{item}'")
         key = key.strip().replace("-", "_")
-        key = RENAMED.get(key, key)
-        kind = FIELDS[key].type if key in FIELDS else "str"
-        value = raw if kind == "str" else _number(key, raw)
-        out[key] = coerce(key, value)
+        out[key] = from_text(key, raw)
     return out
-
-
-def _number(key: str, raw: str):
-    try:
-        return float(raw) if any(ch in raw for ch in ".eE") else int(raw)
-    except ValueError:
-        raise SelfRewardError(f"--set {key}: '{raw}' is not a number") from None
 
 
 @cli.command()

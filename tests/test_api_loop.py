@@ -19,8 +19,8 @@ def args(tmp_path, tiny_model, seed_files, url):
     return ["iterate", "--runs-dir", str(tmp_path / "runs"), "--name", "api", "--model", str(tiny_model),
             "--ift", str(seed_files["ift"]), "--eft", str(seed_files["eft"]), "--eft-eval", str(seed_files["eft"]),
             "--preset", "tiny", "--judge", "api", "--judge-api-base", url, "--judge-api-model", "judge",
-            "--set", "judge_api_key_env=SR_TEST_KEY", "--set", "judge_api_concurrency=2",
-            "--set", "judge_api_max_retries=1", "--set", "judge_api_timeout=5", "--rounds", "2"]
+            "--set", "api_key_env=SR_TEST_KEY", "--set", "api_concurrency=2",
+            "--set", "api_max_retries=1", "--set", "api_timeout=5", "--rounds", "2"]
 
 
 def test_api_judge_drives_the_loop_and_the_key_is_never_stored(tmp_path, tiny_model, seed_files, monkeypatch):
@@ -88,7 +88,7 @@ def test_eval_probes_judge_at_once_on_a_server_as_they_would_one_by_one(tmp_path
                                                         {"text": "No idea.", "rank": 2}]}) + "\n"
                               for w in ("tides", "rust")))
     extra = ["--rounds", "1", "--eft-eval", str(ranked), "--set", "eval_eft_size=0", "--set", "eval_bias_prompts=2",
-             "--set", "judge_api_concurrency=10"]
+             "--set", "api_concurrency=10"]
     # Ten slots for a wave of at most eight requests (six held-out scores, the probe's two pairs in both
     # orders): whichever part's requests reach the client's queue first, the other part's are sent at once
     # rather than after the first part's replies, so that the overlap is the stage's doing, not a race.

@@ -61,8 +61,8 @@ def test_engine_chunks_survive_a_kill(tmp_path, tiny_model, seed_files, judge_sc
 
 
 def test_paid_api_answers_are_not_asked_again(tmp_path, tiny_model, seed_files):
-    api = ["--judge", "api", "--judge-api-model", "judge", "--set", "judge_api_concurrency=1",
-           "--set", "judge_api_max_retries=0", "--set", "judge_samples=1"]
+    api = ["--judge", "api", "--judge-api-model", "judge", "--set", "api_concurrency=1",
+           "--set", "api_max_retries=0", "--set", "judge_samples=1"]
     # Three answers, then a server error with no retries left: the judge stage fails after paying for three requests.
     with ScriptedServer([{"content": "Score: 4", "model": "judge-v1"}] * 3 + [{"status": 503}]) as srv:
         first = iterate(tmp_path, tiny_model, seed_files, *api, "--judge-api-base", srv.url)

@@ -297,6 +297,36 @@ def m011_actor_eval(db: sqlite_utils.Database):
     append_only(db, APPEND_ONLY_M011, kinds=("no_update", "no_delete", "no_replace"))
 
 
+# The settings that were 'yes'/'no' strings before the config was typed, and are bools since.
+M012_BOOLS = ("api_send_seed", "vllm_prefix_caching", "meta_rewarding", "consistency")
+
+
+@migrations()
+def m012_config_keys(db: sqlite_utils.Database):
+    # The config typed: the first days' key names become today's (a new name, where a run has both,
+    # wins), yes/no strings of the settings in M012_BOOLS become JSON booleans, and the run's
+    # config.toml is written again from the converted rows, so neither needs a shim to be read.
+    from selfreward.config import FIELDS, RENAMED_KEYS
+
+    rows = {r["key"]: json.loads(r["value"]) for r in db["config"].rows}
+    values = {RENAMED_KEYS[k]: v for k, v in rows.items() if k in RENAMED_KEYS}
+    values.update({k: v for k, v in rows.items() if k not in RENAMED_KEYS})
+    for key in M012_BOOLS:
+        if values.get(key) in ("yes", "no"):
+            values[key] = values[key] == "yes"
+    if values == rows:
+        return
+    db["config"].delete_where()
+    db["config"].insert_all({"key": k, "value": json.dumps(v)} for k, v in values.items())
+    main = next((row[2] for row in db.execute("pragma database_list") if row[1] == "main"), "")
+    toml = Path(main).parent / "config.toml" if main else None
+    if toml is not None and toml.is_file():
+        stored = Config(**{k: v for k, v in values.items() if k in FIELDS})
+        tmp = toml.with_name(".config.toml.m012")
+        tmp.write_text(to_toml(stored), encoding="utf-8")
+        os.replace(tmp, toml)
+
+
 def take_lock(path: Path, wait: bool = False, quiet: bool = False):
     """The run's lock (an flock on runs/<name>/.lock): one writer per run."""
     fh = open(path / ".lock", "w")
@@ -523,11 +553,8 @@ class Run:
         self.close()
 
     def config_values(self) -> dict:
-        """The stored config under today's key names (runs written before a rename still open)."""
-        from selfreward.config import renamed
-
-        return renamed({r["key"]: json.loads(r["value"]) for r in self.db["config"].rows
-                        if not r["key"].startswith("_")})
+        """The stored config (an old run's keys and values were brought to today's by m012_config_keys)."""
+        return {r["key"]: json.loads(r["value"]) for r in self.db["config"].rows if not r["key"].startswith("_")}
 
     def config(self) -> Config:
         values = self.config_values()

@@ -57,7 +57,7 @@ def method_label(cfg) -> str:
         return "simpo"
     label = "dpo" if loss_types(cfg) == ["sigmoid"] else "dpo:" + "+".join(loss_types(cfg))
     return (label + (f" ld={cfg.dpo_ld_alpha:g}" if cfg.dpo_ld_alpha < 1.0 else "")
-            + (" cream" if cfg.consistency == "yes" else ""))
+            + (" cream" if cfg.consistency else ""))
 
 
 def preference(base_path: str, pairs: list[dict], cfg, out: Path, round: int):

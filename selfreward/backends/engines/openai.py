@@ -154,7 +154,7 @@ class OpenAIEngine:
     @classmethod
     def from_config(cls, cfg) -> "OpenAIEngine":
         return cls(cfg.api_base, cfg.api_model, cfg.api_key_env, cfg.api_concurrency, cfg.api_timeout,
-                   cfg.api_max_retries, send_seed=cfg.api_send_seed == "yes", backoff=cfg.api_backoff,
+                   cfg.api_max_retries, send_seed=cfg.api_send_seed, backoff=cfg.api_backoff,
                    cooldown=cfg.api_replica_cooldown)
 
     # --- one item: a replica, and another if that one goes down ---

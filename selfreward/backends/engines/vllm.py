@@ -75,7 +75,7 @@ def server_args(cfg, model_path: str, served_name: str, sock: str, cuda: bool) -
             "--tensor-parallel-size", str(cfg.vllm_tensor_parallel_size),
             "--pipeline-parallel-size", str(cfg.vllm_pipeline_parallel_size),
             "--data-parallel-size", str(cfg.vllm_data_parallel_size),
-            "--enable-prefix-caching" if cfg.vllm_prefix_caching == "yes" else "--no-enable-prefix-caching",
+            "--enable-prefix-caching" if cfg.vllm_prefix_caching else "--no-enable-prefix-caching",
             "--disable-uvicorn-access-log"]
     if cfg.vllm_distributed_executor_backend:
         args += ["--distributed-executor-backend", cfg.vllm_distributed_executor_backend]

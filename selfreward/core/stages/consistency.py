@@ -49,7 +49,7 @@ def consistency_by_prompt(candidates: list[dict], current: list[dict], prior: li
 
 def run(ctx, t: int) -> None:
     cfg = ctx.cfg
-    if cfg.consistency != "yes" or t < 2 or ctx.run.stage_done(t, "consistency"):
+    if not cfg.consistency or t < 2 or ctx.run.stage_done(t, "consistency"):
         return
     from selfreward.backends.judges import Group
 

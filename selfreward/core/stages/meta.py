@@ -119,7 +119,7 @@ def judge_pair(candidate_id: int, ids: list[int], meta_rows: list[dict]) -> dict
 
 def run(ctx, t: int) -> None:
     cfg = ctx.cfg
-    if cfg.meta_rewarding != "yes" or ctx.run.stage_done(t, "meta"):
+    if not cfg.meta_rewarding or ctx.run.stage_done(t, "meta"):
         return
     judgments = ctx.run.rows(
         "select j.id, j.candidate_id, j.score, j.raw, c.prompt_id, c.text as response, p.text as instruction "

@@ -75,7 +75,7 @@ def run(ctx, t: int) -> None:
                              "and judge not like 'human:%'", [t])
     key = "expected_score" if ctx.cfg.pair_score == "expected" else "score"
     consistency = {}
-    if ctx.cfg.consistency == "yes" and t >= 2:
+    if ctx.cfg.consistency and t >= 2:
         from selfreward.core.stages.consistency import consistency_by_prompt
 
         prior = ctx.run.rows("select candidate_id, score, expected_score from consistency_judgments "

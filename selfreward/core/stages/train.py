@@ -45,7 +45,7 @@ def run_dpo(ctx, t: int) -> None:
         "join prompts p on p.id = x.prompt_id join candidates c on c.id = x.chosen_id "
         "join candidates r on r.id = x.rejected_id where x.round = ? and x.status = 'kept' order by x.id", [t])
     actor = len(pairs)
-    if ctx.cfg.meta_rewarding == "yes":
+    if ctx.cfg.meta_rewarding:
         from selfreward.core.stages.meta import judge_training_pairs
 
         pairs += judge_training_pairs(ctx, t)  # Meta-Rewarding: the judge learns in the same step
