@@ -1,5 +1,5 @@
 """The typed config: an old run folder (tests/fixtures/pre-typed-config, made by the code before the
-config was typed) opens, verifies and resumes, its stored config converted once by the store's
+config was typed, by the landed main) opens, verifies and resumes, its stored config converted once by the store's
 migration m012_config_keys; the first days' key names convert too; and a user's TOML or --set that
 still uses an old name is refused with the new one."""
 
@@ -50,6 +50,11 @@ def test_the_fixture_is_a_run_from_before_the_typed_config(old_run):
 
 def test_an_old_run_opens_verifies_and_reads_its_config_typed(old_run):
     runs = old_run.parent
+    # A reader never converts it (auditing a copy must not change the evidence); a writer does, once.
+    status = cli_run("status", "old", "--runs-dir", runs)
+    assert status.exit_code == 1 and "old schema: a writer upgrades it" in status.output
+    assert applied(old_run) == []
+    Run.open(old_run, writer=True).close()
     status = cli_run("status", "old", "--runs-dir", runs)
     assert status.exit_code == 0, status.output
     assert "M1->M2" in status.output
@@ -89,7 +94,7 @@ def test_renamed_keys_of_an_old_run_convert_once(old_run):
     toml = (old_run / "config.toml").read_text().replace("candidate_temperature = 0.7", "temperature = 0.5")
     (old_run / "config.toml").write_text(toml)
 
-    with Run.open(old_run) as run:
+    with Run.open(old_run, writer=True) as run:
         cfg = run.config()
     assert (cfg.candidate_temperature, cfg.candidate_top_p, cfg.api_timeout) == (0.5, 0.8, 12.0)
     values = stored(old_run)
