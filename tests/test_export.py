@@ -269,12 +269,17 @@ def test_alpaca_eval_end_to_end(judged_run, judge_script, seed_files, tmp_path):
     out = tmp_path / "alpaca"
     result = runner.invoke(cli, ["export", str(judged_run.path), "--format", "alpaca-eval", "--out", str(out)])
     assert result.exit_code == 0, result.output
-    assert result.output.strip() == f"wrote M1.json (3 answers), M2.json (3 answers) to {out}"
+    # each model's greedy answers from the loop's eval stage (the tiny preset's 4 verifiable prompts), then the
+    # head-to-head's
+    assert result.output.strip() == f"wrote M0.json (4 answers), M1.json (7 answers), M2.json (7 answers) to {out}"
     stored = judged_run.rows("select prompt, a_text, b_text from head2head order by id")
     for model, column in (("M1", "a_text"), ("M2", "b_text")):
         records = json.loads((out / f"{model}.json").read_text(encoding="utf-8"))
-        assert records == [{"instruction": h["prompt"], "output": h[column], "generator": f"b-{model}",
-                            "dataset": seed_files["ift"].stem} for h in stored]
+        loop = judged_run.rows("select prompt, text from eval_answers where model = ? order by id", [model])
+        assert records[:4] == [{"instruction": a["prompt"], "output": a["text"], "generator": f"b-{model}",
+                                "dataset": "if_eval"} for a in loop]
+        assert records[4:] == [{"instruction": h["prompt"], "output": h[column], "generator": f"b-{model}",
+                                "dataset": seed_files["ift"].stem} for h in stored]
 
 
 # --- the export target: never delete or replace what export did not write ---
