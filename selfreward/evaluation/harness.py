@@ -46,7 +46,10 @@ def task_manager(include_path: str | None = None):
     if include_path and not Path(include_path).is_dir():
         raise SelfRewardError(f"--include-path {include_path}: not a folder of task YAMLs")
     _offline()
-    from lm_eval.tasks import TaskManager
+    try:
+        from lm_eval.tasks import TaskManager
+    except ImportError:
+        raise SelfRewardError("eval harness needs lm-eval: pip install 'selfreward[harness]'") from None
 
     return TaskManager(include_path=str(Path(include_path).resolve()) if include_path else None)
 
@@ -60,7 +63,7 @@ def check_tasks(tasks: list[str], manager) -> None:
                               "YAML under --include-path DIR)")
     for name in tasks:
         try:
-            manager.load_task_or_group([name])  # builds the task, which loads its data
+            manager.load(name)  # builds the task, which loads its data
         except Exception as e:  # noqa: BLE001 - lm-eval, datasets and the hub raise many kinds; all mean the same
             detail = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
             raise SelfRewardError(
