@@ -75,17 +75,14 @@ def check_tasks(tasks: list[str], manager) -> None:
 def metrics_of(results: dict) -> dict[str, dict[str, float]]:
     """Task -> {metric: value} from simple_evaluate's results. lm-eval names each value `metric,filter`; the
     filter 'none' is dropped (`exact_match,none` -> `exact_match`), others are kept (`exact_match,strict-match`).
-    `n` is the number of documents scored. Values that are not finite numbers (a stderr of 'N/A') are left out."""
+    `n` is the number of documents scored (lm-eval's `sample_len`). Values that are not finite numbers (a stderr of 'N/A') are left out."""
     out = {}
     for task, values in results["results"].items():
         row = {}
         for key, value in values.items():
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
                 continue
-            row[key.removesuffix(",none")] = float(value)
-        n = results.get("n-samples", {}).get(task, {}).get("effective")
-        if n is not None:
-            row["n"] = float(n)
+            row["n" if key == "sample_len" else key.removesuffix(",none")] = float(value)
         out[task] = row
     return out
 
