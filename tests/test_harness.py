@@ -146,19 +146,25 @@ def test_a_stock_task_never_reaches_the_hub(judged_run, tmp_path):
 
 @pytest.mark.slow
 def test_embedded_model_end_to_end(tmp_path):
-    """The issue's check: `eval harness` on the embedded SmolLM2-135M, --limit 2, on a task from local files."""
-    runs = tmp_path / "runs"
-    made = subprocess.run([sys.executable, "-m", "selfreward", "iterate", "--runs-dir", str(runs), "--name", "e",
-                           "--preset", "tiny", "--rounds", "1", "--set", "prompts_per_round=2"],
-                          capture_output=True, text=True, timeout=900)
-    assert made.returncode == 0, made.stderr[-3000:]
+    """The issue's check: `eval harness` on the embedded SmolLM2-135M, --limit 2, on tasks from local files. The
+    run holds the embedded model as M0 (written with the store API: training a round first takes minutes here)."""
+    from selfreward.backends.models import resolve_source
+    from selfreward.config import resolve
+    from selfreward.core.store import Run
+
+    run = Run.create(tmp_path / "runs" / "e", resolve({}, {"preset": "tiny"}))
+    run.db["models"].insert({"name": "M0", "round": 0, "kind": "base", "parent": None,
+                             "path": resolve_source("embedded"), "adapter_path": None, "note": "source: embedded",
+                             "created_at": "2026-12-05T00:00:00+00:00"})
+    run.close()
     tasks = _tasks(tmp_path / "tasks")
-    proc = subprocess.run([sys.executable, "-m", "selfreward", "eval", "harness", str(runs / "e"), "--tasks",
-                           "tiny_mc,tiny_qa", "--models", "M1", "--include-path", str(tasks), "--limit", "2",
-                           "--json"], capture_output=True, text=True, timeout=900)
+    proc = subprocess.run([sys.executable, "-m", "selfreward", "eval", "harness", str(run.path), "--tasks",
+                           "tiny_mc,tiny_qa", "--include-path", str(tasks), "--limit", "2", "--json"],
+                          capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    db = sqlite_utils.Database(runs / "e" / "run.db")
+    assert {(r["model"], r["task"]) for r in json.loads(proc.stdout)} == {("M0", "tiny_mc"), ("M0", "tiny_qa")}
+    db = sqlite_utils.Database(run.path / "run.db")
     values = {(r["dataset"], r["name"]): r["value"] for r in db.query(
-        "select * from eval_metrics where kind = 'harness' and model = 'M1'")}
+        "select * from eval_metrics where kind = 'harness' and model = 'M0'")}
     assert values[("tiny_mc", "acc")] == 1.0 and values[("tiny_mc", "n")] == 2
     assert 0 <= values[("tiny_qa", "exact_match")] <= 1 and values[("tiny_qa", "n")] == 2
