@@ -75,7 +75,8 @@ def check_tasks(tasks: list[str], manager) -> None:
 def metrics_of(results: dict) -> dict[str, dict[str, float]]:
     """Task -> {metric: value} from simple_evaluate's results. lm-eval names each value `metric,filter`; the
     filter 'none' is dropped (`exact_match,none` -> `exact_match`), others are kept (`exact_match,strict-match`).
-    `n` is the number of documents scored (lm-eval's `sample_len`). Values that are not finite numbers (a stderr of 'N/A') are left out."""
+    `n` is the number of documents scored (lm-eval's `sample_len`). Values that are not finite numbers (a stderr
+    of 'N/A') are left out."""
     out = {}
     for task, values in results["results"].items():
         row = {}
