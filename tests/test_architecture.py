@@ -16,7 +16,7 @@ import selfreward
 from selfreward.backends.judges import JUDGES, GroupResult, JudgeKind, Verdict
 from selfreward.cli import cli
 from selfreward.core.store import Run
-from selfreward.inspection.htmlreport import build_report
+from selfreward.inspection.report import build_report
 from selfreward.prompts import Parsed
 from selfreward.training.methods import METHODS, Method
 

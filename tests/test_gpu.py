@@ -42,7 +42,7 @@ def test_grpo_generates_with_trls_colocated_vllm_on_cuda(tiny_model, tmp_path):
     """With the vllm engine on CUDA, online RL samples through TRL's colocated vLLM."""
     pytest.importorskip("vllm", reason="the gpu extra is not installed: pip install -e '.[gpu]'")
     from selfreward.config import resolve
-    from selfreward.core.stages import online as online_module
+    from selfreward.core.stages import rl as rl_stage
     from selfreward.training.recipes import online
     from selfreward.backends.judges import GroupResult, Verdict
     from selfreward.prompts import Parsed
@@ -55,7 +55,7 @@ def test_grpo_generates_with_trls_colocated_vllm_on_cuda(tiny_model, tmp_path):
                     for g in groups]
 
     cfg = resolve({}, {"preset": "tiny", "train_method": "grpo", "engine": "vllm", "eft_eval": ""})
-    reward = online_module.JudgeReward(Judge(), 1, 0, "M1+grpo", cfg.candidate_max_new_tokens)
+    reward = rl_stage.JudgeReward(Judge(), 1, 0, "M1+grpo", cfg.candidate_max_new_tokens)
     prompts = [{"id": 1, "text": "say hi"}, {"id": 2, "text": "name a colour"}]
     rows, adapter, info = online(str(tiny_model), prompts, reward, cfg, tmp_path / "r" / "models" / "M2", 2)
     assert rows and adapter.is_dir() and len(reward.candidates) == 2 * cfg.n_candidates

@@ -526,7 +526,7 @@ class Run:
     @contextmanager
     def stage(self, round: int, stage: str):
         """Time a stage and hand it a Commit; its writes land in one transaction at the end."""
-        from selfreward.core import failpoints
+        from selfreward import failpoints
 
         self.check_inputs()
         started, t0 = now(), time.perf_counter()

@@ -264,7 +264,7 @@ def render(rows: list[dict], fmt: str, width: int = 60, columns: list[str] = RAT
         writer.writeheader()
         writer.writerows(rows)
         return buf.getvalue()
-    from selfreward.inspection.report import table
+    from selfreward.inspection.status import table
 
     def cut(text):
         text = " ".join((text or "").split())

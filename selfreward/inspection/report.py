@@ -14,7 +14,7 @@ import os
 from collections import defaultdict
 from pathlib import Path
 
-from selfreward.inspection.report import COLUMNS, EVAL_COLUMNS, fmt, round_summary
+from selfreward.inspection.status import COLUMNS, EVAL_COLUMNS, fmt, round_summary
 from selfreward.core.store import Run, now
 from selfreward.training.methods import METHODS
 

@@ -58,7 +58,7 @@ def launch(cfg, work: Path, base_path: str, out: Path, round: int,
     error line; the whole output is in runs/<name>/logs/train-<model>.log."""
     from selfreward.backends.engines.vllm import free_port, signal_group
     from selfreward.config import as_dict
-    from selfreward.core import failpoints
+    from selfreward import failpoints
 
     if entry is None:
         raise SelfRewardError("this training runs in one process only: set train_processes=1 and no "
