@@ -106,6 +106,36 @@ def test_no_module_imports_another_modules_private_name():
     assert private == []
 
 
+
+def _reaches(importer_prefix: str, imported_prefixes: tuple[str, ...]) -> list[tuple[str, str]]:
+    """(importer, imported) for each import, at the top of a file or in a function, from a module under
+    importer_prefix of a module under one of imported_prefixes."""
+    def under(module, prefix):
+        return module == prefix or module.startswith(prefix + ".")
+
+    return sorted({(importer, imported) for importer, imported, _ in _imports(_modules())
+                   if under(importer, importer_prefix) and any(under(imported, p) for p in imported_prefixes)})
+
+
+def test_inspection_starts_no_engine_and_never_runs_the_loop():
+    """inspection reads run.db: it never imports the engines, a stage's context (which starts them), the loop,
+    or the evaluation commands that judge and write."""
+    assert _reaches("selfreward.inspection", ("selfreward.backends.engines", "selfreward.core.context",
+                                              "selfreward.core.loop", "selfreward.evaluation",
+                                              "selfreward.data.labels")) == []
+
+
+def test_the_core_never_imports_inspection_and_backends_never_import_the_core():
+    assert _reaches("selfreward.core", ("selfreward.inspection",)) == []
+    assert _reaches("selfreward.backends", ("selfreward.core",)) == []
+
+
+def test_the_layer_check_sees_imports():
+    assert ("selfreward.core.stages.judge_eval", "selfreward.evaluation.judge_quality") in \
+        _reaches("selfreward.core", ("selfreward.evaluation",))
+    assert ("selfreward.backends.judges.scripted", "selfreward.failpoints") in \
+        _reaches("selfreward.backends", ("selfreward.failpoints",))
+
 # --- a toy judge and a toy method, registered from here ---
 
 class ToyJudge:
