@@ -67,10 +67,8 @@ def pair_rows(run: Run, round: int) -> list[dict]:
     """The kept pairs of a round in TRL's conversational preference format."""
     _check_round(run, round)
     pairs = run.rows(
-        "select x.id pair_id, x.prompt_id, x.chosen_id, x.rejected_id, x.chosen_score, x.rejected_score, "
-        "p.text prompt, c.text chosen, r.text rejected from pairs x join prompts p on p.id = x.prompt_id "
-        "join candidates c on c.id = x.chosen_id join candidates r on r.id = x.rejected_id "
-        "where x.round = ? and x.status = 'kept' order by x.id", [round])
+        "select pair_id, prompt_id, chosen_id, rejected_id, chosen_score, rejected_score, prompt, chosen, rejected "
+        "from pair_texts where round = ? and status = 'kept' order by pair_id", [round])
     if not pairs:
         counts = {r["status"]: r["n"] for r in run.rows(
             "select status, count(*) n from pairs where round = ? group by status", [round])}
@@ -79,9 +77,9 @@ def pair_rows(run: Run, round: int) -> list[dict]:
         raise SelfRewardError(f"round {round} has no kept pairs to export: {why}")
     # Only the model's judgments: they are what chosen_score and rejected_score were computed from.
     judgment_ids: dict[int, list[int]] = {}
-    for j in run.rows("select j.id, j.candidate_id from judgments j join pairs x "
+    for j in run.rows("select j.id, j.candidate_id from model_judgments j join pairs x "
                       "on j.candidate_id in (x.chosen_id, x.rejected_id) "
-                      "where x.round = ? and x.status = 'kept' and j.judge not like 'human:%' order by j.id",
+                      "where x.round = ? and x.status = 'kept' order by j.id",
                       [round]):
         judgment_ids.setdefault(j["candidate_id"], []).append(j["id"])
     return [{

@@ -21,9 +21,6 @@ from selfreward.training.methods import METHODS
 NO_DATA = "no data yet"
 # Judge-quality metrics on a 0..1 scale, so they share one axis; counts and MAE go in the table only.
 QUALITY = ["parse_rate", "pairwise_accuracy", "five_best", "exact_match", "spearman", "kendall_tau"]
-# Human rankings imported from Label Studio also land in `judgments`; the score
-# histogram is about the model judging itself, so it leaves them out.
-MACHINE = "judge not like 'human:%'"
 COUNTS = {"n", "n_prompts", "n_responses", "verbosity_n", "round"}
 
 CSS = """
@@ -74,7 +71,7 @@ def build_report(run: Run, out_dir: str | Path | None = None) -> Path:
 # --- sections: each returns its HTML and writes its PNG (if it has data) ---
 
 def _scores(run: Run, out: Path) -> str:
-    rows = run.rows(f"select round, score from judgments where {MACHINE} order by round")
+    rows = run.rows("select round, score from model_judgments order by round")
     by_round: dict[int, list] = defaultdict(list)
     for r in rows:
         by_round[r["round"]].append(r["score"])
@@ -104,7 +101,7 @@ def _scores(run: Run, out: Path) -> str:
         ax.set_xlabel("score")
         ax.set_ylabel("judgments")
     _save(fig, out / "scores.png")
-    reasons = run.rows(f"select round, reason, count(*) n from judgments where score is null and {MACHINE} "
+    reasons = run.rows("select round, reason, count(*) n from model_judgments where score is null "
                        "group by round, reason order by round, n desc")
     html_ += [_img("scores.png", "score histogram per round"),
               _table([["round", "judgments", "parsed", "unparsed", "parse%", "mean score"]]
@@ -147,9 +144,8 @@ def _pairs(run: Run, out: Path) -> str:
 
 def _lengths(run: Run, out: Path) -> str:
     rows = run.rows(
-        "select x.round, avg(c.n_tokens) chosen, avg(r.n_tokens) rejected, "
-        "(select avg(n_tokens) from candidates a where a.round = x.round) candidates from pairs x "
-        "join candidates c on c.id = x.chosen_id join candidates r on r.id = x.rejected_id "
+        "select x.round, avg(x.chosen_tokens) chosen, avg(x.rejected_tokens) rejected, "
+        "(select avg(n_tokens) from candidates a where a.round = x.round) candidates from pair_texts x "
         "where x.status = 'kept' group by x.round order by x.round")
     html_ = ["<h2>Response length</h2>",
              "<p class=note>Mean length in tokens of the chosen and rejected responses of the kept pairs. "

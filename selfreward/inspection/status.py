@@ -19,8 +19,8 @@ def round_summary(run: Run) -> list[dict]:
     out = []
     for r in run.rows("select * from rounds order by round"):
         t = r["round"]
-        judged = run.rows("select count(*) n, count(score) parsed, avg(score) mean from judgments "
-                          "where round=? and judge not like 'human:%'", [t])[0]
+        judged = run.rows("select count(*) n, count(score) parsed, avg(score) mean from model_judgments "
+                          "where round=?", [t])[0]
         pairs = {row["status"]: row["n"] for row in
                  run.rows("select status, count(*) n from pairs where round=? group by status", [t])}
         kind = _method(run, t)
@@ -28,9 +28,8 @@ def round_summary(run: Run) -> list[dict]:
             "select avg(loss) loss, avg(rewards_margin) margin, avg(rewards_accuracy) acc, count(*) steps "
             f"from training_steps where round=? and kind in ({', '.join('?' * len(METHODS))})", [t, *METHODS])[0]
         lengths = run.rows(
-            "select avg(c.n_tokens) chosen, avg(r.n_tokens) rejected from pairs x "
-            "join candidates c on c.id = x.chosen_id join candidates r on r.id = x.rejected_id "
-            "where x.round=? and x.status='kept'", [t])[0]
+            "select avg(chosen_tokens) chosen, avg(rejected_tokens) rejected from pair_texts "
+            "where round=? and status='kept'", [t])[0]
         parse = run.db.execute("select value from metrics where round=? and model=? and name='eft_parse_rate'",
                                [t, f"M{t}"]).fetchone()
         out.append({
