@@ -28,11 +28,11 @@ def test_qlora_dpo_merges_into_16bit(tiny_model, tmp_path):
     pytest.importorskip("bitsandbytes", reason="the gpu extra is not installed: pip install -e '.[gpu]'")
     from selfreward.config import resolve
     from selfreward.backends.models import load_model
-    from selfreward.training.recipes import dpo
+    from selfreward.training.recipes import preference
 
     cfg = resolve({}, {"preset": "tiny", "load_in_4bit": "yes"})
     pairs = [{"prompt": "say hi", "chosen": "hi there", "rejected": "bad"}] * 2
-    rows, adapter, info = dpo(str(tiny_model), pairs, cfg, tmp_path / "M2", round=2)
+    rows, adapter, info = preference(str(tiny_model), pairs, cfg, tmp_path / "M2", round=2)
     assert rows and adapter.is_dir()
     merged = load_model(str(tmp_path / "M2"))
     assert merged.dtype == torch.bfloat16  # merged into 16-bit weights, not a 4-bit base

@@ -292,13 +292,6 @@ def heldout_pairs(cfg, limit: int = MERGE_PROBE_PAIRS) -> list[dict]:
     return best_worst(load_eval_set(cfg.eft_eval))[:limit]  # a flat EFT file or a ranked one (--eft-eval)
 
 
-def best_worst_pairs(rows: list[dict]) -> list[dict]:
-    """Per instruction of scored EFT rows, its best- against its worst-scored response (distinct scores)."""
-    from selfreward.evaluation.judge_quality import groups_from_eft
-
-    return best_worst(groups_from_eft(rows))
-
-
 def best_worst(groups) -> list[dict]:
     """Per ranked group, its human-best against its human-worst response (where humans ranked them apart)."""
     pairs = []
