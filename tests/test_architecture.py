@@ -125,6 +125,30 @@ def test_inspection_starts_no_engine_and_never_runs_the_loop():
                                               "selfreward.data.labels")) == []
 
 
+
+def _dump(db_path: Path) -> list[str]:
+    import sqlite3
+
+    con = sqlite3.connect(db_path)
+    try:
+        con.execute("pragma wal_checkpoint(truncate)")  # what a command left in the WAL counts too
+        return list(con.iterdump())
+    finally:
+        con.close()
+
+
+def test_the_inspection_commands_write_nothing_to_run_db(tmp_path):
+    build_fixture_run(tmp_path / "r").close()
+    before = _dump(tmp_path / "r" / "run.db")
+    where = ["--runs-dir", str(tmp_path)]
+    for command in (["status", "r", "--stages"], ["status", "r", "--json"], ["show", "r", "200"],
+                    ["show", "r", "--pair", "1"], ["verify", "r"], ["rationales", "r", "--round", "2"],
+                    ["report", "r"], ["export", "r", "--round", "2", "--out", str(tmp_path / "pairs.jsonl")]):
+        result = CliRunner().invoke(cli, command + where)
+        assert result.exit_code == 0, (command, result.output)
+    assert (tmp_path / "pairs.jsonl").stat().st_size and (tmp_path / "r" / "report" / "report.html").is_file()
+    assert _dump(tmp_path / "r" / "run.db") == before
+
 def test_the_core_never_imports_inspection_and_backends_never_import_the_core():
     assert _reaches("selfreward.core", ("selfreward.inspection",)) == []
     assert _reaches("selfreward.backends", ("selfreward.core",)) == []
