@@ -70,10 +70,12 @@ VARIANTS = {
 
 def seed_pairs() -> list[dict]:
     from selfreward.config import SEED_DIR
-    from selfreward.training.fit import best_worst_pairs
     from selfreward.data import read_eft
+    from selfreward.evaluation.judge_quality import groups_from_eft
+    from selfreward.training.fit import best_worst
 
-    return best_worst_pairs(read_eft(SEED_DIR / "eft_train.jsonl"))
+    # Per seed EFT instruction, its best- against its worst-scored response (distinct scores).
+    return best_worst(groups_from_eft(read_eft(SEED_DIR / "eft_train.jsonl")))
 
 
 def sft_data(n: int) -> tuple[list[dict], list[tuple[str, str]]]:

@@ -209,7 +209,7 @@ def iterate(name, runs_dir, rounds, model, ift, eft, eft_eval, preset, config_fi
         click.echo(ctx.stopped)
     elif not done:
         click.echo(f"nothing to do: {path} already has M{rounds} (rounds 1..{rounds} finished)")
-    from selfreward.inspection.report import COLUMNS, round_summary, table
+    from selfreward.inspection.status import COLUMNS, round_summary, table
     from selfreward.inspection.trend import actor_text, trend_text
 
     with Run.open(path) as run:
@@ -270,7 +270,7 @@ def _check_inputs(cfg) -> None:
     read_ift(cfg.ift)
     read_eft(cfg.eft)
     if cfg.eft_eval:
-        from selfreward.inspection.metrics import load_eval_set
+        from selfreward.evaluation.judge_quality import load_eval_set
 
         load_eval_set(cfg.eft_eval)  # flat EFT or ranked: checked line by line before a run exists
     if cfg.if_eval:
@@ -318,7 +318,7 @@ def status(run, runs_dir, by_stage, as_json):
         selfreward status runs/demo --stages
         selfreward status demo --json | jq '.rounds[].pairs_kept'
     """
-    from selfreward.inspection.report import COLUMNS, round_summary, stage_summary, table
+    from selfreward.inspection.status import COLUMNS, round_summary, stage_summary, table
     from selfreward.inspection.trend import actor_text, actor_trend, judge_trend, trend_text
     from selfreward.core.store import Run
 
@@ -359,7 +359,7 @@ def show(run, prompt_id, pair_id, runs_dir):
         selfreward show demo 12
         selfreward show demo --pair 3
     """
-    from selfreward.inspection.report import show_pair, show_prompt
+    from selfreward.inspection.status import show_pair, show_prompt
     from selfreward.core.store import Run
 
     r = Run.open(_run_path(run, runs_dir))
@@ -445,7 +445,7 @@ def eval_judge_cmd(run, models, dataset, limit, samples, verbosity, canaries, as
         selfreward eval judge demo --judge api --api-base http://127.0.0.1:8000/v1 --api-model qwen
         selfreward eval judge demo --judge pairrm --judge-model ./PairRM-hf --data oasst/eft_eval.jsonl
     """
-    from selfreward.inspection.evals import eval_judge
+    from selfreward.evaluation.judge_commands import eval_judge
     from selfreward.core.store import Run
 
     with Run.open(_run_path(run, runs_dir), writer=True) as r:
@@ -462,7 +462,7 @@ def eval_judge_cmd(run, models, dataset, limit, samples, verbosity, canaries, as
     if as_json:
         click.echo(json.dumps(rows, indent=2))
         return
-    from selfreward.inspection.report import EVAL_COLUMNS, table
+    from selfreward.inspection.status import EVAL_COLUMNS, table
 
     click.echo(table(rows, EVAL_COLUMNS))
 
@@ -487,7 +487,7 @@ def head2head_cmd(run, model_a, model_b, prompts, limit, as_json, runs_dir, **ju
         selfreward eval head2head demo --a M0 --b M3 --judge pairrm --judge-model ./PairRM-hf
     """
     from selfreward.config import SEED_DIR
-    from selfreward.inspection.evals import head2head
+    from selfreward.evaluation.judge_commands import head2head
     from selfreward.core.store import Run
 
     with Run.open(_run_path(run, runs_dir), writer=True) as r:
@@ -500,7 +500,7 @@ def head2head_cmd(run, model_a, model_b, prompts, limit, as_json, runs_dir, **ju
     if as_json:
         click.echo(json.dumps(result, indent=2))
         return
-    from selfreward.inspection.report import H2H_COLUMNS, table
+    from selfreward.inspection.status import H2H_COLUMNS, table
 
     click.echo(table([result], H2H_COLUMNS))
 
@@ -546,7 +546,7 @@ def eval_instruct_cmd(run, dataset, models, limit, max_new_tokens, as_json, runs
     if as_json:
         click.echo(json.dumps(rows, indent=2))
         return
-    from selfreward.inspection.report import IF_COLUMNS, table
+    from selfreward.inspection.status import IF_COLUMNS, table
 
     click.echo(table(rows, IF_COLUMNS))
 
@@ -597,7 +597,7 @@ def eval_harness_cmd(run, tasks, models, limit, include_path, chat_template, bat
         click.echo(json.dumps(rows, indent=2))
         return
     from selfreward.evaluation.harness import by_model
-    from selfreward.inspection.report import table
+    from selfreward.inspection.status import table
 
     click.echo(table(*by_model(rows, names)))
 
@@ -635,7 +635,7 @@ def train_rm_cmd(run, source, base, name, epochs, lr, batch_size, held_out, runs
         selfreward train-rm demo --base M1 --lr 5e-5 --held-out data/oasst/eft_eval.jsonl
         selfreward eval judge demo --judge reward-model --judge-model runs/demo/models/RM3
     """
-    from selfreward.training.reward_model import train_rm
+    from selfreward.training.train_rm import train_rm
     from selfreward.core.store import Run
 
     with Run.open(_run_path(run, runs_dir), writer=True) as r:
@@ -649,7 +649,7 @@ def train_rm_cmd(run, source, base, name, epochs, lr, batch_size, held_out, runs
                           held_out=held_out)
     evaluated = result["eval"]
     if evaluated:
-        from selfreward.inspection.report import EVAL_COLUMNS, table
+        from selfreward.inspection.status import EVAL_COLUMNS, table
 
         click.echo(table([evaluated], EVAL_COLUMNS))
     held = (f"held-out pairwise accuracy {_percent(evaluated.get('pairwise_accuracy'))} "
@@ -662,7 +662,7 @@ def train_rm_cmd(run, source, base, name, epochs, lr, batch_size, held_out, runs
 
 
 def _percent(value) -> str:
-    from selfreward.inspection.report import fmt
+    from selfreward.inspection.status import fmt
 
     return fmt("pairwise_accuracy", value)
 
@@ -896,7 +896,7 @@ def report(run, out_dir, runs_dir):
         selfreward report demo
         selfreward report demo --out /tmp/demo-report
     """
-    from selfreward.inspection.htmlreport import build_report
+    from selfreward.inspection.report import build_report
     from selfreward.core.store import Run
 
     r = Run.open(_run_path(run, runs_dir))
@@ -970,7 +970,7 @@ def import_labels_cmd(run, export_file, runs_dir):
     Example:
         selfreward import-labels demo ls_export.json
     """
-    from selfreward.inspection.export import import_labels
+    from selfreward.data.labels import import_labels
     from selfreward.core.store import Run
 
     with Run.open(_run_path(run, runs_dir), writer=True) as r:

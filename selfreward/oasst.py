@@ -2,7 +2,7 @@
 
 IFT is each first-turn prompt with its human rank-0 reply. The ranked EFT eval
 set is each first-turn prompt with >= 2 ranked replies, in the format that
-`inspection.metrics.load_eval_set` reads. EFT training targets (justification +
+`evaluation.judge_quality.load_eval_set` reads. EFT training targets (justification +
 score) come from `make_eft`: a judge scores the ranked replies and a prompt's
 rows are kept only where its order agrees with the humans', then the dominant
 score is downsampled (Yuan et al. 2024, section 3).

@@ -2,7 +2,7 @@
 stage, rerun it, and compare the run with an uninterrupted one of the same seed.
 
 The kill is real: the process sends itself SIGKILL at the point (see
-selfreward/core/failpoints.py), so no cleanup code, finally block or atexit
+selfreward/failpoints.py), so no cleanup code, finally block or atexit
 handler runs, exactly as with `kill -9` from outside. Used by tests/test_chaos.py
 (a few points, in CI) and bench/chaos.py (all 20).
 """

@@ -134,7 +134,7 @@ def test_iterate_two_rounds_with_two_processes(tmp_path, tiny_model, seed_files,
 
 def test_a_worker_that_dies_is_one_line(tmp_path, tiny_model, monkeypatch):
     """Both ranks are killed (SIGKILL) at their first step, by the crash test's kill point."""
-    from selfreward.core import failpoints
+    from selfreward import failpoints
 
     cfg = resolve({}, {**SIZES, "train_processes": 2})
     monkeypatch.setenv("SELFREWARD_KILL_AT", "r1:sft:step")

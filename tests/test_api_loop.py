@@ -78,7 +78,7 @@ def test_eval_probes_judge_at_once_on_a_server_as_they_would_one_by_one(tmp_path
     flight with the held-out judging), each asked once (the verbosity probe's unpadded answers come back
     from the checkpoint, written from another thread), and the stored metrics and judgments are those
     of the same stage run one part after the other."""
-    from selfreward.core.stages import evaluate
+    from selfreward.core.stages import judge_eval
 
     monkeypatch.setenv("SR_TEST_KEY", SECRET)
     ranked = tmp_path / "ranked.jsonl"  # two prompts, three answers each, ranked 0 (best) to 2
@@ -94,9 +94,9 @@ def test_eval_probes_judge_at_once_on_a_server_as_they_would_one_by_one(tmp_path
     # rather than after the first part's replies, so that the overlap is the stage's doing, not a race.
     tables = {}
     for name, parallel in (("together", None), ("in_order", False)):
-        together = evaluate.together
+        together = judge_eval.together
         if parallel is False:
-            monkeypatch.setattr(evaluate, "together", lambda calls, parallel: together(calls, False))
+            monkeypatch.setattr(judge_eval, "together", lambda calls, parallel: together(calls, False))
         with ScriptedServer([], answer=by_prompt) as srv:
             argv = args(tmp_path, tiny_model, seed_files, srv.url)
             argv[argv.index("--name") + 1] = name

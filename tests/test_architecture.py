@@ -16,7 +16,7 @@ import selfreward
 from selfreward.backends.judges import JUDGES, GroupResult, JudgeKind, Verdict
 from selfreward.cli import cli
 from selfreward.core.store import Run
-from selfreward.inspection.htmlreport import build_report
+from selfreward.inspection.report import build_report
 from selfreward.prompts import Parsed
 from selfreward.training.methods import METHODS, Method
 
@@ -105,6 +105,60 @@ def test_no_module_imports_another_modules_private_name():
                if name and name.startswith("_") and not name.startswith("__") and imported != importer]
     assert private == []
 
+
+
+def _reaches(importer_prefix: str, imported_prefixes: tuple[str, ...]) -> list[tuple[str, str]]:
+    """(importer, imported) for each import, at the top of a file or in a function, from a module under
+    importer_prefix of a module under one of imported_prefixes."""
+    def under(module, prefix):
+        return module == prefix or module.startswith(prefix + ".")
+
+    return sorted({(importer, imported) for importer, imported, _ in _imports(_modules())
+                   if under(importer, importer_prefix) and any(under(imported, p) for p in imported_prefixes)})
+
+
+def test_inspection_starts_no_engine_and_never_runs_the_loop():
+    """inspection reads run.db: it never imports the engines, a stage's context (which starts them), the loop,
+    or the evaluation commands that judge and write."""
+    assert _reaches("selfreward.inspection", ("selfreward.backends.engines", "selfreward.core.context",
+                                              "selfreward.core.loop", "selfreward.evaluation",
+                                              "selfreward.data.labels")) == []
+
+
+
+def _dump(db_path: Path) -> list[str]:
+    import sqlite3
+
+    con = sqlite3.connect(db_path)
+    try:
+        con.execute("pragma wal_checkpoint(truncate)")  # what a command left in the WAL counts too
+        return list(con.iterdump())
+    finally:
+        con.close()
+
+
+def test_the_inspection_commands_write_nothing_to_run_db(tmp_path):
+    build_fixture_run(tmp_path / "r").close()
+    before = _dump(tmp_path / "r" / "run.db")
+    where = ["--runs-dir", str(tmp_path)]
+    for command in (["status", "r", "--stages"], ["status", "r", "--json"], ["show", "r", "200"],
+                    ["show", "r", "--pair", "1"], ["verify", "r"], ["rationales", "r", "--round", "2"],
+                    ["report", "r"], ["export", "r", "--round", "2", "--out", str(tmp_path / "pairs.jsonl")]):
+        result = CliRunner().invoke(cli, command + where)
+        assert result.exit_code == 0, (command, result.output)
+    assert (tmp_path / "pairs.jsonl").stat().st_size and (tmp_path / "r" / "report" / "report.html").is_file()
+    assert _dump(tmp_path / "r" / "run.db") == before
+
+def test_the_core_never_imports_inspection_and_backends_never_import_the_core():
+    assert _reaches("selfreward.core", ("selfreward.inspection",)) == []
+    assert _reaches("selfreward.backends", ("selfreward.core",)) == []
+
+
+def test_the_layer_check_sees_imports():
+    assert ("selfreward.core.stages.judge_eval", "selfreward.evaluation.judge_quality") in \
+        _reaches("selfreward.core", ("selfreward.evaluation",))
+    assert ("selfreward.backends.judges.scripted", "selfreward.failpoints") in \
+        _reaches("selfreward.backends", ("selfreward.failpoints",))
 
 # --- a toy judge and a toy method, registered from here ---
 

@@ -198,7 +198,7 @@ def test_a_gzipped_eval_set_loads(tmp_path):
     import gzip
     import json
 
-    from selfreward.inspection.metrics import load_eval_set
+    from selfreward.evaluation.judge_quality import load_eval_set
 
     rows = [{"instruction": f"Q{k}", "responses": [{"text": "good", "rank": 0}, {"text": "bad", "rank": 1}]}
             for k in range(3)]

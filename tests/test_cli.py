@@ -8,7 +8,7 @@ import sqlite_utils
 from click.testing import CliRunner
 
 from selfreward.cli import cli
-from selfreward.inspection.report import terminal_safe
+from selfreward.inspection.status import terminal_safe
 
 
 def iterate(tmp_path, tiny_model, seed_files, judge_script, *extra):

@@ -6,7 +6,7 @@ from click.testing import CliRunner
 
 from selfreward.cli import cli
 from selfreward.data import read_eft, read_ift
-from selfreward.inspection.metrics import load_eval_set
+from selfreward.evaluation.judge_quality import load_eval_set
 
 
 def tree(tree_id, text, replies, lang="en"):

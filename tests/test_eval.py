@@ -7,7 +7,7 @@ import pytest
 from click.testing import CliRunner
 
 from selfreward.cli import cli
-from selfreward.inspection.metrics import EvalGroup, load_eval_set, quality_metrics
+from selfreward.evaluation.judge_quality import EvalGroup, load_eval_set, quality_metrics
 
 
 def test_metrics_on_known_rankings():

@@ -9,9 +9,9 @@ from fixture_run import build_fixture_run, kept_pairs
 from selfreward import __version__
 from selfreward.cli import cli
 from selfreward.errors import SelfRewardError
-from selfreward.inspection.evals import _store
-from selfreward.inspection.export import (LABELING_CONFIG, export_alpaca_eval, export_label_studio, export_pairs,
-                                          import_labels)
+from selfreward.evaluation.judge_commands import _store
+from selfreward.data.labels import import_labels
+from selfreward.inspection.export import LABELING_CONFIG, export_alpaca_eval, export_label_studio, export_pairs
 
 TRL_COLUMNS = {"prompt", "chosen", "rejected", "chosen_score", "rejected_score", "pair_id", "prompt_id", "chosen_id",
                "rejected_id", "chosen_judgment_ids", "rejected_judgment_ids", "round"}
@@ -177,7 +177,7 @@ def test_human_labels_stay_out_of_model_score_means(run, tmp_path):
     import sqlite3
 
     from selfreward.inspection.browse import QUERIES
-    from selfreward.inspection.report import show_prompt
+    from selfreward.inspection.status import show_prompt
 
     def views():
         db = sqlite3.connect(run.path / "run.db")

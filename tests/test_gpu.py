@@ -28,11 +28,11 @@ def test_qlora_dpo_merges_into_16bit(tiny_model, tmp_path):
     pytest.importorskip("bitsandbytes", reason="the gpu extra is not installed: pip install -e '.[gpu]'")
     from selfreward.config import resolve
     from selfreward.backends.models import load_model
-    from selfreward.training.recipes import dpo
+    from selfreward.training.recipes import preference
 
     cfg = resolve({}, {"preset": "tiny", "load_in_4bit": "yes"})
     pairs = [{"prompt": "say hi", "chosen": "hi there", "rejected": "bad"}] * 2
-    rows, adapter, info = dpo(str(tiny_model), pairs, cfg, tmp_path / "M2", round=2)
+    rows, adapter, info = preference(str(tiny_model), pairs, cfg, tmp_path / "M2", round=2)
     assert rows and adapter.is_dir()
     merged = load_model(str(tmp_path / "M2"))
     assert merged.dtype == torch.bfloat16  # merged into 16-bit weights, not a 4-bit base
@@ -42,7 +42,7 @@ def test_grpo_generates_with_trls_colocated_vllm_on_cuda(tiny_model, tmp_path):
     """With the vllm engine on CUDA, online RL samples through TRL's colocated vLLM."""
     pytest.importorskip("vllm", reason="the gpu extra is not installed: pip install -e '.[gpu]'")
     from selfreward.config import resolve
-    from selfreward.core.stages import online as online_module
+    from selfreward.core.stages import rl as rl_stage
     from selfreward.training.recipes import online
     from selfreward.backends.judges import GroupResult, Verdict
     from selfreward.prompts import Parsed
@@ -55,7 +55,7 @@ def test_grpo_generates_with_trls_colocated_vllm_on_cuda(tiny_model, tmp_path):
                     for g in groups]
 
     cfg = resolve({}, {"preset": "tiny", "train_method": "grpo", "engine": "vllm", "eft_eval": ""})
-    reward = online_module.JudgeReward(Judge(), 1, 0, "M1+grpo", cfg.candidate_max_new_tokens)
+    reward = rl_stage.JudgeReward(Judge(), 1, 0, "M1+grpo", cfg.candidate_max_new_tokens)
     prompts = [{"id": 1, "text": "say hi"}, {"id": 2, "text": "name a colour"}]
     rows, adapter, info = online(str(tiny_model), prompts, reward, cfg, tmp_path / "r" / "models" / "M2", 2)
     assert rows and adapter.is_dir() and len(reward.candidates) == 2 * cfg.n_candidates

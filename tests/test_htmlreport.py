@@ -4,7 +4,7 @@ import pytest
 from fixture_run import EVAL_DATASET, build_fixture_run
 
 from selfreward.config import resolve
-from selfreward.inspection.htmlreport import build_report
+from selfreward.inspection.report import build_report
 from selfreward.core.store import Run
 
 

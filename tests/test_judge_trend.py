@@ -116,7 +116,7 @@ def test_status_and_report_show_quality_across_rounds(tmp_path, tiny_model, seed
     assert "WARNING: M2 judges worse than M1: pairwise accuracy 70% -> 40%, ties 10% -> 30%" in status.output
     line = next(x for x in status.output.splitlines() if x.strip().startswith("pairwise accuracy "))
     assert line.split()[-2:] == ["70%", "40%"]
-    from selfreward.inspection.htmlreport import build_report
+    from selfreward.inspection.report import build_report
 
     page = build_report(run, tmp_path / "report").read_text()
     assert "M2 judges worse than M1" in page and "<th>M2</th>" in page

@@ -6,7 +6,7 @@ import torch
 from safetensors.torch import load_file
 
 from selfreward.config import resolve
-from selfreward.training.recipes import dpo
+from selfreward.training.recipes import preference
 
 
 def folder_hash(path):
@@ -22,7 +22,7 @@ def test_dpo_changes_adapter_not_base(tiny_model, tmp_path):
     cfg = resolve({}, {"preset": "tiny", "dpo_epochs": 2.0, "dpo_learning_rate": 1e-2, "dpo_learning_rate_end": 1e-3})
     pairs = [{"prompt": f"say {w}", "chosen": f"{w} answer good", "rejected": "bad bad bad"}
              for w in ("water", "energy", "city", "music")]
-    rows, adapter, info = dpo(str(tiny_model), pairs, cfg, tmp_path / "M2", round=2)
+    rows, adapter, info = preference(str(tiny_model), pairs, cfg, tmp_path / "M2", round=2)
 
     assert folder_hash(tiny_model) == before  # the base on disk is untouched
     lora = load_file(adapter / "adapter_model.safetensors")

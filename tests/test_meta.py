@@ -134,7 +134,7 @@ def test_meta_rewarding_through_the_loop(tmp_path, tiny_model, seed_files, meta_
     assert shown.exit_code == 0 and "meta-judge" in shown.output
     listed = runner.invoke(cli, ["rationales", str(path), "--meta", "--format", "jsonl"])
     assert listed.exit_code == 0 and len(listed.output.strip().splitlines()) == len(metas)
-    from selfreward.inspection.htmlreport import build_report
+    from selfreward.inspection.report import build_report
 
     page = build_report(run, tmp_path / "report").read_text()
     section = page[page.index("own training"):]

@@ -16,7 +16,7 @@ from selfreward.backends.judges.scripted import ScriptedEngine
 from selfreward.oasst import (downsample, filter_records, import_oasst, justification, make_eft, read_oasst,
                               to_eft_eval, to_ift, write_eft)
 from selfreward.prompts import load_template
-from selfreward.inspection.metrics import load_eval_set
+from selfreward.evaluation.judge_quality import load_eval_set
 
 
 def msg(mid, text, role, lang="en", rank=None, replies=(), deleted=False, review=True):

@@ -111,7 +111,7 @@ def test_reward_model_from_kept_pairs(run_dir, tmp_path):
     assert len(head) == 1 and torch.equal(head[0], merged["score.weight"])
     from transformers import set_seed
 
-    from selfreward.training.reward_model import load_classifier
+    from selfreward.training.train_rm import load_classifier
 
     with Run.open(run_dir) as run:
         set_seed(run.config().seed)

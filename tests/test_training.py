@@ -195,7 +195,7 @@ def test_each_method_completes_two_rounds_of_the_loop(tmp_path, tiny_model, seed
 def test_judge_reward_averages_parsed_scores_and_gives_none_never_zero():
     """The online reward: the mean of a completion's parsed judge samples, None when none parsed."""
     from selfreward.backends.judges import Group, GroupResult, Verdict
-    from selfreward.core.stages.online import JudgeReward
+    from selfreward.core.stages.rl import JudgeReward
     from selfreward.prompts import Parsed
 
     class Judge:

@@ -279,7 +279,7 @@ def merge_adapter(base_path: str, adapter_path: Path, out: Path, probe=None, loa
         tmp = stage / out.name
         merged.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        from selfreward.core import failpoints
+        from selfreward import failpoints
 
         failpoints.hit("merge")
         shutil.rmtree(out, ignore_errors=True)  # this model's own folder, from an attempt that was killed

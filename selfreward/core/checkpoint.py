@@ -15,7 +15,7 @@ import json
 import threading
 from pathlib import Path
 
-from selfreward.core import failpoints
+from selfreward import failpoints
 from selfreward.core.store import connect
 from selfreward.backends.engines import Completion, Engine, Prompt, Sampling
 

@@ -6,10 +6,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from selfreward.core import failpoints
+from selfreward import failpoints
 from selfreward.core.context import Context
 from selfreward.backends.models import resolve_policy, weights_sha
-from selfreward.core.stages import (actor, candidates, consistency, evaluate, judging, meta, online, pairs,
+from selfreward.core.stages import (actor, candidates, consistency, judge, judge_eval, meta, pairs, rl,
                                    self_instruct, train)
 from selfreward.core.store import now
 from selfreward.training.methods import METHODS
@@ -27,21 +27,21 @@ def iterate(ctx: Context, rounds: int) -> list[int]:
             break
         start_round(ctx, t)
         if t == 1:
-            evaluate.run(ctx, t, "M0")          # how well does the base judge? (parse rate)
+            judge_eval.run(ctx, t, "M0")        # how well does the base judge? (parse rate)
             actor.run(ctx, t, "M0")             # ... and the base actor (verifiable instructions)
             train.run_sft(ctx, t)               # M1 = SFT(M0) on IFT + EFT
         elif METHODS[ctx.cfg.train_method].online:
             self_instruct.run(ctx, t)           # M_{t-1} writes new prompts
-            online.run(ctx, t)                  # M_t = GRPO/RLOO(M_{t-1}): sample, judge, update, online
+            rl.run(ctx, t)                      # M_t = GRPO/RLOO(M_{t-1}): sample, judge, update, online
         else:
             self_instruct.run(ctx, t)           # M_{t-1} writes new prompts
             candidates.run(ctx, t)              # ... answers each N times
-            judging.run(ctx, t)                 # ... and judges each answer K times
+            judge.run(ctx, t)                   # ... and judges each answer K times
             meta.run(ctx, t)                    # Meta-Rewarding: ... and judges its judgments (optional)
             consistency.run(ctx, t)             # CREAM: M_{t-2} judges the answers too (optional)
             pairs.run(ctx, t)                   # best vs worst per prompt
             train.run_dpo(ctx, t)               # M_t = DPO(M_{t-1}) on those pairs
-        evaluate.run(ctx, t, f"M{t}")           # M_t as a judge
+        judge_eval.run(ctx, t, f"M{t}")         # M_t as a judge
         actor.run(ctx, t, f"M{t}")              # M_t as an actor, and the promotion gate
         failpoints.hit(f"r{t}:finish")
         finish_round(ctx, t)

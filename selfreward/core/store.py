@@ -327,6 +327,26 @@ def m012_config_keys(db: sqlite_utils.Database):
         os.replace(tmp, toml)
 
 
+@migrations()
+def m013_views(db: sqlite_utils.Database):
+    # The queries status, report, verify, export and browse would otherwise each write again. A kept pair
+    # with its texts and lengths; the loop's own judgments (human labels from import-labels sit beside
+    # them in `judgments`, but pairs and the charts are about the model judging itself); the labels.
+    db.create_view("pair_texts", """
+        select x.id as pair_id, x.round, x.prompt_id, x.status, x.chosen_id, x.rejected_id, x.chosen_score,
+               x.rejected_score, p.text as prompt, c.text as chosen, r.text as rejected,
+               c.n_tokens as chosen_tokens, r.n_tokens as rejected_tokens
+        from pairs x join prompts p on p.id = x.prompt_id
+        join candidates c on c.id = x.chosen_id join candidates r on r.id = x.rejected_id""")
+    db.create_view("model_judgments", "select * from judgments where judge not like 'human:%'")
+    db.create_view("human_judgments", "select * from judgments where judge like 'human:%'")
+    # Each candidate as the model judged it: samples, those that parsed, and their mean and spread.
+    db.create_view("candidate_scores", """
+        select candidate_id, round, count(*) as samples, count(score) as parsed, avg(score) as mean,
+               max(score) - min(score) as spread
+        from model_judgments group by candidate_id""")
+
+
 def take_lock(path: Path, wait: bool = False, quiet: bool = False):
     """The run's lock (an flock on runs/<name>/.lock): one writer per run."""
     fh = open(path / ".lock", "w")
@@ -575,7 +595,7 @@ class Run:
     @contextmanager
     def stage(self, round: int, stage: str):
         """Time a stage and hand it a Commit; its writes land in one transaction at the end."""
-        from selfreward.core import failpoints
+        from selfreward import failpoints
 
         self.check_inputs()
         started, t0 = now(), time.perf_counter()

@@ -96,7 +96,7 @@ def eval_harness(run: Run, models: list[str], tasks: list[str], manager, limit: 
     from lm_eval.models.huggingface import HFLM
 
     from selfreward.backends.models import device, free_memory
-    from selfreward.inspection.evals import _store
+    from selfreward.evaluation.judge_commands import _store
 
     out = []
     for model in models:

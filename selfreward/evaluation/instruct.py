@@ -228,7 +228,7 @@ def _wilson(k: int, n: int) -> tuple[float, float]:
 
 def summarize(results: list[ItemResult]) -> dict:
     """The metrics of a list of checked answers: counts, and shares that are NaN where nothing was checked (as in
-    inspection.metrics, so that `finite()` leaves them out of the store).
+    evaluation.judge_quality, so that `finite()` leaves them out of the store).
 
     Prompt-level scores count fully checked prompts only; instruction-level scores count checked constraints only.
     `if_prompt_strict_lo`/`_hi` is a 95% Wilson score interval (scipy) for `if_prompt_strict`.

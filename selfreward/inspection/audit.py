@@ -71,8 +71,8 @@ def verify(run: Run, counts: dict | None = None) -> list[str]:
             problems.append(f"round {t}: unknown pairing rule {sorted(p['rule'] for p in stored)[:1]}")
             continue
         cands = run.rows("select id, prompt_id, text from candidates where round = ?", [t])
-        judgments = run.rows("select candidate_id, score, expected_score from judgments where round = ? "
-                             "and judge not like 'human:%'", [t])
+        judgments = run.rows("select candidate_id, score, expected_score from model_judgments where round = ?",
+                             [t])
         kind = {p["score_kind"] for p in stored} - {None}  # NULL: written before pair_score existed
         score_key = "expected_score" if kind == {"expected"} else "score"
         expected = {p["prompt_id"]: p for p in build_pairs(cands, judgments, rho, score_key)}
@@ -260,9 +260,8 @@ def _verify_meta(run: Run, templates: dict, counts: dict) -> list[str]:
             problems.append(f"meta-judgment {m['id']}: stored winner {m['winner']!r} but {source} {winner!r}")
     counts["meta_judgments_checked"] = checked
     for p in run.rows("select * from judge_pairs order by id"):
-        ids = [r["id"] for r in run.rows("select id from judgments where candidate_id = ? and round = ? and score "
-                                         "is not null and raw is not null and raw != '' and judge not like 'human:%' "
-                                         "order by id", [p["candidate_id"], p["round"]])]
+        ids = [r["id"] for r in run.rows("select id from model_judgments where candidate_id = ? and round = ? and score "
+                                         "is not null and raw is not null and raw != '' order by id", [p["candidate_id"], p["round"]])]
         metas = run.rows("select a_id, b_id, winner, verdict_from, verdict_probs from meta_judgments "
                          "where candidate_id = ? and round = ?",
                          [p["candidate_id"], p["round"]])
@@ -376,7 +375,7 @@ def render(rows: list[dict], fmt: str, width: int = 60, columns: list[str] = RAT
         writer.writeheader()
         writer.writerows(rows)
         return buf.getvalue()
-    from selfreward.inspection.report import table, terminal_safe
+    from selfreward.inspection.status import table, terminal_safe
 
     def cut(text):
         text = " ".join((text or "").split())

@@ -44,6 +44,13 @@ TABLES = {
                "score_kind": "Which score built it: parsed or expected (logprob-weighted)",
                "consistency": "CREAM: C = (Kendall tau + 1) / 2 between this round's and the previous round's "
                               "judge on the prompt's candidates; weights the pair's DPO loss"}),
+    "pair_texts": ("View: each pair with its prompt, chosen and rejected texts and lengths (kept pairs only: "
+                   "the others have no chosen or rejected).", {}),
+    "model_judgments": ("View: the judgments the loop made (pairs, status and the report read these), without the "
+                        "human labels of import-labels.", {}),
+    "human_judgments": ("View: the human labels import-labels brought in (judge human:<annotator>).", {}),
+    "candidate_scores": ("View: each candidate as the model judged it: samples, parsed, mean and spread.",
+                         {"mean": "Mean of the parsed scores (what pairs ranks by)"}),
     "meta_judgments": ("Meta-Rewarding: a meta-judge (M_{t-1}) compares two judgments of one candidate, asked in "
                        "both orders. Append-only.",
                        {"a_id": "The judgment shown as A", "b_id": "The judgment shown as B",
@@ -104,16 +111,15 @@ where x.status = 'kept' order by x.round, x.id""",
         "description": "Each kept pair: the prompt, the chosen and rejected responses, and every judge sample "
                        "of each side with its score and rationale.",
         "sql": """
-select x.id as pair, x.round, p.text as prompt,
-       c.text as chosen, round(x.chosen_score, 2) as chosen_score,
+select x.pair_id as pair, x.round, x.prompt,
+       x.chosen, round(x.chosen_score, 2) as chosen_score,
        (select group_concat('[' || coalesce(j.score, 'NULL') || '] ' || coalesce(j.rationale, j.reason), char(10))
           from judgments j where j.candidate_id = x.chosen_id) as chosen_rationales,
-       r.text as rejected, round(x.rejected_score, 2) as rejected_score,
+       x.rejected, round(x.rejected_score, 2) as rejected_score,
        (select group_concat('[' || coalesce(j.score, 'NULL') || '] ' || coalesce(j.rationale, j.reason), char(10))
           from judgments j where j.candidate_id = x.rejected_id) as rejected_rationales
-from pairs x join prompts p on p.id = x.prompt_id
-join candidates c on c.id = x.chosen_id join candidates r on r.id = x.rejected_id
-where x.status = 'kept' order by x.round, x.id""",
+from pair_texts x
+where x.status = 'kept' order by x.round, x.pair_id""",
     },
     "low_agreement": {
         "title": "Low-agreement judgments",
@@ -126,6 +132,17 @@ select c.id as candidate, c.round, p.text as prompt, c.text as response,
 from judgments j join candidates c on c.id = j.candidate_id join prompts p on p.id = c.prompt_id
 where j.judge not like 'human:%'
 group by c.id having spread >= cast(:min_spread as real) order by spread desc""",
+    },
+    "human_vs_model": {
+        "title": "Human labels next to the model's scores",
+        "description": "Each human label (import-labels) of a candidate, with the model's mean score of the same "
+                       "candidate and how many of its samples parsed.",
+        "sql": """
+select h.candidate_id as candidate, h.round, h.judge, h.score as human_score, round(s.mean, 2) as model_mean,
+       s.parsed || ' of ' || s.samples as model_parsed, c.text as response
+from human_judgments h join candidates c on c.id = h.candidate_id
+left join candidate_scores s on s.candidate_id = h.candidate_id
+order by h.round, h.candidate_id, h.judge""",
     },
     "parse_failures": {
         "title": "Parse failures",

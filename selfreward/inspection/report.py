@@ -1,230 +1,436 @@
-"""Read-only views of a run: the per-round summary (`status`) and one prompt's
-full judging record (`show`)."""
+"""A static HTML report of a run: per-round charts (PNG) and tables in one page.
+
+The page is self-contained apart from its PNGs, which sit next to it and are
+referenced by relative path, so the folder can be copied or served as is.
+Charts are drawn on bare matplotlib Figures with the Agg canvas: no pyplot
+state, no display needed, and matplotlib is only imported when a report is made.
+"""
 
 from __future__ import annotations
 
+import html
 import json
-import re
-import textwrap
+import os
+from collections import defaultdict
+from pathlib import Path
 
-from selfreward.errors import SelfRewardError
-from selfreward.core.store import Run
+from selfreward.inspection.status import COLUMNS, EVAL_COLUMNS, fmt, round_summary
+from selfreward.core.store import Run, now
 from selfreward.training.methods import METHODS
 
+NO_DATA = "no data yet"
+# Judge-quality metrics on a 0..1 scale, so they share one axis; counts and MAE go in the table only.
+QUALITY = ["parse_rate", "pairwise_accuracy", "five_best", "exact_match", "spearman", "kendall_tau"]
+COUNTS = {"n", "n_prompts", "n_responses", "verbosity_n", "round"}
 
-# Control characters (ANSI escapes, carriage returns, C1 codes) and bidi overrides in model text would act on
-# the auditor's terminal: shown as escapes instead. The stored text is left as it was.
-_CONTROL = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u200e\u200f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
-
-
-def terminal_safe(text: str) -> str:
-    return _CONTROL.sub(lambda m: repr(m.group())[1:-1], text)
-
-
-def _one(run: Run, sql: str, params=()):
-    return run.db.execute(sql, params).fetchone()[0]
-
-
-def round_summary(run: Run) -> list[dict]:
-    out = []
-    for r in run.rows("select * from rounds order by round"):
-        t = r["round"]
-        judged = run.rows("select count(*) n, count(score) parsed, avg(score) mean from judgments "
-                          "where round=? and judge not like 'human:%'", [t])[0]
-        pairs = {row["status"]: row["n"] for row in
-                 run.rows("select status, count(*) n from pairs where round=? group by status", [t])}
-        kind = _method(run, t)
-        train = run.rows(
-            "select avg(loss) loss, avg(rewards_margin) margin, avg(rewards_accuracy) acc, count(*) steps "
-            f"from training_steps where round=? and kind in ({', '.join('?' * len(METHODS))})", [t, *METHODS])[0]
-        lengths = run.rows(
-            "select avg(c.n_tokens) chosen, avg(r.n_tokens) rejected from pairs x "
-            "join candidates c on c.id = x.chosen_id join candidates r on r.id = x.rejected_id "
-            "where x.round=? and x.status='kept'", [t])[0]
-        parse = run.db.execute("select value from metrics where round=? and model=? and name='eft_parse_rate'",
-                               [t, f"M{t}"]).fetchone()
-        out.append({
-            "round": t, "model": f"{r['model_in']}->{r['model_out']}",
-            "done": bool(r["finished_at"]),
-            "prompts": _one(run, "select count(*) from prompts where round=?", [t]),
-            "candidates": _one(run, "select count(*) from candidates where round=?", [t]),
-            "judgments": judged["n"],
-            "parse_rate": judged["parsed"] / judged["n"] if judged["n"] else None,
-            "mean_score": judged["mean"],
-            "pairs_kept": pairs.get("kept", 0), "dropped_tie": pairs.get("tie", 0),
-            "dropped_unscored": pairs.get("unscored", 0),
-            "train": kind, "train_steps": train["steps"], "loss": train["loss"],
-            "merge_gap": _one(run, "select max(merge_gap) from models where name=?", [f"M{t}"]),
-            "reward_margin": train["margin"], "reward_acc": train["acc"],
-            "fit_acc": _model(run, f"M{t}")[1].get("fit_accuracy"),
-            "chosen_len": lengths["chosen"], "rejected_len": lengths["rejected"],
-            "eft_parse_rate": parse[0] if parse else None,
-            "wall_s": r["wall_s"] if r["finished_at"] else _one(run, "select sum(wall_s) from stages where round=?", [t]),
-        })
-    return out
+CSS = """
+body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1100px; color: #222; }
+h1 { font-size: 1.6em; } h2 { margin-top: 2em; border-bottom: 1px solid #ccc; }
+table { border-collapse: collapse; font-size: 0.9em; margin: 1em 0; }
+th, td { border: 1px solid #ddd; padding: 3px 8px; text-align: right; }
+th { background: #f3f3f3; } td:first-child, th:first-child { text-align: left; }
+img { max-width: 100%; } .empty { color: #888; font-style: italic; } .note { color: #555; }
+.worse { color: #a00; }
+"""
 
 
-def _model(run: Run, name: str) -> tuple[str | None, dict]:
-    """A models row's kind and detail (what its training and merge recorded); (None, {}) for a
-    model not trained yet."""
-    row = run.db.execute("select kind, detail from models where name=?", [name]).fetchone()
-    return (row[0], json.loads(row[1] or "{}")) if row else (None, {})
+def build_report(run: Run, out_dir: str | Path | None = None) -> Path:
+    """Write report.html and its charts into out_dir (default runs/<name>/report/); return report.html."""
+    out = Path(out_dir) if out_dir is not None else run.path / "report"
+    out.mkdir(parents=True, exist_ok=True)
+    summary = round_summary(run)
+    name = run.path.name
+    parts = [f"<h1>Self-Rewarding run {_e(name)}</h1>",
+             f"<p class=note>Generated {_e(now())} from {_e(str(run.path / 'run.db'))}.</p>",
+             "<h2>Rounds</h2>"]
+    if summary:
+        parts.append(_table([[title for _, title in COLUMNS]]
+                            + [[_cell(k, r.get(k)) for k, _ in COLUMNS] for r in summary]))
+        parts.append("<ul>" + "".join(
+            f"<li>Round {r['round']} ({_e(r['model'])}): "
+            + (f"finished in {fmt('wall_s', r['wall_s'])}" if r["done"] else "in progress") + "</li>"
+            for r in summary) + "</ul>")
+        parts.append("<p class=note>Round 1 trains M1 = SFT(M0) on the seed data; every later round t "
+                     "samples and judges candidates with M<sub>t-1</sub> and trains M<sub>t</sub> from its pairs "
+                     "(DPO, or the method in the train column).</p>")
+    else:
+        parts.append(f"<p class=empty>No rounds yet: {NO_DATA}.</p>")
+    for section in (_scores, _pairs, _lengths, _training, _models, _actor_quality, _judge_quality, _judge_training):
+        parts.append(section(run, out))
+    page = ("<!DOCTYPE html>\n<html lang=en><head><meta charset=utf-8>"
+            f"<title>selfreward report: {_e(name)}</title><style>{CSS}</style></head><body>\n"
+            + "\n".join(parts) + "\n</body></html>\n")
+    path = out / "report.html"
+    # Written whole then renamed, so a browser refresh never sees half a page.
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(page, encoding="utf-8")
+    os.replace(tmp, path)
+    return path
 
 
-def _method(run: Run, t: int) -> str:
-    """How M_t was trained, as its models row says: 'dpo', 'dpo:ipo', 'simpo', with '+4bit' for QLoRA."""
-    kind, detail = _model(run, f"M{t}")
-    if kind is None:  # not trained yet
-        return "sft" if t == 1 else run.config_values().get("train_method", "dpo")
-    if kind == "copy":
-        return "copy"
-    return detail.get("label", kind.split("-")[0]) + ("+4bit" if detail.get("four_bit") else "")
+# --- sections: each returns its HTML and writes its PNG (if it has data) ---
+
+def _scores(run: Run, out: Path) -> str:
+    rows = run.rows("select round, score from model_judgments order by round")
+    by_round: dict[int, list] = defaultdict(list)
+    for r in rows:
+        by_round[r["round"]].append(r["score"])
+    html_ = ["<h2>Judge scores</h2>",
+             "<p class=note>Per round, the distribution of the scores the judge gave the candidates "
+             "(parsed scores only). Judgments that did not parse never count as a score; their number is "
+             "shown separately, with the reasons below.</p>"]
+    if not by_round:
+        return "\n".join(html_ + [f"<p class=empty>{NO_DATA}</p>"])
+    stats = []
+    for t, scores in by_round.items():
+        parsed = [s for s in scores if s is not None]
+        stats.append({"round": t, "n": len(scores), "parsed": len(parsed), "unparsed": len(scores) - len(parsed),
+                      "parse_rate": len(parsed) / len(scores),
+                      "mean_score": sum(parsed) / len(parsed) if parsed else None})
+    fig, axes = _figure(len(by_round), width=4.2, height=3.2)
+    parsed_all = [s for scores in by_round.values() for s in scores if s is not None]
+    bins = _bins(parsed_all)
+    for ax, st in zip(axes, stats):
+        parsed = [s for s in by_round[st["round"]] if s is not None]
+        if parsed:
+            ax.hist(parsed, bins=bins, color=_colour(st["round"]), edgecolor="white")
+        else:
+            _empty(ax, "no parsed scores")
+        ax.set_title(f"round {st['round']}: mean {fmt('mean_score', st['mean_score'])}, "
+                     f"parsed {fmt('parse_rate', st['parse_rate'])}\n{st['unparsed']} unparsed", fontsize=9)
+        ax.set_xlabel("score")
+        ax.set_ylabel("judgments")
+    _save(fig, out / "scores.png")
+    reasons = run.rows("select round, reason, count(*) n from model_judgments where score is null "
+                       "group by round, reason order by round, n desc")
+    html_ += [_img("scores.png", "score histogram per round"),
+              _table([["round", "judgments", "parsed", "unparsed", "parse%", "mean score"]]
+                     + [[str(s["round"]), str(s["n"]), str(s["parsed"]), str(s["unparsed"]),
+                         fmt("parse_rate", s["parse_rate"]), fmt("mean_score", s["mean_score"])] for s in stats])]
+    if reasons:
+        html_ += ["<p>Why judgments did not parse:</p>",
+                  _table([["round", "reason", "judgments"]]
+                         + [[str(r["round"]), r["reason"] or "-", str(r["n"])] for r in reasons])]
+    return "\n".join(html_)
 
 
-COLUMNS = [("round", "round"), ("model", "model"), ("prompts", "prompts"), ("candidates", "cands"),
-           ("judgments", "judged"), ("parse_rate", "parse%"), ("mean_score", "score"),
-           ("pairs_kept", "kept"), ("dropped_tie", "tie"), ("dropped_unscored", "unscored"),
-           ("train", "train"), ("loss", "loss"), ("reward_margin", "margin"), ("reward_acc", "acc"),
-           ("fit_acc", "acc after"), ("merge_gap", "merge gap"), ("chosen_len", "len+"), ("rejected_len", "len-"),
-           ("eft_parse_rate", "EFT parse%"),
-           ("wall_s", "wall")]
-
-
-EVAL_COLUMNS = [("model", "model"), ("judge", "judge"), ("n_prompts", "prompts"), ("parse_rate", "parse%"),
-                ("pairwise_accuracy", "pair acc"), ("pairwise_ties", "ties"), ("five_best", "5-best"),
-                ("exact_match", "exact"), ("spearman", "spearman"), ("kendall_tau", "kendall"),
-                ("expected_pairwise_accuracy", "E pair acc"), ("expected_pairwise_ties", "E ties"),
-                ("expected_spearman", "E spearman"),
-                ("position_inconsistency", "pos-incons"), ("verbosity_padded_wins", "padded wins"),
-                ("canary_moved", "canary moved"), ("canary_copied_scores", "copied"), ("judgments_per_s", "judg/s")]
-H2H_COLUMNS = [("a", "A"), ("b", "B"), ("judge", "judge"), ("n", "prompts"), ("wins", "A wins"), ("ties", "ties"),
-               ("losses", "A losses"), ("inconsistent", "inconsistent"), ("unscored", "unscored"),
-               ("win_rate", "A win rate"), ("win_lo", "lo"), ("win_hi", "hi"), ("win_lc", "A LC win rate"),
-               ("win_lc_lo", "LC lo"), ("win_lc_hi", "LC hi"), ("a_mean_tokens", "A len"), ("b_mean_tokens", "B len")]
-IF_COLUMNS = [("model", "model"), ("n", "prompts"), ("if_checked", "checked"), ("if_unchecked", "unchecked"),
-              ("if_prompt_strict", "prompt strict"), ("if_prompt_strict_lo", "lo"), ("if_prompt_strict_hi", "hi"),
-              ("if_prompt_loose", "prompt loose"), ("if_inst_strict", "inst strict"), ("if_inst_loose", "inst loose"),
-              ("if_floor", "floor")]
-PERCENT = {"win_lo", "win_hi", "win_lc", "win_lc_lo", "win_lc_hi", "if_prompt_strict", "if_prompt_strict_lo", "if_prompt_strict_hi", "if_prompt_loose", "if_inst_strict",
-           "if_inst_loose", "if_floor", "parse_rate", "eft_parse_rate", "reward_acc", "fit_acc", "pairwise_accuracy", "pairwise_ties", "five_best",
-           "expected_pairwise_accuracy", "expected_pairwise_ties", "expected_coverage", "eft_expected_pairwise_accuracy",
-           "eft_expected_pairwise_ties",
-           "exact_match", "position_inconsistency", "verbosity_padded_wins", "win_rate", "canary_moved",
-           "canary_raised"}
-
-
-def fmt(key: str, value) -> str:
-    if value is None or (isinstance(value, float) and value != value):
-        return "-"
-    if key in PERCENT:
-        return f"{100 * value:.0f}%"
-    if key == "wall_s":
-        return f"{value / 60:.1f}m" if value >= 60 else f"{value:.0f}s"
-    if key in ("chosen_len", "rejected_len", "a_mean_tokens", "b_mean_tokens"):
-        return f"{value:.0f}"
-    if isinstance(value, float):
-        if key == "merge_gap":
-            return f"{value:.2g}"
-        return f"{value:.3f}" if key in ("loss", "reward_margin") else f"{value:.2f}"
-    return str(value)
-
-
-def table(rows: list[dict], columns: list[tuple[str, str]]) -> str:
-    cells = [[title for _, title in columns]] + [[fmt(k, r.get(k)) for k, _ in columns] for r in rows]
-    widths = [max(len(row[i]) for row in cells) for i in range(len(columns))]
-    lines = ["  ".join(c.rjust(w) for c, w in zip(row, widths)) for row in cells]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
-
-
-def stage_summary(run: Run) -> list[dict]:
-    return run.rows("select round, stage, wall_s, peak_rss_mb, detail from stages order by round, rowid")
-
-
-def show_prompt(run: Run, prompt_id: int | None) -> str:
-    if prompt_id is None:
-        row = run.db.execute("select prompt_id from pairs where status='kept' order by id limit 1").fetchone() \
-            or run.db.execute("select id from prompts order by id limit 1").fetchone()
-        if row is None:
-            raise SelfRewardError("this run has no prompts yet")
-        prompt_id = row[0]
-    prompt = run.rows("select * from prompts where id=?", [prompt_id])
-    if not prompt:
-        raise SelfRewardError(f"no prompt with id {prompt_id} in this run")
-    p = prompt[0]
-    pair = run.rows("select * from pairs where prompt_id=?", [prompt_id])
-    pair = pair[0] if pair else {}
-    lines = [f"prompt {p['id']} (round {p['round']}, {p['source']})", _indent(p["text"]), ""]
-    if pair:
-        lines.append(f"pair: {pair['status']}" + (
-            f" (chosen {pair['chosen_id']} {pair['chosen_score']:.2f} vs rejected {pair['rejected_id']} "
-            f"{pair['rejected_score']:.2f})" if pair["status"] == "kept" else "") + f", rule {pair['rule']}")
-        lines.append("")
-    for c in run.rows("select * from candidates where prompt_id=? order by idx", [prompt_id]):
-        js = run.rows("select * from judgments where candidate_id=? order by sample", [c["id"]])
-        # Human labels (import-labels) are listed, but the mean is the model judge's, as pairs saw it.
-        scores = [j["score"] for j in js if j["score"] is not None and not j["judge"].startswith("human:")]
-        mean = f"{sum(scores) / len(scores):.2f}" if scores else "unscored"
-        tag = {pair.get("chosen_id"): "  [CHOSEN]", pair.get("rejected_id"): "  [REJECTED]"}.get(c["id"], "")
-        lines.append(f"candidate {c['id']} (#{c['idx']}, {c['n_tokens']} tokens, {c['finish_reason']}): "
-                     f"mean score {mean}{tag}")
-        lines.append(_indent(c["text"]))
-        for j in js:
-            verdict = f"score {j['score']:.0f}" if j["score"] is not None else f"NO SCORE ({j['reason']})"
-            if j.get("expected_score") is not None:
-                verdict += f" (expected {j['expected_score']:.2f} from the score tokens' probabilities)"
-            lines.append(f"    judge sample {j['sample']} [{j['judge']}] (judgment {j['id']}): {verdict}")
-            lines.append(_indent(j["rationale"] or j["raw"] or "(empty)", 8))
-        lines += _meta_lines(run, c["id"])
-        lines.append("")
-    return terminal_safe("\n".join(lines).rstrip() + "\n")
-
-
-def _meta_lines(run: Run, candidate_id: int) -> list[str]:
-    """Meta-Rewarding on one candidate: each meta-judgment, and the judge pair it made."""
-    metas = run.rows("select * from meta_judgments where candidate_id = ? order by id", [candidate_id])
-    if not metas:
-        return []
-    lines = []
-    for m in metas:
-        winner = {"a": f"judgment {m['a_id']}", "b": f"judgment {m['b_id']}", "tie": "tie"}.get(
-            m["winner"], f"NO VERDICT ({m['reason']})")
-        if m.get("verdict_from") == "probs":
-            p = json.loads(m["verdict_probs"])
-            winner += f" (forced choice: no Verdict line; P(A) {p['A']:.3f}, P(B) {p['B']:.3f})"
-        lines.append(f"    meta-judge [{m['judge']}]: judgment {m['a_id']} (shown as A) vs {m['b_id']} (B): {winner}")
-        lines.append(_indent(m["rationale"] or m["raw"] or "(empty)", 8))
-    for p in run.rows("select * from judge_pairs where candidate_id = ?", [candidate_id]):
-        lines.append(f"    judge pair: {p['status']}" + (
-            f", chosen judgment {p['chosen_id']} (Elo {p['chosen_elo']:.0f}) over {p['rejected_id']} "
-            f"(Elo {p['rejected_elo']:.0f})" if p["status"] == "kept" else f" ({p['reason']})"))
-    return lines
-
-
-def show_pair(run: Run, pair_id: int) -> str:
-    """One pair for an auditor: the prompt, chosen and rejected, and every judge sample of each side."""
-    rows = run.rows("select * from pairs where id=?", [pair_id])
+def _pairs(run: Run, out: Path) -> str:
+    rows = run.rows("select round, status, count(*) n from pairs group by round, status order by round")
+    html_ = ["<h2>Preference pairs</h2>",
+             "<p class=note>One row per prompt: <b>kept</b> when the best and worst candidates differ in score; "
+             "dropped as <b>tie</b> when all scored candidates tie, or <b>unscored</b> when fewer than two "
+             "candidates got a parsed score.</p>"]
     if not rows:
-        raise SelfRewardError(f"no pair with id {pair_id} in this run")
-    pair = rows[0]
-    prompt = run.rows("select * from prompts where id=?", [pair["prompt_id"]])[0]
-    lines = [f"pair {pair_id} (round {pair['round']}): {pair['status']}, rule {pair['rule']}",
-             f"prompt {prompt['id']} ({prompt['source']})", _indent(prompt["text"]), ""]
-    if pair["status"] != "kept":
-        lines.append(f"no chosen/rejected: {pair['n_scored']} candidates scored, {pair['n_unscored']} unscored")
-        return terminal_safe("\n".join(lines) + "\n")
-    lines.append(f"margin {pair['chosen_score'] - pair['rejected_score']:.2f}")
-    for side in ("chosen", "rejected"):
-        c = run.rows("select * from candidates where id=?", [pair[f"{side}_id"]])[0]
-        lines += ["", f"{side.upper()}: candidate {c['id']} ({c['n_tokens']} tokens), mean score "
-                      f"{pair[f'{side}_score']:.2f}", _indent(c["text"])]
-        for j in run.rows("select * from judgments where candidate_id=? order by sample", [c["id"]]):
-            verdict = f"score {j['score']:g}" if j["score"] is not None else f"NO SCORE ({j['reason']})"
-            lines.append(f"    judge sample {j['sample']} [{j['judge']}]: {verdict}")
-            lines.append(_indent(j["rationale"] or j["raw"] or "(empty)", 8))
-    return terminal_safe("\n".join(lines) + "\n")
+        return "\n".join(html_ + [f"<p class=empty>{NO_DATA}</p>"])
+    counts: dict[int, dict[str, int]] = defaultdict(dict)
+    for r in rows:
+        counts[r["round"]][r["status"]] = r["n"]
+    rounds = sorted(counts)
+    fig, (ax,) = _figure(1, width=6, height=3.5)
+    bottom = [0] * len(rounds)
+    for status, colour in (("kept", "#2a9d5c"), ("tie", "#e9c46a"), ("unscored", "#c8553d")):
+        values = [counts[t].get(status, 0) for t in rounds]
+        ax.bar([str(t) for t in rounds], values, bottom=bottom, label=status, color=colour)
+        bottom = [b + v for b, v in zip(bottom, values)]
+    ax.set_xlabel("round")
+    ax.set_ylabel("prompts")
+    ax.legend()
+    _save(fig, out / "pairs.png")
+    return "\n".join(html_ + [
+        _img("pairs.png", "pairs kept and dropped per round"),
+        _table([["round", "kept", "tie", "unscored"]]
+               + [[str(t)] + [str(counts[t].get(s, 0)) for s in ("kept", "tie", "unscored")] for t in rounds])])
 
 
-def _indent(text: str, n: int = 4) -> str:
-    return "\n".join(textwrap.indent(textwrap.fill(para, 100 - n) if para else "", " " * n)
-                     for para in text.splitlines()) or " " * n + "(empty)"
+def _lengths(run: Run, out: Path) -> str:
+    rows = run.rows(
+        "select x.round, avg(x.chosen_tokens) chosen, avg(x.rejected_tokens) rejected, "
+        "(select avg(n_tokens) from candidates a where a.round = x.round) candidates from pair_texts x "
+        "where x.status = 'kept' group by x.round order by x.round")
+    html_ = ["<h2>Response length</h2>",
+             "<p class=note>Mean length in tokens of the chosen and rejected responses of the kept pairs. "
+             "<b>Length drift is the known reward-hacking signal</b>: a judge that rewards longer answers "
+             "makes chosen responses longer than rejected ones, DPO then teaches the next model to write "
+             "longer, and the gap compounds round after round. Chosen growing faster than rejected, or every "
+             "round's candidates getting longer, is worth a look (see <code>length_rho</code>).</p>"]
+    if not rows:
+        return "\n".join(html_ + [f"<p class=empty>{NO_DATA}</p>"])
+    rounds = [str(r["round"]) for r in rows]
+    fig, (ax,) = _figure(1, width=6, height=3.5)
+    for key, style in (("chosen", "o-"), ("rejected", "s--"), ("candidates", "^:")):
+        ax.plot(rounds, [r[key] for r in rows], style, label=f"{key} (mean)")
+    ax.set_xlabel("round")
+    ax.set_ylabel("tokens")
+    ax.legend()
+    _save(fig, out / "lengths.png")
+    return "\n".join(html_ + [
+        _img("lengths.png", "mean chosen and rejected length per round"),
+        _table([["round", "chosen", "rejected", "all candidates", "chosen - rejected"]]
+               + [[str(r["round"]), fmt("chosen_len", r["chosen"]), fmt("rejected_len", r["rejected"]),
+                   fmt("chosen_len", r["candidates"]), fmt("chosen_len", r["chosen"] - r["rejected"])]
+                  for r in rows])])
+
+
+def _titles(kinds: list[str]) -> str:
+    return " / ".join(METHODS[k].title for k in kinds)
+
+
+def _training(run: Run, out: Path) -> str:
+    rows = run.rows("select round, kind, step, loss, rewards_margin, rewards_accuracy from training_steps "
+                    "order by round, kind, step")
+    html_ = ["<h2>Training</h2>",
+             "<p class=note>Per logged step, coloured by round: the SFT loss of round 1, and for DPO the loss, "
+             "the reward margin (implicit reward of chosen minus rejected) and the reward accuracy (how often "
+             "chosen out-rewards rejected).</p>"]
+    if not rows:
+        return "\n".join(html_ + [f"<p class=empty>{NO_DATA}</p>"])
+    sft, pref = ([k for k, m in METHODS.items() if m.stage == stage] for stage in ("sft", "dpo"))
+    panels = [(sft, "loss", _titles(sft) + " loss"), (pref, "loss", _titles(pref) + " loss"),
+              (pref, "rewards_margin", "reward margin"), (pref, "rewards_accuracy", "reward accuracy")]
+    fig, axes = _figure(4, width=4.5, height=3.2, cols=2)
+    for ax, (kinds, key, title) in zip(axes, panels):
+        series: dict[int, list] = defaultdict(list)
+        for r in rows:
+            if r["kind"] in kinds and r[key] is not None:
+                series[r["round"]].append((r["step"], r[key]))
+        for t, points in sorted(series.items()):
+            ax.plot([s for s, _ in points], [v for _, v in points], ".-", color=_colour(t), label=f"round {t}")
+        if series:
+            ax.legend(fontsize=8)
+            ax.xaxis.get_major_locator().set_params(integer=True)
+        else:
+            _empty(ax)
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("step")
+    _save(fig, out / "training.png")
+    return "\n".join(html_ + [_img("training.png", f"{_titles(sft)} and {_titles(pref)} training curves")])
+
+
+def _models(run: Run, out: Path) -> str:
+    """Every model of the run with how it was made: method, 4-bit or not, and the merge gap."""
+    rows = run.rows("select name, kind, parent, note, detail, merge_gap, sha256 from models order by created_at")
+    html_ = ["<h2>Models</h2>",
+             "<p class=note>How each model was made. <em>merge gap</em>: the mean absolute difference, in nats, "
+             "between the log-probabilities that the trained model (base + adapter, 4-bit for QLoRA) and the "
+             "merged full-precision model give the chosen and rejected answers of held-out pairs.</p>"]
+    if not rows:
+        return "\n".join(html_ + [f"<p class=empty>{NO_DATA}</p>"])
+    body = []
+    for r in rows:
+        detail = json.loads(r["detail"] or "{}")
+        body.append([r["name"], r["kind"] or "", r["parent"] or "", detail.get("label", ""),
+                     "yes" if detail.get("four_bit") else "no",
+                     "-" if r["merge_gap"] is None else f"{r['merge_gap']:.4f}", r["note"] or "",
+                     (r["sha256"] or "")[:12]])
+    return "\n".join(html_ + [_table([["model", "kind", "parent", "method", "4-bit", "merge gap", "note",
+                                       "sha256"]] + body)])
+
+
+def _actor_quality(run: Run, out: Path) -> str:
+    from selfreward.inspection.trend import actor_trend
+
+    trend = actor_trend(run)
+    html_ = ["<h2>Actor quality</h2>",
+             "<p class=note>Did the loop make the model better? Each model's greedy answers to held-out verifiable "
+             "instructions (<code>if_eval</code>, every constraint checked by the IFEval/IFBench checkers; prompt "
+             "level counts fully checked prompts only, with the 95% interval) and, with an independent "
+             "<code>eval_judge</code>, its win rates against its parent and M1 (raw and length-controlled). "
+             "The fixed-answer floor is what one short sentence scores on the same set.</p>"]
+    if not trend["rows"]:
+        return "\n".join(html_ + [f"<p class=empty>{NO_DATA}</p>"])
+    html_.append(_table([["metric", *trend["models"]]] + [[r["metric"], *(r[m] for m in trend["models"])]
+                                                         for r in trend["rows"]]))
+    for model, reason in trend["promoted"].items():
+        if not reason.startswith("promote="):
+            html_.append(f"<p class=note>{_e(model)}: {_e(reason)}</p>")
+    if trend["verdict"]:
+        html_.append(f"<p class={'worse' if trend['worse'] else 'note'}><strong>{_e(trend['verdict'])}</strong></p>")
+    fig, (left, right) = _figure(2, width=5.5, height=3.8)
+    models, values = trend["models"], trend["values"]
+    for ax, names, title in ((left, ("if_prompt_strict", "if_prompt_loose", "if_inst_strict", "if_inst_loose"),
+                              "verifiable instructions"),
+                             (right, ("win_vs_prev", "win_lc_vs_prev", "win_vs_m1", "win_lc_vs_m1"), "win rates")):
+        plotted = False
+        for name in names:
+            ys = [values[m].get(name, float("nan")) for m in models]
+            if all(y != y for y in ys):
+                continue
+            lo = [values[m].get(f"{name}_lo", y) for m, y in zip(models, ys)]
+            hi = [values[m].get(f"{name}_hi", y) for m, y in zip(models, ys)]
+            below = [max(y - a, 0) for y, a in zip(ys, lo)]
+            above = [max(b - y, 0) for y, b in zip(ys, hi)]
+            ax.errorbar(models, ys, yerr=[below, above], fmt="o-", capsize=3, label=name)
+            plotted = True
+        if plotted:
+            if title == "win rates":
+                ax.axhline(0.5, color="grey", lw=0.8, ls="--")
+            ax.set_title(title, fontsize=10)
+            ax.set_ylim(0, 1)
+            ax.legend(fontsize=7)
+        else:
+            _empty(ax)
+    _save(fig, out / "actor.png")
+    html_.append(_img("actor.png", "actor quality per model"))
+    return "\n".join(html_)
+
+
+def _judge_quality(run: Run, out: Path) -> str:
+    loop = run.rows("select round, model, name, value from metrics where name like 'eft\\_%' escape '\\' "
+                    "order by round, model")
+    evals = run.rows("select eval_id, judge, model, dataset, name, value, created_at from eval_metrics "
+                     "where kind = 'judge' order by created_at, eval_id")
+    html_ = ["<h2>Judge quality</h2>",
+             "<p class=note>How well each model judges, where an evaluation was run: in the loop on the held-out "
+             "EFT split (<code>eft_eval</code>), and with <code>selfreward eval judge</code> against human "
+             "rankings. A judge that gets worse as the rounds go on will pick worse pairs.</p>"]
+    if not loop and not evals:
+        return "\n".join(html_ + [f"<p class=empty>{NO_DATA}</p>"])
+    from selfreward.inspection.trend import judge_trend
+
+    trend = judge_trend(run)
+    if trend["rows"]:
+        html_ += ["<p>Across rounds, each model as the judge it is after its round (held-out set; bias panels on "
+                  "a few of its prompts: position inconsistency as a pairwise judge, the padded answer winning, "
+                  "and the gap between its score for its own answer and for the others'):</p>",
+                  _table([["metric", *trend["models"]]] + [[r["metric"], *(r[m] for m in trend["models"])]
+                                                          for r in trend["rows"]])]
+        if trend["verdict"]:
+            html_.append(f"<p class={'worse' if trend['worse'] else 'note'}><strong>{_e(trend['verdict'])}"
+                         f"</strong></p>")
+    per_model: dict[str, dict] = {}
+    for r in loop:
+        per_model.setdefault(r["model"], {"model": r["model"], "round": r["round"]})[r["name"][4:]] = r["value"]
+    per_eval: dict[str, dict] = {}
+    for r in evals:
+        per_eval.setdefault(r["eval_id"], {k: r[k] for k in ("eval_id", "judge", "model", "dataset",
+                                                              "created_at")})[r["name"]] = r["value"]
+    fig, (left, right) = _figure(2, width=5.5, height=3.8)
+    models = sorted(per_model, key=lambda m: (per_model[m]["round"], m))
+    plotted = False
+    for name in QUALITY:
+        values = [per_model[m].get(name) for m in models]
+        if any(v is not None for v in values):
+            left.plot(models, [float("nan") if v is None else v for v in values], "o-", label=name)
+            plotted = True
+    if plotted:
+        left.set_title("held-out EFT, per model (eft_*)", fontsize=10)
+        left.legend(fontsize=7)
+        left.set_xlabel("model (as judge)")
+    else:
+        _empty(left)
+    names = [n for n in QUALITY if any(n in e for e in per_eval.values())]
+    if names:
+        labels = [f"{e['model']}\n{e['judge']}" for e in per_eval.values()]
+        width = 0.8 / max(len(names), 1)
+        for i, name in enumerate(names):
+            xs = [k + (i - (len(names) - 1) / 2) * width for k in range(len(labels))]
+            right.bar(xs, [e.get(name, float("nan")) for e in per_eval.values()], width, label=name)
+        right.set_xticks(range(len(labels)), labels, fontsize=7)
+        right.set_title("selfreward eval judge", fontsize=10)
+        right.legend(fontsize=7)
+    else:
+        _empty(right)
+    _save(fig, out / "judge.png")
+    html_.append(_img("judge.png", "judge quality metrics"))
+    if per_model:
+        cols = [("model", "model"), ("round", "round")] + [(k, t) for k, t in EVAL_COLUMNS if k not in
+                                                           ("model", "judge", "n_prompts", "judgments_per_s")]
+        cols += [("mae", "MAE"), ("n", "examples")]
+        cols = [c for c in cols if c[0] in ("model", "round") or any(c[0] in m for m in per_model.values())]
+        html_ += ["<p>Held-out EFT (metrics table):</p>",
+                  _table([[t for _, t in cols]] + [[_cell(k, per_model[m].get(k)) for k, _ in cols] for m in models])]
+    if per_eval:
+        cols = [("eval_id", "eval"), *EVAL_COLUMNS, ("dataset", "dataset"), ("created_at", "at")]
+        cols = [c for c in cols if any(c[0] in e for e in per_eval.values())]
+        html_ += ["<p><code>selfreward eval judge</code> (eval_metrics table):</p>",
+                  _table([[t for _, t in cols]] + [[_cell(k, e.get(k)) for k, _ in cols] for e in per_eval.values()])]
+    return "\n".join(html_)
+
+
+# --- helpers ---
+
+def _judge_training(run: Run, out: Path) -> str:
+    """Per round: which score built the pairs, how length control moved them, Meta-Rewarding's
+    meta-judgments and judge pairs, and CREAM's consistency (from the stages' details)."""
+    details: dict[int, dict[str, dict]] = defaultdict(dict)
+    for r in run.rows("select round, stage, detail from stages where stage in ('pairs', 'meta')"):
+        details[r["round"]][r["stage"]] = json.loads(r["detail"] or "{}")
+    html_ = ["<h2>The judge's own training</h2>",
+             "<p class=note>Pairs built from the parsed or the expected (logprob-weighted) score; mean length "
+             "(characters) of chosen and rejected under the round's length control and under the plain rule "
+             "(&rho; = 0); Meta-Rewarding's meta-judgments (how many parsed, how often both orders agreed) and "
+             "judge pairs with the mean length of the chosen and rejected judgment; CREAM's mean consistency C "
+             "over the kept pairs.</p>"]
+    if not details:
+        return "\n".join(html_ + [f"<p class=empty>No pairs yet: {NO_DATA}.</p>"])
+    head = ["round", "score", "chosen len", "rejected len", "chosen len (ρ=0)", "rejected len (ρ=0)",
+            "meta-judgments", "parsed", "both orders agree", "judge pairs", "chosen judgment len",
+            "rejected judgment len", "CREAM C (mean)", "pairs with C"]
+    rows = [head]
+    for t in sorted(details):
+        p, m = details[t].get("pairs", {}), details[t].get("meta", {})
+        cons = p.get("consistency") or {}
+        cells = [t, p.get("score"), p.get("chosen_chars"), p.get("rejected_chars"), p.get("chosen_chars_rho0"),
+                 p.get("rejected_chars_rho0"), m.get("meta_judgments"), m.get("parsed"),
+                 m.get("position_consistency"), m.get("judge_pairs"), m.get("chosen_judgment_chars"),
+                 m.get("rejected_judgment_chars"), cons.get("mean"), cons.get("n")]
+        rows.append(["-" if v is None else f"{100 * v:.0f}%" if k == 8 else str(v) for k, v in enumerate(cells)])
+    html_.append(_table(rows))
+    return "\n".join(html_)
+
+
+def _e(text) -> str:
+    return html.escape(str(text), quote=True)
+
+
+def _cell(key: str, value) -> str:
+    # Counts come back from SQLite's REAL `value` columns as floats; show them as counts.
+    if key in COUNTS and isinstance(value, float) and value.is_integer():
+        value = int(value)
+    return fmt(key, value)
+
+
+def _table(rows: list[list[str]]) -> str:
+    head, *body = rows
+    return ("<table><thead><tr>" + "".join(f"<th>{_e(c)}</th>" for c in head) + "</tr></thead><tbody>"
+            + "".join("<tr>" + "".join(f"<td>{_e(c)}</td>" for c in row) + "</tr>" for row in body)
+            + "</tbody></table>")
+
+
+def _img(src: str, alt: str) -> str:
+    return f'<img src="{_e(src)}" alt="{_e(alt)}">'
+
+
+def _figure(n: int, width: float, height: float, cols: int | None = None):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    cols = cols or n
+    rows = -(-n // cols)
+    fig = Figure(figsize=(width * cols, height * rows), layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(rows, cols, squeeze=False).ravel().tolist()
+    return fig, axes[:n]
+
+
+def _save(fig, path: Path) -> None:
+    fig.savefig(path, format="png", dpi=100)
+
+
+def _empty(ax, text: str = NO_DATA) -> None:
+    ax.text(0.5, 0.5, text, ha="center", va="center", transform=ax.transAxes, color="#888")
+    ax.set_xticks([])
+    ax.set_yticks([])
+
+
+def _colour(t: int) -> str:
+    # The same round has the same colour in every chart.
+    return f"C{t % 10}"
+
+
+def _bins(scores: list[float]):
+    """One bin per integer score for integer scales (the additive 0-5 judge); 20 bins otherwise."""
+    if scores and all(float(s).is_integer() for s in scores):
+        lo, hi = int(min(scores)), int(max(scores))
+        return [x - 0.5 for x in range(lo, hi + 2)]
+    return 20

@@ -89,7 +89,7 @@ def verdict(before: str, old: dict[str, float], after: str, new: dict[str, float
 
 def trend_text(run: Run) -> str:
     """The across-rounds table and its sentence, for `status` and the text report."""
-    from selfreward.inspection.report import table
+    from selfreward.inspection.status import table
 
     trend = judge_trend(run)
     if not trend["rows"]:
@@ -183,7 +183,7 @@ def actor_verdict(before: str, old: dict, after: str, new: dict) -> tuple[str, b
 
 def actor_text(run: Run) -> str:
     """The actor-quality table and its sentence, for `status`, `iterate` and the text report."""
-    from selfreward.inspection.report import table
+    from selfreward.inspection.status import table
 
     trend = actor_trend(run)
     if not trend["rows"]:

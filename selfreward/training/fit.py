@@ -21,7 +21,7 @@ from transformers.trainer_callback import ProgressCallback
 
 from selfreward.backends.models import free_memory, load_model, load_tokenizer, merge_adapter, sequence_logps, use_4bit
 from selfreward.config import launched, trackers
-from selfreward.core import failpoints
+from selfreward import failpoints
 from selfreward.training.cpu import lean
 from selfreward.training.precision import use_bf16
 
@@ -285,18 +285,11 @@ def dpo_fit(reference: list[float], policy: list[float], beta: float) -> dict:
 def heldout_pairs(cfg, limit: int = MERGE_PROBE_PAIRS) -> list[dict]:
     """Pairs no trainer sees: per instruction of the held-out EFT file, its best- and its
     worst-scored response (distinct scores). Empty when there is no held-out file."""
-    from selfreward.inspection.metrics import load_eval_set
+    from selfreward.evaluation.judge_quality import load_eval_set
 
     if not cfg.eft_eval or not Path(cfg.eft_eval).is_file():
         return []
     return best_worst(load_eval_set(cfg.eft_eval))[:limit]  # a flat EFT file or a ranked one (--eft-eval)
-
-
-def best_worst_pairs(rows: list[dict]) -> list[dict]:
-    """Per instruction of scored EFT rows, its best- against its worst-scored response (distinct scores)."""
-    from selfreward.inspection.metrics import groups_from_eft
-
-    return best_worst(groups_from_eft(rows))
 
 
 def best_worst(groups) -> list[dict]:

@@ -57,7 +57,7 @@ def launch(cfg, work: Path, base_path: str, out: Path, round: int,
     from selfreward import procs
     from selfreward.backends.engines.vllm import free_port
     from selfreward.config import as_dict
-    from selfreward.core import failpoints
+    from selfreward import failpoints
 
     if entry is None:
         raise SelfRewardError("this training runs in one process only: set train_processes=1 and no "

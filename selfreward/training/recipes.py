@@ -170,13 +170,6 @@ def _swapped(pair: dict) -> dict:
     return out
 
 
-def dpo(base_path: str, pairs: list[dict], cfg, out: Path, round: int):
-    """DPO whatever cfg.train_method says (the entry point of tests and benchmarks)."""
-    import dataclasses
-
-    return preference(base_path, pairs, dataclasses.replace(cfg, train_method="dpo"), out, round)
-
-
 def online(base_path: str, prompts: list[dict], reward, cfg, out: Path, round: int):
     """GRPO or RLOO from base_path on the prompts, rewarded by `reward` (a TRL reward function,
     such as the rl stage's JudgeReward): (rows, adapter, info)."""

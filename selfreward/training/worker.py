@@ -39,7 +39,7 @@ def _run(spec_path: str) -> None:
     if torch.cuda.is_available():  # 'cuda' in load_model means this rank's GPU
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     from selfreward.config import Config
-    from selfreward.core import failpoints
+    from selfreward import failpoints
     from selfreward.training import recipes
     from selfreward.training.fit import train_launched
 

@@ -15,7 +15,7 @@ import json
 from pathlib import Path
 
 from selfreward.backends.engines import Completion
-from selfreward.core import failpoints
+from selfreward import failpoints
 from selfreward.errors import SelfRewardError
 
 

@@ -16,7 +16,7 @@ import math
 from collections import defaultdict
 from statistics import mean
 
-from selfreward.core.stages.judging import judgment_row
+from selfreward.core.stages.judge import judgment_row
 from selfreward.core.store import now
 
 

@@ -14,7 +14,7 @@ online data like any other round's.
 from __future__ import annotations
 
 from selfreward.backends.judges import Group, judge_kind
-from selfreward.core.stages.judging import judgment_row, judging_detail
+from selfreward.core.stages.judge import judgment_row, judging_detail
 from selfreward.core.stages.train import copy_parent, stage_detail
 from selfreward.core.store import now
 from selfreward.training.fit import model_kind, model_row

@@ -60,7 +60,7 @@ def run_pairs(run) -> list[dict]:
 def ranked_pairs(path: str | Path) -> list[dict]:
     """Every better/worse pair within each prompt of a ranked or flat EFT file; responses the
     humans ranked alike pair with nothing."""
-    from selfreward.inspection.metrics import load_eval_set
+    from selfreward.evaluation.judge_quality import load_eval_set
 
     pairs = []
     for g in load_eval_set(path):
@@ -192,8 +192,8 @@ def train_rm(run, source: str = "pairs", base: str | None = None, name: str | No
              epochs: float | None = None, lr: float = DEFAULT_LR, batch: int | None = None,
              held_out: str | None = None) -> dict:
     """Train, evaluate on held-out data and record a reward model in a run opened as a writer."""
-    from selfreward.inspection.evals import eval_judge
-    from selfreward.inspection.metrics import load_eval_set
+    from selfreward.evaluation.judge_commands import eval_judge
+    from selfreward.evaluation.judge_quality import load_eval_set
 
     cfg = run.config()
     parent = pick_base(run, base)

@@ -13,7 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from selfreward.backends.engines import Sampling
 from selfreward.backends.judges import judge_kind
-from selfreward.inspection.metrics import (expected_metrics, expected_scores, finite, judge_scores, load_eval_set,
+from selfreward.evaluation.judge_quality import (expected_metrics, expected_scores, finite, judge_scores, load_eval_set,
                                            position_probe, quality_metrics, self_preference_answers,
                                            self_preference_probe, verbosity_probe)
 

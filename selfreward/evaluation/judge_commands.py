@@ -14,7 +14,7 @@ from selfreward.core.context import Context
 from selfreward.data import read_ift
 from selfreward.backends.engines import Sampling
 from selfreward.backends.judges import Group, judge_kind
-from selfreward.inspection.metrics import (expected_metrics, finite, injection_probe, judge_scores, load_eval_set, quality_metrics,
+from selfreward.evaluation.judge_quality import (expected_metrics, finite, injection_probe, judge_scores, load_eval_set, quality_metrics,
                                            verbosity_probe)
 from selfreward.core.store import Run, now
 
