@@ -403,6 +403,15 @@ def _policy(run, name: str) -> dict:
     return model
 
 
+def _policies(run, models: str | None) -> list[str]:
+    """The policy models named by a --models list (default: every one of the run), each checked."""
+    names = models.split(",") if models else [m["name"] for m in run.rows(
+        "select name from models where kind != 'reward-model' order by round")]
+    for name in names:
+        _policy(run, name)  # fails clearly on a model the run does not have
+    return names
+
+
 @cli.group(name="eval", cls=Group)
 def eval_group():
     """Measure judges and models; results are stored in run.db (eval_metrics, head2head).
@@ -451,10 +460,7 @@ def eval_judge_cmd(run, models, dataset, limit, samples, verbosity, canaries, as
     with Run.open(_run_path(run, runs_dir), writer=True) as r:
         overrides = _judge_overrides(judge_kw)
         check_judge(dataclasses.replace(r.config(), **overrides))
-        names = models.split(",") if models else [m["name"] for m in r.rows(
-            "select name from models where kind != 'reward-model' order by round")]
-        for name in names:
-            _policy(r, name)  # fails clearly on a model the run does not have
+        names = _policies(r, models)
         if not dataset:
             r.check_inputs(("eft_eval",))  # the run's own eval set, as it was when the run began
         _quiet_libraries()
@@ -537,10 +543,7 @@ def eval_instruct_cmd(run, dataset, models, limit, max_new_tokens, as_json, runs
         if not data:
             raise SelfRewardError("this run has no if_eval set; give one with --data FILE")
         load_if_eval(data)  # a malformed line is one error line, before any model loads
-        names = models.split(",") if models else [m["name"] for m in r.rows(
-            "select name from models where kind != 'reward-model' order by round")]
-        for name in names:
-            _policy(r, name)
+        names = _policies(r, models)
         _quiet_libraries()
         rows = eval_instruct(r, names, data, limit, max_new_tokens)
     if as_json:
@@ -585,10 +588,7 @@ def eval_harness_cmd(run, tasks, models, limit, include_path, chat_template, bat
     if not names_of_tasks:
         raise SelfRewardError("--tasks names no task")
     with Run.open(_run_path(run, runs_dir), writer=True) as r:
-        names = models.split(",") if models else [m["name"] for m in r.rows(
-            "select name from models where kind != 'reward-model' order by round")]
-        for name in names:
-            _policy(r, name)
+        names = _policies(r, models)
         _quiet_libraries()
         manager = task_manager(include_path)
         check_tasks(names_of_tasks, manager)  # unknown or offline-unloadable: one error line, before any model loads
