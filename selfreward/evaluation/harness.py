@@ -96,7 +96,7 @@ def eval_harness(run: Run, models: list[str], tasks: list[str], manager, limit: 
     from lm_eval.models.huggingface import HFLM
 
     from selfreward.backends.models import device, free_memory
-    from selfreward.evaluation.judge_commands import _store
+    from selfreward.evaluation.judge_commands import store_metrics
 
     out = []
     for model in models:
@@ -111,7 +111,7 @@ def eval_harness(run: Run, models: list[str], tasks: list[str], manager, limit: 
             free_memory()
         eval_id = uuid.uuid4().hex[:12]
         for task, values in metrics_of(results).items():
-            _store(run, KIND, JUDGE, model, task, values, eval_id)
+            store_metrics(run, KIND, JUDGE, model, task, values, eval_id)
             out += [{"eval_id": eval_id, "model": model, "task": task, "metric": k, "value": v}
                     for k, v in sorted(values.items())]
     return out

@@ -19,7 +19,7 @@ from selfreward.evaluation.judge_quality import (expected_metrics, finite, injec
 from selfreward.core.store import Run, now
 
 
-def _store(run: Run, kind: str, judge: str, model: str, dataset: str, metrics: dict,
+def store_metrics(run: Run, kind: str, judge: str, model: str, dataset: str, metrics: dict,
            eval_id: str | None = None, head2head: list[dict] = ()) -> str:
     """An evaluation's metrics (and head-to-head rows) in one transaction; returns its eval_id."""
     eval_id = eval_id or uuid.uuid4().hex[:12]
@@ -53,7 +53,7 @@ def eval_judge(run: Run, overrides: dict, models: list[str], dataset: str, limit
                 metrics.update(verbosity_probe(judge, groups, seed=cfg.seed))
             if canaries and cfg.judge_mode != "pairwise":
                 metrics.update(injection_probe(judge, groups, seed=cfg.seed))
-            eval_id = _store(run, "judge", judge.name, model, str(dataset), metrics)
+            eval_id = store_metrics(run, "judge", judge.name, model, str(dataset), metrics)
             out.append({"eval_id": eval_id, "judge": judge.name, "model": model, **metrics})
     return out
 
@@ -97,7 +97,7 @@ def head2head(run: Run, overrides: dict, a: str, b: str, prompts_path: str, limi
                "a_mean_tokens": sum(r["a_tokens"] for r in rows) / n if n else math.nan,
                "b_mean_tokens": sum(r["b_tokens"] for r in rows) / n if n else math.nan,
                **{k: rates[k] for k in ("win_lo", "win_hi", "win_lc", "win_lc_lo", "win_lc_hi")}}
-    _store(run, "head2head", judge.name, f"{a} vs {b}", str(prompts_path), summary, eval_id, rows)
+    store_metrics(run, "head2head", judge.name, f"{a} vs {b}", str(prompts_path), summary, eval_id, rows)
     return {"eval_id": eval_id, "judge": judge.name, "a": a, "b": b, **summary}
 
 

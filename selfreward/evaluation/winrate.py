@@ -34,7 +34,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from selfreward.backends.judges.llm import pair_outcome
+from selfreward.backends.judges.llm import outcome_preference, pair_outcome
 
 LC_FOLDS = 5  # AlpacaEval's cross-validation folds: fewer scored comparisons leave the LC rate NaN
 LC_CS = 10  # LogisticRegressionCV's default grid of penalty strengths, as AlpacaEval leaves it
@@ -50,11 +50,8 @@ class Comparison:
 
 
 def preference(outcome: str) -> float | None:
-    """An outcome as A's preference: a win 1, a loss 0, a tie or orders that disagree 0.5, no
-    verdict None. Both vocabularies: a judge Comparison's ("a", "b", "tie", "inconsistent",
-    "unparsed") and the head2head table's, from A's side ("win", "loss", "tie", "inconsistent",
-    "unscored")."""
-    return {"a": 1.0, "win": 1.0, "b": 0.0, "loss": 0.0, "tie": 0.5, "inconsistent": 0.5}.get(outcome)
+    """A judge outcome as A's preference (see backends.judges.llm.outcome_preference, which verify reads too)."""
+    return outcome_preference(outcome)
 
 
 def combine_orders(a_first: float | None, b_first: float | None) -> float | None:

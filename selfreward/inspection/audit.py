@@ -182,8 +182,7 @@ def _verify_comparisons(run: Run, templates: dict, counts: dict) -> tuple[list[s
 def _verify_eval_comparisons(run: Run, templates: dict, counts: dict) -> list[str]:
     """The actor's win rates: each comparison by the eval judge is what its raw texts (an LLM judge, in
     both orders) or its two scores (a reward model) imply, down to the preference that was counted."""
-    from selfreward.backends.judges.llm import pair_outcome, read_verdict
-    from selfreward.evaluation.winrate import preference
+    from selfreward.backends.judges.llm import outcome_preference as preference, pair_outcome, read_verdict
 
     problems, checked = [], 0
     for x in run.rows("select * from eval_comparisons order by id"):

@@ -154,6 +154,14 @@ def copied_score(output: str, response: str, template: Template) -> bool:
     return any(len(tail) >= 8 and output.rstrip().endswith(tail) for tail in tails)
 
 
+def outcome_preference(outcome: str) -> float | None:
+    """An outcome as A's preference: a win 1, a loss 0, a tie or orders that disagree 0.5, no
+    verdict None. Both vocabularies: a judge Comparison's ("a", "b", "tie", "inconsistent",
+    "unparsed") and the head2head table's, from A's side ("win", "loss", "tie", "inconsistent",
+    "unscored")."""
+    return {"a": 1.0, "win": 1.0, "b": 0.0, "loss": 0.0, "tie": 0.5, "inconsistent": 0.5}.get(outcome)
+
+
 def pair_outcome(ab: float | None, ba: float | None) -> str:
     """Combine 'A is better' scores (1 A, 0 B, 0.5 tie) from both orders into a winner."""
     if ab is None or ba is None:
