@@ -38,7 +38,7 @@ class Checkpoint:
             return self._db
         db = getattr(self._local, "db", None)
         if db is None:
-            db = self._local.db = connect(Path(self._path), writer=False)
+            db = self._local.db = connect(Path(self._path), writer=True)  # it writes: not a read-only reader
         return db
 
     @staticmethod

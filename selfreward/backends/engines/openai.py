@@ -136,8 +136,8 @@ class OpenAIEngine:
         key = (not sockets and os.environ.get(key_env)) or "not-set"
 
         def client(url: str):
-            if sockets:
-                return OpenAI(base_url="http://localhost/v1", api_key=key, timeout=timeout, max_retries=0,
+            if url.startswith("unix:"):  # a server this project started: its socket, and never a hosted key
+                return OpenAI(base_url="http://localhost/v1", api_key="not-set", timeout=timeout, max_retries=0,
                               http_client=_uds_client(url.removeprefix("unix:")))
             return OpenAI(base_url=url, api_key=key, timeout=timeout, max_retries=0)
 
