@@ -281,7 +281,10 @@ def test_vllm_engine_loads_another_model_in_place(embedded, tmp_path):
         fresh = answer(fresh_engine)
         # The engine core dies mid-generation while the server's HTTP side lives on: one error line, in seconds,
         # not requests held until their timeout.
-        (core,) = fresh_engine.servers[0].members
+        server = fresh_engine.servers[0]
+        # The live engine core by its process title (a member recorded at start may be gone by now).
+        (core,) = [pid for pid in group_members(server.proc.pid)
+                   if Path(f"/proc/{pid}/cmdline").read_bytes().startswith(b"VLLM::EngineCore")]
         threading.Timer(2.0, os.kill, (core, signal.SIGKILL)).start()
         t0 = time.monotonic()
         # Whichever the watcher sees first: the core gone, or the API server already out after it (EngineDeadError).
