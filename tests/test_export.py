@@ -9,7 +9,7 @@ from fixture_run import build_fixture_run, kept_pairs
 from selfreward import __version__
 from selfreward.cli import cli
 from selfreward.errors import SelfRewardError
-from selfreward.evaluation.judge_commands import _store
+from selfreward.evaluation.judge_commands import store_metrics
 from selfreward.data.labels import import_labels
 from selfreward.inspection.export import LABELING_CONFIG, export_alpaca_eval, export_label_studio, export_pairs
 
@@ -25,7 +25,7 @@ def add_head2head(run, a, b, eval_id, tag="", prompts=H2H_PROMPTS, dataset="data
     rows = [{"eval_id": eval_id, "prompt": p, "a_model": a, "b_model": b, "a_text": f"{a}{tag} answers: {p}",
              "b_text": f"{b}{tag} answers: {p}\n\"quoted\"", "a_tokens": 5, "b_tokens": 7, "outcome": "win",
              "judge": "scripted"} for p in prompts]
-    _store(run, "head2head", "scripted", f"{a} vs {b}", dataset, {"n": len(rows)}, eval_id, rows)
+    store_metrics(run, "head2head", "scripted", f"{a} vs {b}", dataset, {"n": len(rows)}, eval_id, rows)
 
 
 @pytest.fixture
