@@ -8,7 +8,6 @@ Pure functions over answers, judge results and stored rows; the eval stage
 
 from __future__ import annotations
 
-import json
 import math
 
 import numpy as np
@@ -158,7 +157,3 @@ def gate(run, cfg, t: int, model: str, parent: str, metrics: dict) -> dict:
         return {**row, "promoted": 0, "reason": f"not promoted: {what}, below {floor}; the next round trains "
                                                 f"from {parent}"}
     return {**row, "reason": f"promoted: {what}"}
-
-
-def checks_json(kwargs) -> str:
-    return json.dumps(kwargs, sort_keys=True, ensure_ascii=False)
