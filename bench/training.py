@@ -19,9 +19,9 @@ the base).
 
 Variants: fp32 or a bf16 base under bf16 autocast (train_precision; today's
 default on CPUs with AMX or AVX-512 BF16), lean training or not (lean_training:
-TRL's fused head over labelled positions only in leaner CPU tiles, FastDropout and
-in-place adapters, no input casting in the adapters, and in bf16 whole-matrix
-attention and packed DPO rows; "plain" is without), micro-batch 1 or 4 (reached batch sizes stay
+TRL's fused head over labelled positions only in leaner CPU tiles, and in bf16
+packed DPO rows; "plain" is without; "-no-head", "-no-packing": without one of
+the two), LoRA dropout 0.1 or the demo's 0 ("nodrop"), SDPA or eager attention, micro-batch 1 or 4 (reached batch sizes stay
 the same), QLoRA (nf4 base, bitsandbytes' CPU kernel), the reference-free SimPO
 and IPO beside DPO, and a second seed of the baseline: the noise that a loss
 difference is measured against.
@@ -45,19 +45,38 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 # name -> (stage, config overrides). Each stage's first entry is its baseline: the demo's settings
-# before the performance work (fp32, micro-batch 1, no lean training); NOW is today's CPU default.
-BEFORE = {"train_precision": "fp32", "lean_training": "no", "micro_batch_size": 1}
+# before the performance work (fp32, micro-batch 1, no lean training, LoRA dropout 0.1); NOW is
+# today's CPU default (bf16 base, lean training, the demo preset's LoRA dropout 0).
+BEFORE = {"train_precision": "fp32", "lean_training": "no", "micro_batch_size": 1, "lora_dropout": 0.1}
 NOW = {"train_precision": "bf16", "lean_training": "yes", "micro_batch_size": 1}
+PLAIN = {**NOW, "lean_training": "no"}
+ATTN = "attn_implementation"  # not a config key: the bench sets it on the model it loads
+WITHOUT = "without"  # not a config key: the lean kernel the bench switches off (without_kernel)
+
+
+def without_kernel(kernel: str) -> None:
+    """Lean training in this process without one of its two kernels: head (the fused LM head's
+    CPU tiles) or packing (DPO's rows unpacked)."""
+    from contextlib import nullcontext
+
+    from selfreward.training.cpu import lmhead, packing
+
+    if kernel == "head":
+        lmhead.lean_head = nullcontext
+    elif kernel == "packing":
+        packing.install = lambda *a, **k: []
+
+
 VARIANTS = {
     "sft-fp32-mb1": ("sft", BEFORE),
     "sft-fp32-lean": ("sft", {**BEFORE, "lean_training": "yes"}),
-    "sft-bf16-plain": ("sft", {**NOW, "lean_training": "no"}),
+    "sft-bf16-plain": ("sft", {**PLAIN, "lora_dropout": 0.1}),
     "sft-bf16-lean": ("sft", NOW),
     "sft-bf16-lean-mb4": ("sft", {**NOW, "micro_batch_size": 4}),
     "sft-fp32-seed1": ("sft", {**BEFORE, "seed": 1}),
     "sft-qlora-mb1": ("sft", {**BEFORE, "load_in_4bit": "yes"}),
     "dpo-fp32-mb1": ("dpo", BEFORE),
-    "dpo-bf16-plain": ("dpo", {**NOW, "lean_training": "no"}),
+    "dpo-bf16-plain": ("dpo", PLAIN),
     "dpo-bf16-lean": ("dpo", NOW),
     "dpo-bf16-lean-mb4": ("dpo", {**NOW, "micro_batch_size": 4}),
     "dpo-fp32-seed1": ("dpo", {**BEFORE, "seed": 1}),
@@ -65,6 +84,15 @@ VARIANTS = {
     "dpo-qlora-bf16-mb1": ("dpo", {**BEFORE, "train_precision": "bf16", "load_in_4bit": "yes"}),
     "simpo-bf16-lean": ("dpo", {**NOW, "train_method": "simpo"}),
     "ipo-bf16-lean": ("dpo", {**NOW, "dpo_loss_type": "ipo"}),
+    # The settings a library offers, beside the kernels (issue 20): no LoRA dropout, and
+    # transformers' eager attention in place of SDPA (set on the loaded model: ATTN).
+    "sft-bf16-plain-nodrop": ("sft", PLAIN),
+    "sft-bf16-plain-eager-nodrop": ("sft", {**PLAIN, ATTN: "eager"}),
+    "dpo-bf16-plain-eager": ("dpo", {**PLAIN, ATTN: "eager"}),
+    # Lean training without one of its kernels: what that kernel alone buys.
+    "sft-bf16-lean-no-head": ("sft", {**NOW, WITHOUT: "head"}),
+    "dpo-bf16-lean-no-head": ("dpo", {**NOW, WITHOUT: "head"}),
+    "dpo-bf16-lean-no-packing": ("dpo", {**NOW, WITHOUT: "packing"}),
 }
 
 
@@ -118,9 +146,21 @@ def child(variant: str, n: int, out: str) -> None:
     real_quiet = fit.quiet
     fit.quiet = lambda trainer: real_quiet(trainer).add_callback(Clock()) or trainer
     stage, overrides = VARIANTS[variant]
+    overrides = dict(overrides)
+    attn = overrides.pop(ATTN, None)
+    if WITHOUT in overrides:
+        without_kernel(overrides.pop(WITHOUT))
+    if attn:
+        real_load = fit._load_for_training
+
+        def load(*a, **k):
+            model = real_load(*a, **k)
+            model.set_attn_implementation(attn)
+            return model
+        fit._load_for_training = load
     # Batch 4 for both (the demo's SFT uses 8): more measured steps from the same examples.
     cfg = resolve({}, {"preset": "demo", "seed": 0, "sft_epochs": 1.0, "dpo_epochs": 1.0, "sft_batch_size": 4,
-                       "dpo_batch_size": 4, "lora_dropout": 0.1, **overrides})
+                       "dpo_batch_size": 4, **overrides})
     base = resolve_source("embedded")
     target = Path(out) / "runs" / "b" / "models" / "M2"
     t0 = time.perf_counter()

@@ -153,9 +153,8 @@ def tracking(cfg, out: Path):
                 os.environ[k] = v
 
 
-def train(kind: str, cfg, base_path: str, out: Path, round: int, build,
-         entry: tuple[str, dict] | None = None, generates: bool = False,
-         fit: tuple[list[dict], float] | None = None) -> tuple[list[dict], Path, dict]:
+def train(kind: str, cfg, base_path: str, out: Path, round: int, build, entry: tuple[str, dict] | None = None,
+          fit: tuple[list[dict], float] | None = None) -> tuple[list[dict], Path, dict]:
     """Load, train, merge: (logged rows, adapter folder, info for the models row).
     `build(model, work_dir, callbacks)` makes the trainer. `entry` names the recipe that made
     `build` and holds its data (JSON): where cfg says so (train_processes > 1, an
@@ -177,7 +176,7 @@ def train(kind: str, cfg, base_path: str, out: Path, round: int, build,
                 # No name for the trainer here: _train_and_merge frees it before the merge loads a copy.
                 adapter, info = _train_and_merge(
                     build(_load_for_training(base_path, four_bit, bf16), str(work), [logs]),
-                    cfg, base_path, out, probe, generates, fit)
+                    cfg, base_path, out, probe, fit)
                 rows = logs.rows
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -207,7 +206,7 @@ def train_launched(kind: str, cfg, base_path: str, round: int, build, work: Path
 
 
 def _train_and_merge(trainer, cfg, base_path: str, out: Path, probe: list[dict] | None = None,
-                     generates: bool = False, fit: tuple[list[dict], float] | None = None) -> tuple[Path, dict]:
+                     fit: tuple[list[dict], float] | None = None) -> tuple[Path, dict]:
     """Train, keep the adapter, free the trainer, then merge into a freshly loaded full-precision
     base: out/ (merged weights) and out/adapter. Callers pass the trainer without keeping a name
     for it, so the training copy of the model is gone before the merge copy loads.
@@ -216,7 +215,7 @@ def _train_and_merge(trainer, cfg, base_path: str, out: Path, probe: list[dict] 
     are computed under the trained model (4-bit base + adapter, or full base + adapter) and under
     the merged model; `merge_gap` is the mean absolute difference (nats): what merging into full
     precision changed about what DPO sees. `fit`: see _merge."""
-    with lean(trainer, cfg, generates):
+    with lean(trainer, cfg):
         quiet(trainer).train()
     tmp = Path(trainer.args.output_dir) / "adapter"
     trainer.model.save_pretrained(tmp)

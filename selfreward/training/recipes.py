@@ -202,4 +202,4 @@ def online(base_path: str, prompts: list[dict], reward, cfg, out: Path, round: i
                        processing_class=load_tokenizer(base_path), peft_config=lora_config(cfg),
                        callbacks=callbacks)
 
-    return train(cfg.train_method, cfg, base_path, out, round, build, generates=True)
+    return train(cfg.train_method, cfg, base_path, out, round, build)

@@ -1,81 +1,99 @@
-"""Lean training on CPU: kernels that skip work TRL, peft and transformers would do (attention,
-dropout, lmhead, packing), switched on for one training by `lean`."""
+"""Lean training on CPU, switched on for one training by `lean` (lean_training: auto = on CPU).
+
+Two kernels are kept, each because it measured at least 1.3x over the best setting that a
+library already offers (bench/training.py, docs/training.md "Lean training"):
+
+- lmhead: TRL's fused LM head scoring only the positions that have a label, in leaner torch
+  tiles (TRL's own CPU path scores every position, for compilers that want fixed shapes).
+- packing: a right-padded batch of several rows (DPO's chosen and rejected) reaches the decoder
+  packed into one row, so its pads are not computed. TRL 1.16's `padding_free` would do this
+  but is switched off for DPO.
+
+Both patch or call private names of TRL and transformers (PATCHED). Where one has moved or its
+parameters changed, lean training is off, with the reason logged, and tests/test_lean.py fails:
+no kernel falls back silently to a changed library.
+"""
 
 from __future__ import annotations
 
-from contextlib import contextmanager, nullcontext
+import importlib
+import inspect
+import logging
+from contextlib import contextmanager
 
-from selfreward.backends.models import use_4bit
-from selfreward.training.precision import pad_multiple, use_bf16
+log = logging.getLogger(__name__)
+
+# The private names the kernels patch or call, with the parameters they were written against
+# (TRL 1.16, transformers 5.19).
+PATCHED = {
+    "trl.kernels.chunked_logprob._use_triton": ["device"],
+    "trl.trainer.utils._use_triton": ["device"],
+    "trl.kernels.chunked_logprob._addmm_fp32": ["acc", "a", "b"],
+    "trl.kernels.chunked_logprob._torch_transform": ["z", "logit_scale", "softcap", "inv_t", "HAS_SOFTCAP"],
+    "trl.kernels.chunked_logprob._backward_tile": [
+        "tile", "tile_stride", "targets", "log_z", "entropy", "grad_logprobs", "grad_entropy", "vocab_start", "n_cols",
+        "logit_scale", "softcap", "inv_t", "HAS_SOFTCAP", "HAS_LOGPROB_GRAD", "HAS_ENTROPY_GRAD", "BLOCK_SIZE"],
+    "transformers.masking_utils.find_packed_sequence_indices": ["position_ids"],
+}
+
+
+def _find(path: str):
+    """The object a dotted path names (its longest importable module, then attributes), or None."""
+    parts = path.split(".")
+    for i in range(len(parts), 0, -1):
+        try:
+            obj = importlib.import_module(".".join(parts[:i]))
+        except ImportError:
+            continue
+        for name in parts[i:]:
+            obj = getattr(obj, name, None)
+        return obj
+    return None
+
+
+def unsupported() -> list[str]:
+    """Why the installed TRL or transformers cannot take the kernels: one line per patched name
+    that is gone or whose parameters are not PATCHED's; empty where they can."""
+    reasons = []
+    for path, params in PATCHED.items():
+        obj = _find(path)
+        if not callable(obj):
+            reasons.append(f"{path} is gone")
+            continue
+        found = list(inspect.signature(obj).parameters)
+        if found != params:
+            reasons.append(f"{path} takes ({', '.join(found)}), not ({', '.join(params)})")
+    return reasons
 
 
 @contextmanager
-def lean(trainer, cfg, generates: bool = False):
-    """While `trainer` trains, where cfg.lean_training says (auto: on CPU):
-
-    - TRL's fused LM head scores only the positions that have a label. Off Triton devices it
-      scores every position, so that a compiler (Neuron) sees the same tile shapes each batch;
-      eager CPU has no such need, and the prompt positions it would score are masked to zero.
-      On the demo's SFT data that is 7 positions in 8 (long judge prompts, short judgments). Its
-      torch tiles skip identity scalings and fp32 copies (selfreward.training.cpu.lmhead).
-    - LoRA dropout masks come from FastDropout, and each adapter's product is added into its
-      base layer's output in place, both scales folded in (selfreward.training.cpu.dropout.lean_lora).
-    - A right-padded batch goes to the model without its attention mask (causal_only): in a causal
-      LM no real token attends to a later position, so the pads at the end change none of the
-      real positions' outputs, and attention takes its causal path (half the products of a full
-      masked one, and no mask to build). Rows whose mask has a hole or leading pads keep it.
-    - Over a bf16 base under autocast the adapters take their inputs as they come, in bf16 (peft
-      would copy each to the adapter's fp32 first, for autocast to copy it back). Trainers that
-      generate (`generates`: online RL) keep peft's casting, since generation may run outside
-      autocast.
-    - In bf16, causal attention over up to 768 tokens runs as whole-matrix products
-      (selfreward.training.cpu.attention) instead of SDPA's flash kernel: half the time a layer. And a
-      right-padded batch of several rows (DPO's chosen and rejected) reaches the decoder packed
-      into one row (selfreward.training.cpu.packing): its pads are not computed."""
+def lean(trainer, cfg):
+    """While `trainer` trains on CPU (cfg.lean_training: 'auto' or 'yes'), TRL's fused LM head
+    scores labelled positions only (selfreward.training.cpu.lmhead), and, over a bf16 base with
+    SDPA attention, right-padded multi-row batches reach the decoder packed into one row
+    (selfreward.training.cpu.packing)."""
     import torch
 
-    from selfreward.training.cpu import attention, packing
-    from selfreward.training.cpu.dropout import lean_lora
+    from selfreward.training.cpu import packing
     from selfreward.training.cpu.lmhead import lean_head
+    from selfreward.training.precision import pad_multiple, use_bf16
 
-    cpu = not torch.cuda.is_available()
-    if cfg.lean_training == "no" or (cfg.lean_training == "auto" and not cpu):
+    if cfg.lean_training == "no" or torch.cuda.is_available():
         yield
         return
-    layers = []
-    if cpu and not generates and use_bf16(cfg.train_precision) and not use_4bit(cfg.load_in_4bit):
-        layers = [m for m in trainer.model.modules() if getattr(m, "cast_input_dtype_enabled", False)]
-    for m in layers:
-        m.cast_input_dtype_enabled = False
-    config = trainer.model.config
-    implementation = config._attn_implementation
+    reasons = unsupported()
+    if reasons:
+        log.warning("lean training off: the kernels were written against TRL 1.16 and transformers 5.19; here %s",
+                    "; ".join(reasons))
+        yield
+        return
     decoder = packing.decoder_of(trainer.model)
     hooks = []
-    if cpu and implementation == "sdpa" and use_bf16(cfg.train_precision):
-        config._attn_implementation = attention.register()
-        if decoder is not None:
-            hooks = packing.install(decoder, pad_multiple(cfg), attention.MAX_TOKENS)
-    # After packing: a packed call has no mask left to drop.
-    hooks.append((decoder or trainer.model).register_forward_pre_hook(causal_only, with_kwargs=True))
+    if decoder is not None and use_bf16(cfg.train_precision) and trainer.model.config._attn_implementation == "sdpa":
+        hooks = packing.install(decoder, pad_multiple(cfg), packing.MAX_TOKENS)
     try:
-        with lean_lora(trainer.model), (lean_head() if cpu else nullcontext()):
+        with lean_head():
             yield
     finally:
-        config._attn_implementation = implementation
         for hook in hooks:
             hook.remove()
-        for m in layers:
-            m.cast_input_dtype_enabled = True
-
-
-def causal_only(module, args, kwargs):
-    """Forward pre-hook: drops kwargs' attention_mask where every row is right-padded (ones, then
-    only zeros) and no position_ids or cache are passed: what the causal mask alone gives the
-    real tokens is then exactly what the padding mask added to it gives them."""
-    from selfreward.training.cpu.packing import right_padded
-
-    mask = kwargs.get("attention_mask")
-    if mask is None or kwargs.get("position_ids") is not None or kwargs.get("past_key_values") is not None \
-            or not right_padded(mask):
-        return None
-    return args, {**kwargs, "attention_mask": None}

@@ -5,8 +5,8 @@ longer of the two (and then to a multiple of 64 on CPU): on the seed pairs 40% o
 positions the decoder computes are pads. Packed, the real tokens of every row stand in one
 row, each sequence's positions starting again at 0, and the decoder's attention keeps each
 sequence to itself: transformers turns restarting position_ids into a block-diagonal causal
-mask (masking_utils.find_packed_sequence_indices), which selfreward.training.cpu.attention takes as
-its additive bias. Every real token then sees exactly the tokens and positions it saw in its
+mask (masking_utils.find_packed_sequence_indices), which SDPA takes as its
+boolean mask. Every real token then sees exactly the tokens and positions it saw in its
 padded row. After the decoder, its hidden states go back to the padded (rows, length) layout,
 zeros at the pads, which have no labels, so the LM head and the trainer's loss see the batch
 they built.
@@ -20,6 +20,9 @@ from __future__ import annotations
 import torch
 
 PLAN = "_selfreward_packing"
+# The longest packed row: SDPA computes the whole block-diagonal score matrix, masked blocks
+# included, so the packed row's attention costs (sum of lengths)^2 against sum(length^2).
+MAX_TOKENS = 768
 
 
 def right_padded(mask: torch.Tensor) -> bool:
