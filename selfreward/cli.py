@@ -336,10 +336,9 @@ def status(run, runs_dir, by_stage, as_json):
         click.echo(actor_text(r))
     if by_stage:
         click.echo()
-        rows = [{**s, "detail": s["detail"]} for s in stages]
         cols = [("round", "round"), ("stage", "stage"), ("wall_s", "wall"), ("peak_rss_mb", "peak MiB"),
                 ("detail", "detail")]
-        click.echo(table(rows, cols))
+        click.echo(table(stages, cols, free_last=True))
 
 
 @cli.command()

@@ -134,3 +134,11 @@ def test_two_runs_in_different_folders_produce_the_same_rows(tmp_path, tiny_mode
     for sql in ("select text from prompts order by id", "select text from candidates order by id",
                 "select raw, score from judgments order by id", "select status, chosen_id, rejected_id from pairs"):
         assert dbs[0].execute(sql).fetchall() == dbs[1].execute(sql).fetchall(), sql
+
+
+def test_the_stage_table_writes_its_free_text_last_column_unpadded():
+    from selfreward.inspection.status import table
+
+    rows = [{"stage": "a", "detail": "x" * 50}, {"stage": "bb", "detail": "y"}]
+    lines = table(rows, [("stage", "stage"), ("detail", "detail")], free_last=True).splitlines()
+    assert lines == ["stage  detail", "-----  ------", "    a  " + "x" * 50, "   bb  y"]

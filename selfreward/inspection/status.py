@@ -128,10 +128,15 @@ def fmt(key: str, value) -> str:
     return str(value)
 
 
-def table(rows: list[dict], columns: list[tuple[str, str]]) -> str:
+def table(rows: list[dict], columns: list[tuple[str, str]], free_last: bool = False) -> str:
+    """Right-aligned columns; with `free_last`, the last column (free text such as a stage's
+    detail) is written as it is after the others, not padded to its longest cell."""
     cells = [[title for _, title in columns]] + [[fmt(k, r.get(k)) for k, _ in columns] for r in rows]
     widths = [max(len(row[i]) for row in cells) for i in range(len(columns))]
-    lines = ["  ".join(c.rjust(w) for c, w in zip(row, widths)) for row in cells]
+    if free_last:
+        widths[-1] = len(columns[-1][1])
+    lines = ["  ".join(c.rjust(w) for c, w in zip(row, widths)).rstrip() if not free_last
+             else "  ".join([*(c.rjust(w) for c, w in zip(row[:-1], widths)), row[-1]]) for row in cells]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
 
