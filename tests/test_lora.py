@@ -76,3 +76,24 @@ def test_a_merge_never_deletes_a_model_named_like_its_scratch(tiny_model, tmp_pa
     assert (models / "M2.tmp" / "config.json").read_text() == "{}"
     assert (models / "M2" / "config.json").is_file() and list((models / "M2").glob("*.safetensors"))
     assert sorted(p.name for p in models.iterdir()) == ["M2", "M2.tmp"]  # no scratch left, nor a stale one
+
+
+def test_a_merge_with_non_finite_weights_is_refused_in_one_line(tiny_model, tmp_path):
+    """A training that diverged (here: a NaN planted in a saved adapter) stops at its merge with
+    one line, and no model folder is written: not in the next round's sampling."""
+    import pytest
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from selfreward.backends.models import merge_adapter
+    from selfreward.errors import SelfRewardError
+
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model),
+                           LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", task_type="CAUSAL_LM"))
+    lora_b = next(p for n, p in model.named_parameters() if "lora_B" in n)
+    with torch.no_grad():
+        lora_b[0, 0] = float("nan")
+    model.save_pretrained(tmp_path / "adapter")
+    with pytest.raises(SelfRewardError, match=r"training M1 made non-finite weights .* in 1 tensors.*nothing was written"):
+        merge_adapter(str(tiny_model), tmp_path / "adapter", tmp_path / "models" / "M1")
+    assert not (tmp_path / "models").exists()  # neither the model nor a staging folder

@@ -254,13 +254,21 @@ def merge_adapter(base_path: str, adapter_path: Path, out: Path, probe=None, loa
     base's tokenizer, to `out` (staged beside it, renamed into place). `load(path)` loads the base
     (default: the causal LM at full precision; a reward model passes its classifier loader).
     Returns (before's result on the base as loaded, probe's on the merged model before it is
-    saved): `before(model, tokenizer)` and `probe(model, tokenizer)`, each None where not given."""
+    saved): `before(model, tokenizer)` and `probe(model, tokenizer)`, each None where not given.
+    A merged model with a NaN or inf weight is refused before anything is written."""
+    import torch
     from peft import PeftModel
 
     base = (load or (lambda path: load_model(path, four_bit=False)))(base_path)
     tokenizer = load_tokenizer(base_path)
     earlier = before(base, tokenizer) if before else None
     merged = PeftModel.from_pretrained(base, str(adapter_path)).merge_and_unload()
+    broken = [name for name, weight in merged.state_dict().items()
+              if weight.is_floating_point() and not torch.isfinite(weight).all()]
+    if broken:  # else the next round's sampling fails with "probability tensor contains inf/nan"
+        raise SelfRewardError(f"training {out.name} made non-finite weights (NaN or inf) in {len(broken)} tensors, "
+                              f"{broken[0]} first; nothing was written. Lower the learning rate, or train in fp32 "
+                              f"(train_precision=fp32)")
     result = probe(merged, tokenizer) if probe else None
     # Staged in a folder of our own whose name starts with '.', so no model (`M2.tmp`, a reward model
     # named `X.tmp`) is ever taken for the scratch folder and deleted; a kill leaves only dot-folders.
