@@ -391,7 +391,10 @@ def test_ctrl_c_during_a_retry_after_wait_stops_at_once(tmp_path):
     with ScriptedServer([{"status": 429, "headers": {"Retry-After": "60"}}] * 10) as srv:
         child = subprocess.Popen([sys.executable, "-m", "selfreward", "data", "make-eft", str(ranked), "--out",
                                   str(tmp_path / "eft.jsonl"), "--judge", "api", "--api-base", srv.url,
-                                  "--api-model", "j"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                                  "--api-model", "j"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                 # Ctrl-C's default, even under a shell that started this suite in the
+                                 # background (where SIGINT is inherited as ignored).
+                                 preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         try:
             deadline = time.monotonic() + 120  # the import, on a busy machine
             while len(srv.requests) < 2 and time.monotonic() < deadline and child.poll() is None:
