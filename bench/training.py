@@ -19,9 +19,8 @@ the base).
 
 Variants: fp32 or a bf16 base under bf16 autocast (train_precision; today's
 default on CPUs with AMX or AVX-512 BF16), lean training or not (lean_training:
-TRL's fused head over labelled positions only in leaner CPU tiles, and in bf16
-packed DPO rows; "plain" is without; "-no-head", "-no-packing": without one of
-the two), LoRA dropout 0.1 or the demo's 0 ("nodrop"), SDPA or eager attention, micro-batch 1 or 4 (reached batch sizes stay
+TRL's fused head over labelled positions only in leaner CPU tiles; "plain" is
+without), LoRA dropout 0.1 or the demo's 0 ("nodrop"), SDPA or eager attention, micro-batch 1 or 4 (reached batch sizes stay
 the same), QLoRA (nf4 base, bitsandbytes' CPU kernel), the reference-free SimPO
 and IPO beside DPO, and a second seed of the baseline: the noise that a loss
 difference is measured against.
@@ -55,16 +54,13 @@ WITHOUT = "without"  # not a config key: the lean kernel the bench switches off 
 
 
 def without_kernel(kernel: str) -> None:
-    """Lean training in this process without one of its two kernels: head (the fused LM head's
-    CPU tiles) or packing (DPO's rows unpacked)."""
+    """Lean training in this process without its kernel: head (the fused LM head's CPU tiles)."""
     from contextlib import nullcontext
 
-    from selfreward.training.cpu import lmhead, packing
+    from selfreward.training.cpu import lmhead
 
     if kernel == "head":
         lmhead.lean_head = nullcontext
-    elif kernel == "packing":
-        packing.install = lambda *a, **k: []
 
 
 VARIANTS = {
@@ -92,7 +88,6 @@ VARIANTS = {
     # Lean training without one of its kernels: what that kernel alone buys.
     "sft-bf16-lean-no-head": ("sft", {**NOW, WITHOUT: "head"}),
     "dpo-bf16-lean-no-head": ("dpo", {**NOW, WITHOUT: "head"}),
-    "dpo-bf16-lean-no-packing": ("dpo", {**NOW, WITHOUT: "packing"}),
 }
 
 

@@ -4,6 +4,7 @@ following the fp32 loss curve, and the check of the private names the kernels pa
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from types import SimpleNamespace
 
 import pytest
@@ -11,6 +12,7 @@ import torch
 
 from selfreward.config import resolve
 from selfreward.training.cpu import lean
+from selfreward.training.cpu.lmhead import addmm_fp32, lean_head
 from selfreward.training.recipes import sft
 
 
@@ -94,6 +96,36 @@ def test_a_changed_private_api_turns_lean_training_off_with_its_reason(tiny_mode
     cfg = resolve({}, {"preset": "tiny", "lean_training": "yes", "train_precision": "bf16"})
     with caplog.at_level("WARNING", logger="selfreward.training.cpu"), lean(SimpleNamespace(model=model), cfg):
         assert trl_utils._use_triton is original  # no head kernel in place
-        assert not model.get_base_model().model._forward_pre_hooks  # no packing
     assert "lean training off" in caplog.text
     assert "_addmm_fp32 takes (acc, a, b, out_dtype), not (acc, a, b)" in caplog.text
+
+
+def test_the_lm_heads_cpu_tiles_give_trl_s_log_probabilities_and_gradients():
+    from trl.kernels.chunked_logprob import ChunkedLogProbFunction
+
+    torch.manual_seed(0)
+    hidden = (torch.randn(40, 64) * 0.5).to(torch.bfloat16)
+    weight = (torch.randn(3000, 64) * 0.2).to(torch.bfloat16)
+    targets = torch.randint(0, 3000, (40,))
+    grad = torch.randn(40)
+    results = []
+    for use_lean in (False, True):
+        h = hidden.clone().requires_grad_()
+        with lean_head(compact=False) if use_lean else nullcontext():
+            logps = ChunkedLogProbFunction.apply(h, weight, None, targets, 1.0, 1024, None, 1.0, ("entropy",))[0]
+            (logps * grad).sum().backward()
+        results.append((logps.detach(), h.grad.float()))
+    (a, grad_a), (b, grad_b) = results
+    assert torch.equal(a, b)
+    assert ((grad_a - grad_b).norm() / grad_a.norm()) < 1e-3
+    exact = torch.log_softmax(hidden.double() @ weight.double().t(), -1).gather(-1, targets[:, None]).squeeze(-1)
+    assert (b.double() - exact).abs().max() < 1e-2
+
+    a16, b16 = (torch.randn(30, 2000) * 1e-2).to(torch.bfloat16), torch.randn(2000, 64).to(torch.bfloat16)
+    acc = torch.ones(30, 64)
+    addmm_fp32(acc, a16, b16, fallback=None)
+    exact = 1 + a16.double() @ b16.double()
+    assert ((acc.double() - exact).norm() / exact.norm()) < 1e-5  # fp32-accurate from bf16 products
+    calls = []
+    addmm_fp32(torch.zeros(2, 2), torch.ones(2, 3), torch.ones(3, 2), fallback=lambda *a: calls.append(a))
+    assert len(calls) == 1  # fp32 factors: TRL's own

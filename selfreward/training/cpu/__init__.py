@@ -1,17 +1,13 @@
 """Lean training on CPU, switched on for one training by `lean` (lean_training: auto = on CPU).
 
-Two kernels are kept, each because it measured at least 1.3x over the best setting that a
-library already offers (bench/training.py, docs/training.md "Lean training"):
+One kernel is kept, because it measured at least 1.3x over the best setting that a library
+already offers (bench/training.py, docs/training.md "Precision and lean training"): TRL's fused
+LM head scoring only the positions that have a label, in leaner torch tiles (lmhead; TRL's own
+CPU path scores every position, for compilers that want fixed shapes).
 
-- lmhead: TRL's fused LM head scoring only the positions that have a label, in leaner torch
-  tiles (TRL's own CPU path scores every position, for compilers that want fixed shapes).
-- packing: a right-padded batch of several rows (DPO's chosen and rejected) reaches the decoder
-  packed into one row, so its pads are not computed. TRL 1.16's `padding_free` would do this
-  but is switched off for DPO.
-
-Both patch or call private names of TRL and transformers (PATCHED). Where one has moved or its
-parameters changed, lean training is off, with the reason logged, and tests/test_lean.py fails:
-no kernel falls back silently to a changed library.
+It patches private names of TRL (PATCHED). Where one has moved or its parameters changed, lean
+training is off, with the reason logged, and tests/test_lean.py fails: the kernel never falls
+back silently to a changed library.
 """
 
 from __future__ import annotations
@@ -24,7 +20,7 @@ from contextlib import contextmanager
 log = logging.getLogger(__name__)
 
 # The private names the kernels patch or call, with the parameters they were written against
-# (TRL 1.16, transformers 5.19).
+# (TRL 1.16).
 PATCHED = {
     "trl.kernels.chunked_logprob._use_triton": ["device"],
     "trl.trainer.utils._use_triton": ["device"],
@@ -33,7 +29,6 @@ PATCHED = {
     "trl.kernels.chunked_logprob._backward_tile": [
         "tile", "tile_stride", "targets", "log_z", "entropy", "grad_logprobs", "grad_entropy", "vocab_start", "n_cols",
         "logit_scale", "softcap", "inv_t", "HAS_SOFTCAP", "HAS_LOGPROB_GRAD", "HAS_ENTROPY_GRAD", "BLOCK_SIZE"],
-    "transformers.masking_utils.find_packed_sequence_indices": ["position_ids"],
 }
 
 
@@ -52,7 +47,7 @@ def _find(path: str):
 
 
 def unsupported() -> list[str]:
-    """Why the installed TRL or transformers cannot take the kernels: one line per patched name
+    """Why the installed TRL cannot take the kernel: one line per patched name
     that is gone or whose parameters are not PATCHED's; empty where they can."""
     reasons = []
     for path, params in PATCHED.items():
@@ -69,31 +64,18 @@ def unsupported() -> list[str]:
 @contextmanager
 def lean(trainer, cfg):
     """While `trainer` trains on CPU (cfg.lean_training: 'auto' or 'yes'), TRL's fused LM head
-    scores labelled positions only (selfreward.training.cpu.lmhead), and, over a bf16 base with
-    SDPA attention, right-padded multi-row batches reach the decoder packed into one row
-    (selfreward.training.cpu.packing)."""
+    scores labelled positions only, in leaner tiles (selfreward.training.cpu.lmhead)."""
     import torch
 
-    from selfreward.training.cpu import packing
     from selfreward.training.cpu.lmhead import lean_head
-    from selfreward.training.precision import pad_multiple, use_bf16
 
     if cfg.lean_training == "no" or torch.cuda.is_available():
         yield
         return
     reasons = unsupported()
     if reasons:
-        log.warning("lean training off: the kernels were written against TRL 1.16 and transformers 5.19; here %s",
-                    "; ".join(reasons))
+        log.warning("lean training off: the kernel was written against TRL 1.16; here %s", "; ".join(reasons))
         yield
         return
-    decoder = packing.decoder_of(trainer.model)
-    hooks = []
-    if decoder is not None and use_bf16(cfg.train_precision) and trainer.model.config._attn_implementation == "sdpa":
-        hooks = packing.install(decoder, pad_multiple(cfg), packing.MAX_TOKENS)
-    try:
-        with lean_head():
-            yield
-    finally:
-        for hook in hooks:
-            hook.remove()
+    with lean_head():
+        yield
