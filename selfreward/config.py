@@ -229,7 +229,8 @@ class Config:
         "auto", "Training arithmetic: 'fp32', 'bf16' (a bf16 base under autocast; adapter and optimiser fp32), or "
         "'auto' (bf16 on CUDA and on CPUs with AMX or AVX-512 BF16).")
     lean_training: Auto = _train("auto", "CPU training kernel: the fused LM head over labelled positions only "
-                                 "(docs/training.md): 'auto' (on CPU), 'yes', 'no'.")
+                                 "(docs/training.md): 'yes' (CPU), 'no', or 'auto' (off: it trained NaN weights "
+                                 "in bf16 on the test model).")
     micro_batch_size: int = _train(4, "Sequences per forward pass while training; batch sizes are reached by "
                                    "accumulation.", positive=True)
     train_processes: int = _train(1, "Processes that train SFT, DPO and SimPO together (data parallel); N > 1 runs "
