@@ -135,8 +135,8 @@ def table(rows: list[dict], columns: list[tuple[str, str]], free_last: bool = Fa
     widths = [max(len(row[i]) for row in cells) for i in range(len(columns))]
     if free_last:
         widths[-1] = len(columns[-1][1])
-    lines = ["  ".join(c.rjust(w) for c, w in zip(row, widths)).rstrip() if not free_last
-             else "  ".join([*(c.rjust(w) for c, w in zip(row[:-1], widths)), row[-1]]) for row in cells]
+    padded = len(columns) - 1 if free_last else len(columns)
+    lines = ["  ".join([*(c.rjust(w) for c, w in zip(row[:padded], widths)), *row[padded:]]) for row in cells]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
 
