@@ -16,7 +16,7 @@ import click
 
 from selfreward import __version__
 from selfreward.backends.engines import POLICY_ENGINES
-from selfreward.backends.judges import JUDGES, MODES
+from selfreward.backends.judges import JUDGES, MODES, pin_judge_models
 from selfreward.config import coerce, from_text, help_text, launched, load_toml, resolve
 from selfreward.errors import SelfRewardError
 from selfreward.training.methods import train_methods
@@ -196,6 +196,7 @@ def iterate(name, runs_dir, rounds, model, ift, eft, eft_eval, preset, config_fi
     else:
         cfg = resolve(toml, cli_values)
         _check_inputs(cfg)
+        cfg = pin_judge_models(cfg)
         run = Run.create(path, cfg)
         click.echo(f"created run {path} (preset {cfg.preset}, model {cfg.model})")
     _quiet_libraries()
@@ -240,6 +241,8 @@ OPERATIONAL_KEYS = {"api_base", "api_key_env", "api_concurrency", "api_timeout",
 
 def _check_same_config(run, asked: dict) -> None:
     """Resuming must not silently change what the finished stages were made with."""
+    from selfreward.backends.models import pinned_from
+
     stored = run.config_values()
     operational = {k: asked.pop(k) for k in OPERATIONAL_KEYS & asked.keys()}
     preset = asked.pop("preset", None)
@@ -249,6 +252,8 @@ def _check_same_config(run, asked: dict) -> None:
         raise SelfRewardError(f"run {run.path} uses preset {stored.get('preset')}, not {preset}; "
                               f"use a new --name for a different preset")
     for key, value in asked.items():
+        if key in ("judge_model", "eval_judge_model") and pinned_from(stored.get(key)) == value:
+            continue  # the hub id that creation pinned to this snapshot
         if stored.get(key) != value:
             raise SelfRewardError(f"run {run.path} was made with {key}={stored.get(key)!r}, not {value!r}; "
                                   f"drop the flag to resume, or use a new --name")

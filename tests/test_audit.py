@@ -3,6 +3,7 @@
 import csv
 import io
 import json
+import shutil
 import sqlite3
 
 import pytest
@@ -282,6 +283,13 @@ def test_model_hash_covers_config_tokenizer_and_chat_template(judged_run):
         with pytest.raises(Exception, match="has changed"):  # a load checks too, whatever the size
             check_weights("M2", m2, sha)
         f.write_bytes(saved)
+    check_weights("M2", m2, sha)
+    # A named chat template lives in a subfolder, and a load reads it too.
+    (m2 / "additional_chat_templates").mkdir()
+    (m2 / "additional_chat_templates" / "tool_use.jinja").write_text("{{ messages }}")
+    with pytest.raises(Exception, match="has changed"):
+        check_weights("M2", m2, sha)
+    shutil.rmtree(m2 / "additional_chat_templates")
     check_weights("M2", m2, sha)
     # A run recorded before: 16 hex digits over the *.safetensors alone, still verified as such.
     db = sqlite3.connect(judged_run.path / "run.db")

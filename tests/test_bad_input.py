@@ -275,3 +275,31 @@ def test_a_full_disk_is_one_line_and_the_run_resumes(tmp_path, tiny_model, seed_
     monkeypatch.setattr(store, "connect", connect)
     result = CliRunner().invoke(cli, base + ["--rounds", "2"])
     assert result.exit_code == 0, result.output
+
+
+def test_no_space_for_a_model_is_one_line_and_the_run_resumes(tmp_path, tiny_model, seed_files, judge_script,
+                                                               monkeypatch):
+    """ENOSPC from the kernel while a trained model's files are written (here: /dev/full, written in
+    place of the flush before the stage commits) is one line; nothing is committed, and a rerun finishes."""
+    from selfreward.backends import models
+    from selfreward.core.store import Run
+
+    base = ["iterate", "--runs-dir", str(tmp_path / "runs"), "--name", "nospace", "--preset", "tiny",
+            "--model", str(tiny_model), "--ift", str(seed_files["ift"]), "--eft", str(seed_files["eft"]),
+            "--eft-eval", "", "--judge", "scripted", "--judge-script", str(judge_script)]
+    flush = models.fsync_tree
+
+    def full(folder):
+        with open("/dev/full", "wb", buffering=0) as fh:
+            fh.write(b"weights")  # OSError(ENOSPC), as from a full disk
+
+    monkeypatch.setattr(models, "fsync_tree", full)
+    result = CliRunner().invoke(cli, base + ["--rounds", "1"])
+    assert result.exit_code == 1 and "Traceback" not in result.output, result.output
+    assert result.output.strip().splitlines()[-1] == ("Error: no space left on device: free space and run the "
+                                                      "command again (what finished before is saved)")
+    with Run.open(tmp_path / "runs" / "nospace") as run:
+        assert run.rows("select name from models") == [{"name": "M0"}]
+    monkeypatch.setattr(models, "fsync_tree", flush)
+    result = CliRunner().invoke(cli, base + ["--rounds", "1"])
+    assert result.exit_code == 0, result.output

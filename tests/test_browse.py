@@ -1,5 +1,6 @@
 """`selfreward browse`: Datasette on 127.0.0.1, a canned-query page rendered by headless Chromium."""
 
+import os
 import shutil
 import socket
 import subprocess
@@ -119,6 +120,36 @@ def test_browse_refuses_a_public_host_unless_asked(tmp_path):
         assert result.exit_code == 1 and "--public" in result.output, result.output
         assert len(result.output.strip().splitlines()) == 1
     assert all(loopback(h) for h in ("127.0.0.1", "127.0.0.2", "::1", "[::1]", "localhost"))
+
+
+def test_browse_on_a_public_host_warns_and_serves(tmp_path):
+    """With --public, browse says in words that anyone who reaches the port reads the run, then serves it."""
+    import sys
+
+    from fixture_run import build_fixture_run
+
+    pytest.importorskip("datasette", reason="the browse extra is not installed: pip install -e '.[browse]'")
+    run = build_fixture_run(tmp_path / "runs" / "b")
+    run.close()
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-P", "-m", "selfreward", "browse", str(run.path), "--host", "0.0.0.0",
+                             "--port", str(port), "--public"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                            text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    try:
+        warning = proc.stdout.readline()
+        assert warning.startswith(f"warning: serving {run.path} on 0.0.0.0:{port} with no login"), warning
+        for _ in range(100):  # bounded: at most ~20 s for the server to come up
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/-/versions.json", timeout=1)
+                break
+            except OSError:
+                assert proc.poll() is None, "browse exited"
+                time.sleep(0.2)
+        else:
+            pytest.fail("browse --public did not serve within 20 s")
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
 
 
 def test_every_table_of_a_run_is_documented_for_browse(tmp_path):

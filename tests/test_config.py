@@ -55,6 +55,12 @@ def test_any_text_and_number_round_trip_through_config_toml(tmp_path):
     assert resolve(load_toml(path)) == cfg
 
 
+def test_text_that_is_not_unicode_is_refused(tmp_path):
+    # A lone surrogate (from a mangled --set on some terminals) cannot be written to config.toml as UTF-8.
+    with pytest.raises(SelfRewardError, match="config key 'api_model' holds text that is not valid Unicode"):
+        resolve({}, {"preset": "demo", "api_model": "model-\udc80"})
+
+
 @pytest.mark.parametrize("key", ["candidate_temperature", "api_timeout", "length_rho", "dpo_beta", "rl_beta"])
 @pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
 def test_nan_and_inf_are_refused(key, value):

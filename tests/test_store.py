@@ -211,7 +211,7 @@ def test_a_hub_model_is_pinned_to_its_revision_at_registration(tmp_path, tiny_mo
 
     from selfreward.backends.models import weights_sha
     from selfreward.cli import cli
-    from tests.conftest import build_tiny_model
+    from conftest import build_tiny_model
 
     cache = tmp_path / "hub"
     repo = cache / "models--someone--tiny-chat"
@@ -234,6 +234,45 @@ def test_a_hub_model_is_pinned_to_its_revision_at_registration(tmp_path, tiny_mo
         assert m0["path"] == str(repo / "snapshots" / first) == run.model_path("M0")
         assert m0["sha256"] == weights_sha(repo / "snapshots" / first) != weights_sha(repo / "snapshots" / second)
         assert m0["note"] == f"source: someone/tiny-chat (hub revision {first})"
+
+
+def test_a_hub_judge_model_is_pinned_to_its_revision_at_creation(tmp_path, tiny_model, seed_files, monkeypatch):
+    """A reward-model judge given as a hub id is pinned as M0 is: the run records its snapshot folder,
+    each judgment the hash of that folder, and a resume that names the hub id again is the same run,
+    even after `main` moves. (Before: the hub id was stored as given, loaded at its newest revision
+    each time, and the judgments recorded no hash.)"""
+    import shutil
+
+    import huggingface_hub
+    from click.testing import CliRunner
+
+    from selfreward.backends.models import weights_sha
+    from selfreward.cli import cli
+    from test_reward_model import write_classifier
+
+    cache = tmp_path / "hub"
+    repo = cache / "models--someone--tiny-rm"
+    first, second = "1" * 40, "2" * 40
+    write_classifier(tiny_model, repo / "snapshots" / first, num_labels=1)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(first)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    args = ["iterate", "--runs-dir", str(tmp_path / "runs"), "--name", "rm", "--preset", "tiny", "--model",
+            str(tiny_model), "--ift", str(seed_files["ift"]), "--eft", str(seed_files["eft"]), "--eft-eval", "",
+            "--judge", "reward-model", "--set", "judge_model=someone/tiny-rm"]
+    result = CliRunner().invoke(cli, [*args, "--rounds", "1"])
+    assert result.exit_code == 0, result.output
+    shutil.copytree(repo / "snapshots" / first, repo / "snapshots" / second)
+    write_classifier(tiny_model, repo / "snapshots" / second, num_labels=1, rms_norm_eps=1e-3)
+    (repo / "refs" / "main").write_text(second)
+    result = CliRunner().invoke(cli, [*args, "--rounds", "2"])
+    assert result.exit_code == 0, result.output
+    pinned = repo / "snapshots" / first
+    with Run.open(tmp_path / "runs" / "rm") as run:
+        assert run.config().judge_model == str(pinned)
+        shas = {r["judge_model_sha"] for r in run.rows("select judge_model_sha from judgments")}
+    assert shas == {weights_sha(pinned)} and weights_sha(pinned) != weights_sha(repo / "snapshots" / second)
 
 
 def test_a_reply_with_a_lone_surrogate_is_stored(run):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -79,6 +80,24 @@ def resolve_policy(spec: str) -> str:
         raise SelfRewardError(f"model {spec} has no .safetensors weights (a pickled .bin checkpoint is never "
                               f"loaded); convert it with save_pretrained(..., safe_serialization=True)")
     return path
+
+
+# A pinned snapshot's folder, as huggingface_hub lays out its cache: the repo, then the commit.
+SNAPSHOT = re.compile(r"models--(?P<org>[^/]+?)--(?P<name>[^/]+)/snapshots/[0-9a-f]{40}/?$")
+
+
+def pinned_from(path: str) -> str | None:
+    """The hub id whose pinned snapshot `path` is, or None for any other folder."""
+    m = SNAPSHOT.search(path or "")
+    return f"{m['org']}/{m['name']}" if m else None
+
+
+def pin_hub_id(spec: str) -> str:
+    """A model given as a hub id, pinned as M0 is (resolve_policy): the folder of its current revision's
+    snapshot. Anything else (a folder, a file, '') is returned as it is."""
+    if not spec or spec.endswith(".gguf") or Path(spec).expanduser().exists():
+        return spec
+    return resolve_source(spec, pin=True)  # a bad path is one line; a hub id becomes its snapshot
 
 
 def hub_snapshot(repo_id: str) -> str:
@@ -336,10 +355,12 @@ _hashed: dict = {}  # (folder, every file's name, size, mtime and inode) -> its 
 
 def weights_sha(folder: Path, memo: bool = False) -> str:
     """sha256 over every file a load of the folder reads: weights, config, generation config, tokenizer
-    and chat template, each with its name. Subfolders (a run's LoRA adapter, whose config names its
-    base by path), hidden files and *.md are not read by a load, so not hashed."""
+    and chat templates (additional_chat_templates/ too), each with its name. Other subfolders (a run's
+    LoRA adapter, whose config names its base by path), hidden files and *.md are not read by a load,
+    so not hashed."""
     folder = Path(folder)
-    files = sorted(f for f in folder.iterdir() if f.is_file() and f.suffix != ".md" and not f.name.startswith("."))
+    files = sorted(f for d in (folder, folder / "additional_chat_templates") if d.is_dir() for f in d.iterdir()
+                   if f.is_file() and f.suffix != ".md" and not f.name.startswith("."))
     stats = []
     for f in files:
         st = f.stat()

@@ -72,7 +72,7 @@ def _scripted(cfg, engine_for: EngineFor, label: str) -> Judge:
 def _model_sha(cfg) -> str | None:
     from selfreward.backends.models import weights_sha
 
-    return weights_sha(Path(cfg.judge_model)) if Path(cfg.judge_model).is_dir() else None
+    return weights_sha(Path(cfg.judge_model)) if cfg.judge_model and Path(cfg.judge_model).is_dir() else None
 
 
 def _script_sha(cfg) -> str:
@@ -110,13 +110,30 @@ JUDGES: dict[str, JudgeKind] = {
                           needs={"judge_script": "a JSON file with a list of raw judge outputs"}),
 }
 
+def pin_judge_models(cfg):
+    """cfg with each judge model given as a hub id (PairRM's default too) pinned to the snapshot of its
+    current revision, as M0 is: the run records that folder, hashes it, and loads it, so a later push
+    to the repo never changes the judge. For the loop's judge and the eval judge."""
+    import dataclasses
+
+    from selfreward.backends.models import pin_hub_id
+
+    pinned = {}
+    for key, judge in (("judge_model", cfg.judge), ("eval_judge_model", cfg.eval_judge)):
+        if JUDGES.get(judge) and JUDGES[judge].weights is _model_sha:
+            spec = getattr(cfg, key) or (DEFAULT_PAIRRM if judge == "pairrm" else "")
+            if (folder := pin_hub_id(spec)) != spec:
+                pinned[key] = folder
+    return dataclasses.replace(cfg, **pinned)
+
+
 def independent_judges() -> list[str]:
     """The judges that can grade the policy from outside: neither the policy nor a stand-in for it."""
     return [name for name, kind in JUDGES.items() if not kind.uses_policy and not kind.as_policy]
 
 
 __all__ = ["JUDGES", "MODES", "Comparison", "Group", "GroupResult", "Judge", "JudgeKind", "PointwiseJudge", "Verdict",
-           "build_judge", "default_engines", "independent_judges", "judge_kind", "read_logprobs"]
+           "build_judge", "default_engines", "independent_judges", "judge_kind", "pin_judge_models", "read_logprobs"]
 
 
 def judge_kind(cfg) -> JudgeKind:
