@@ -150,6 +150,9 @@ def test_browse_on_a_public_host_warns_and_serves(tmp_path):
     finally:
         proc.terminate()
         proc.wait(timeout=10)
+    # Datasette ended with browse: it does not go on serving the run alone (it did, before).
+    with pytest.raises(OSError):
+        urllib.request.urlopen(f"http://127.0.0.1:{port}/-/versions.json", timeout=1)
 
 
 def test_every_table_of_a_run_is_documented_for_browse(tmp_path):

@@ -4,6 +4,7 @@ described and canned queries for the questions auditors ask."""
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import tempfile
 from pathlib import Path
@@ -215,7 +216,14 @@ def serve(run: Run, host: str, port: int, public: bool = False) -> None:
     with tempfile.TemporaryDirectory(prefix="selfreward-browse-") as tmp:
         cmd = command(run, host, port, write_metadata(Path(tmp)))
         print(f"serving {run.path / 'run.db'} at http://{host}:{port}/run (Ctrl-C stops)")
+        proc = subprocess.Popen(cmd)
+        # A SIGTERM to browse (kill, a service manager) ends Datasette too: it never serves the run on
+        # alone. Ctrl-C reaches both, as they share the terminal's process group.
+        previous = signal.signal(signal.SIGTERM, lambda *_: proc.terminate())
         try:
-            subprocess.run(cmd, check=False)
+            proc.wait()
         except KeyboardInterrupt:
-            pass
+            proc.terminate()
+            proc.wait()
+        finally:
+            signal.signal(signal.SIGTERM, previous)
