@@ -8,6 +8,9 @@ SmolLM2-135M-Instruct.
     .venv/bin/python bench/engines.py --json bench.json --skip-bare
 
 Blocks (progress goes to stderr, the table to stdout):
+- the transformers engine as the loop builds it (generation_precision auto: bf16
+  on a CPU with AMX or AVX-512 BF16) is each block's baseline; where that is
+  bf16, the engine in fp32 (the precision before 2026-12-05) is measured too.
 - generation: 32 IFT seed prompts x 4 samples, 64 new tokens, T 0.7, top-p 0.9.
   The transformers engine at batch 32 (baseline), the vllm engine, and bare
   vLLM (`vllm.LLM(...).chat` with n=4, the server's own settings and
@@ -212,7 +215,7 @@ def run(sizes: Sizes, skip_bare: bool, workdir: Path) -> dict:
     from selfreward.backends.engines.hf import TransformersEngine
     from selfreward.backends.engines.vllm import VLLMEngine, _cuda, server_args
     from selfreward.backends.judges import Group
-    from selfreward.backends.models import resolve_source
+    from selfreward.backends.models import resolve_source, use_bf16
 
     model_path = resolve_source("embedded")
     cfg = resolve({}, {"preset": "demo", "engine": "vllm"})
@@ -227,27 +230,35 @@ def run(sizes: Sizes, skip_bare: bool, workdir: Path) -> dict:
     generation, judgments, starts = [], [], []
     log(f"model {model_path}; vLLM server flags: {' '.join(server_args(cfg, model_path, 'policy', 'policy.sock', _cuda()))}")
 
-    log("transformers: loading")
-    t0 = time.perf_counter()
-    hf = TransformersEngine(model_path, batch_size=32)
-    starts.append({"name": "transformers load", "seconds": time.perf_counter() - t0})
-    try:
-        warm_up(hf)
-        log(f"transformers: generating {len(prompts)} x {n}")
-        generation.append({"name": "transformers engine, batch 32", **measure_generation(hf, prompts, n, gen)})
-        # Judging runs at the loop's default batch size; the engine reads it per call.
-        hf.batch_size = 16
-        log(f"transformers: judging {len(groups)} x {sizes.judge_samples}")
-        judgments.append({"name": "transformers engine, batch 16",
-                          **measure_judging(hf, groups, sizes.judge_samples, judging)})
-    finally:
-        hf.close()
-        del hf
-        gc.collect()
-        if _cuda():
-            import torch
+    # The transformers engine as the loop builds it (generation_precision auto: bf16 where the hardware
+    # multiplies it natively) is the baseline; fp32, the precision before, is measured beside it.
+    bf16 = use_bf16(cfg.generation_precision)
+    precisions = [("", bf16)] + ([(" (fp32)", False)] if bf16 else [])
+    fp32_rows = []
+    for label, precision in precisions:
+        log(f"transformers{label}: loading")
+        t0 = time.perf_counter()
+        hf = TransformersEngine(model_path, batch_size=32, bf16=precision)
+        starts.append({"name": f"transformers load{label}", "seconds": time.perf_counter() - t0})
+        rows = (generation, judgments) if not label else (fp32_rows, fp32_rows)
+        try:
+            warm_up(hf)
+            log(f"transformers{label}: generating {len(prompts)} x {n}")
+            rows[0].append({"name": f"transformers engine{label}, batch 32", "block": "generation",
+                            **measure_generation(hf, prompts, n, gen)})
+            # Judging runs at the loop's default batch size; the engine reads it per call.
+            hf.batch_size = 16
+            log(f"transformers{label}: judging {len(groups)} x {sizes.judge_samples}")
+            rows[1].append({"name": f"transformers engine{label}, batch 16", "block": "judging",
+                            **measure_judging(hf, groups, sizes.judge_samples, judging)})
+        finally:
+            hf.close()
+            del hf
+            gc.collect()
+            if _cuda():
+                import torch
 
-            torch.cuda.empty_cache()  # a vLLM server is about to claim most of the GPU
+                torch.cuda.empty_cache()  # a vLLM server is about to claim most of the GPU
 
     log("vllm engine, prefix caching on: starting the server")
     engine = VLLMEngine(cfg, model_path, workdir, served_name="policy")
@@ -280,7 +291,11 @@ def run(sizes: Sizes, skip_bare: bool, workdir: Path) -> dict:
         starts.append({"name": "bare vLLM LLM(...) load (for reference)", "seconds": bare.pop("load_s")})
         generation.append({"name": f"bare vLLM, LLM.chat n={n}", **bare})
 
+    for row in fp32_rows:  # after the vllm rows: the targets below name the vllm engine's place
+        (generation if row.pop("block") == "generation" else judgments).append(row)
     for rows in (generation, judgments):
+        for row in rows:
+            row.pop("block", None)
         base = rows[0]["count"] / rows[0]["seconds"]
         for row in rows:
             row["rate"] = row["count"] / row["seconds"]

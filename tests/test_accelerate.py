@@ -33,7 +33,7 @@ from safetensors.torch import load_file
 
 from selfreward.cli import cli
 from selfreward.config import resolve
-from selfreward.training.precision import use_bf16
+from selfreward.backends.models import use_bf16
 from selfreward.training.recipes import preference, sft
 from selfreward.errors import SelfRewardError
 from conftest import build_tiny_model

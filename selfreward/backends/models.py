@@ -226,6 +226,29 @@ def load_model(path: str, four_bit: bool = False, dtype=None):
     return model
 
 
+def use_bf16(setting: str) -> bool:
+    """bf16 (train_precision, generation_precision): 'auto' means on CUDA with bf16, and on CPUs that
+    multiply bf16 natively (AMX or AVX-512 BF16), where a frozen bf16 base trains 2x+ faster per
+    sequence than fp32 in half the activation memory (bench/training.py), and the transformers
+    engine judges 2.7x faster (bench/engines.py)."""
+    import torch
+
+    if setting != "auto":
+        return setting == "bf16"
+    if torch.cuda.is_available():
+        return torch.cuda.is_bf16_supported()
+    return cpu_bf16()
+
+
+def cpu_bf16() -> bool:
+    """Whether this CPU has AMX tiles or AVX-512 BF16: bf16 matrix products in hardware (on this
+    project's CPU, with AMX, 7.5x the fp32 rate)."""
+    import torch
+
+    probes = [getattr(torch.cpu, name, None) for name in ("_is_amx_tile_supported", "_is_avx512_bf16_supported")]
+    return any(probe() for probe in probes if probe is not None)
+
+
 def use_4bit(setting: str) -> bool:
     """'yes': 4-bit wherever bitsandbytes is installed (CUDA or CPU); 'auto': on CUDA only,
     where it saves the memory that matters; 'no': never."""

@@ -19,11 +19,11 @@ from pathlib import Path
 from transformers import TrainerCallback
 from transformers.trainer_callback import ProgressCallback
 
-from selfreward.backends.models import free_memory, load_model, load_tokenizer, merge_adapter, sequence_logps, use_4bit
+from selfreward.backends.models import (free_memory, load_model, load_tokenizer, merge_adapter, sequence_logps, use_4bit,
+                                        use_bf16)
 from selfreward.config import launched, trackers
 from selfreward import failpoints
 from selfreward.training.cpu import lean
-from selfreward.training.precision import use_bf16
 
 
 LOG_KEYS = {"loss": "loss", "learning_rate": "learning_rate", "grad_norm": "grad_norm",

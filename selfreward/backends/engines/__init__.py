@@ -30,8 +30,9 @@ from selfreward.backends.engines.base import (SCORE_CHOICES, Completion, Engine,
 
 def _transformers(cfg, model_path: str, workdir: Path | None) -> Engine:
     from selfreward.backends.engines.hf import TransformersEngine
+    from selfreward.backends.models import use_bf16
 
-    return TransformersEngine(model_path, cfg.gen_batch_size)
+    return TransformersEngine(model_path, cfg.gen_batch_size, bf16=use_bf16(cfg.generation_precision))
 
 
 def _vllm(cfg, model_path: str, workdir: Path | None) -> Engine:
