@@ -71,7 +71,7 @@ class Config:
     gen_batch_size: int = _data(16, "Sequences generated per forward batch (transformers engine).", positive=True)
     generation_precision: Literal["auto", "fp32", "bf16"] = _data(
         "auto", "Weights of the transformers engine (generation, judging, logprob scores): 'fp32', 'bf16', or "
-        "'auto' (bf16 on CUDA and on CPUs with AMX or AVX-512 BF16: 2.7x the fp32 judgments/s here, "
+        "'auto' (bf16 on CUDA and on CPUs with AMX or AVX-512 BF16: 2.1x the fp32 judgments/s here, "
         "docs/benchmarks.md). vLLM has vllm_dtype.")
     # --- judge ---
     judge: str = _judge("self", "Judge backend: 'self' (the policy M_t), 'api' (an OpenAI-compatible server), "

@@ -230,7 +230,7 @@ def use_bf16(setting: str) -> bool:
     """bf16 (train_precision, generation_precision): 'auto' means on CUDA with bf16, and on CPUs that
     multiply bf16 natively (AMX or AVX-512 BF16), where a frozen bf16 base trains 2x+ faster per
     sequence than fp32 in half the activation memory (bench/training.py), and the transformers
-    engine judges 2.7x faster (bench/engines.py)."""
+    engine judges 2.1x faster (bench/engines.py)."""
     import torch
 
     if setting != "auto":
