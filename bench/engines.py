@@ -230,27 +230,21 @@ def run(sizes: Sizes, skip_bare: bool, workdir: Path) -> dict:
     generation, judgments, starts = [], [], []
     log(f"model {model_path}; vLLM server flags: {' '.join(server_args(cfg, model_path, 'policy', 'policy.sock', _cuda()))}")
 
-    # The transformers engine as the loop builds it (generation_precision auto: bf16 where the hardware
-    # multiplies it natively) is the baseline; fp32, the precision before, is measured beside it.
-    bf16 = use_bf16(cfg.generation_precision)
-    precisions = [("", bf16)] + ([(" (fp32)", False)] if bf16 else [])
-    fp32_rows = []
-    for label, precision in precisions:
+    def transformers(label: str, bf16: bool) -> tuple[dict, dict]:
+        """The transformers engine's generation and judging rows at one precision."""
         log(f"transformers{label}: loading")
         t0 = time.perf_counter()
-        hf = TransformersEngine(model_path, batch_size=32, bf16=precision)
+        hf = TransformersEngine(model_path, batch_size=32, bf16=bf16)
         starts.append({"name": f"transformers load{label}", "seconds": time.perf_counter() - t0})
-        rows = (generation, judgments) if not label else (fp32_rows, fp32_rows)
         try:
             warm_up(hf)
             log(f"transformers{label}: generating {len(prompts)} x {n}")
-            rows[0].append({"name": f"transformers engine{label}, batch 32", "block": "generation",
-                            **measure_generation(hf, prompts, n, gen)})
+            generated = {"name": f"transformers engine{label}, batch 32", **measure_generation(hf, prompts, n, gen)}
             # Judging runs at the loop's default batch size; the engine reads it per call.
             hf.batch_size = 16
             log(f"transformers{label}: judging {len(groups)} x {sizes.judge_samples}")
-            rows[1].append({"name": f"transformers engine{label}, batch 16", "block": "judging",
-                            **measure_judging(hf, groups, sizes.judge_samples, judging)})
+            judged = {"name": f"transformers engine{label}, batch 16",
+                      **measure_judging(hf, groups, sizes.judge_samples, judging)}
         finally:
             hf.close()
             del hf
@@ -259,6 +253,14 @@ def run(sizes: Sizes, skip_bare: bool, workdir: Path) -> dict:
                 import torch
 
                 torch.cuda.empty_cache()  # a vLLM server is about to claim most of the GPU
+        return generated, judged
+
+    # The baseline is the transformers engine as the loop builds it (generation_precision auto: bf16 where
+    # the hardware multiplies it natively); where that is bf16, fp32 (the precision before) is measured too.
+    bf16 = use_bf16(cfg.generation_precision)
+    for rows, row in zip((generation, judgments), transformers("", bf16)):
+        rows.append(row)
+    fp32 = transformers(" (fp32)", False) if bf16 else ()
 
     log("vllm engine, prefix caching on: starting the server")
     engine = VLLMEngine(cfg, model_path, workdir, served_name="policy")
@@ -291,11 +293,9 @@ def run(sizes: Sizes, skip_bare: bool, workdir: Path) -> dict:
         starts.append({"name": "bare vLLM LLM(...) load (for reference)", "seconds": bare.pop("load_s")})
         generation.append({"name": f"bare vLLM, LLM.chat n={n}", **bare})
 
-    for row in fp32_rows:  # after the vllm rows: the targets below name the vllm engine's place
-        (generation if row.pop("block") == "generation" else judgments).append(row)
+    for rows, row in zip((generation, judgments), fp32):  # last: the targets below name the vllm rows' places
+        rows.append(row)
     for rows in (generation, judgments):
-        for row in rows:
-            row.pop("block", None)
         base = rows[0]["count"] / rows[0]["seconds"]
         for row in rows:
             row["rate"] = row["count"] / row["seconds"]

@@ -228,9 +228,8 @@ def load_model(path: str, four_bit: bool = False, dtype=None):
 
 def use_bf16(setting: str) -> bool:
     """bf16 (train_precision, generation_precision): 'auto' means on CUDA with bf16, and on CPUs that
-    multiply bf16 natively (AMX or AVX-512 BF16), where a frozen bf16 base trains 2x+ faster per
-    sequence than fp32 in half the activation memory (bench/training.py), and the transformers
-    engine judges 2.1x faster (bench/engines.py)."""
+    multiply bf16 natively (AMX or AVX-512 BF16), where training and the transformers engine run
+    faster than in fp32 (docs/benchmarks.md)."""
     import torch
 
     if setting != "auto":

@@ -21,7 +21,7 @@ class TransformersEngine:
         self.tokenizer = load_tokenizer(model_path)
         self.tokenizer.padding_side = "left"  # decoder-only models generate from the right edge
         # bf16 (generation_precision): decoding is matrix products of a few rows by every weight, which
-        # a CPU with AMX does at 2.1x the fp32 rate (judging at batch 16, bench/engines.py).
+        # a CPU with AMX multiplies in hardware (docs/benchmarks.md, "The transformers engine's judging").
         self.model = load_model(model_path, dtype=torch.bfloat16 if bf16 else None).eval()
         self.context = getattr(self.model.config, "max_position_embeddings", None)
 
