@@ -128,7 +128,8 @@ def _parse_sets(values: tuple[str, ...]) -> dict:
 @click.option("--preset", type=click.Choice(["auto", "demo", "tiny", "paper"]), help="Size preset.")
 @click.option("--config", "config_file", type=click.Path(), help="TOML file of config keys.")
 @click.option("--engine", type=click.Choice(["auto", *POLICY_ENGINES]),
-              help="Policy engine: vllm (a long-lived server per model) or transformers (in-process).")
+              help="Policy engine: vllm (a long-lived server per model), transformers (in-process) or ray "
+                   "(Ray Data jobs on vLLM replicas; ray_address names a cluster).")
 @click.option("--judge", type=Registered(lambda: JUDGES), help="Judge backend.")
 @click.option("--judge-mode", type=click.Choice(list(MODES)), help="LLM judge mode (self, api).")
 @click.option("--judge-model", help="Model for --judge pairrm / reward-model (hub id or folder).")
@@ -165,6 +166,8 @@ def iterate(name, runs_dir, rounds, model, ift, eft, eft_eval, preset, config_fi
         selfreward iterate --name q --set load_in_4bit=yes --set dpo_loss_type=ipo    # QLoRA, IPO
         selfreward iterate --name s --train-method simpo --set report_to=tensorboard
         selfreward iterate --name d --train-processes 2      # SFT and DPO under accelerate, 2 processes
+        selfreward iterate --name r --engine ray             # generation on a local Ray cluster
+        selfreward iterate --name c --engine ray --set ray_address=10.0.0.5:6379 --set ray_replicas=8
     """
     if help_config:
         click.echo(help_text())
@@ -236,7 +239,8 @@ def _run_name(name: str) -> str:
 # a rate limit tightened); what it is and how it samples may not.
 OPERATIONAL_KEYS = {"api_base", "api_key_env", "api_concurrency", "api_timeout", "api_max_retries", "api_backoff",
                     "api_replica_cooldown", "vllm_replicas", "vllm_distributed_executor_backend",
-                    "vllm_start_timeout", "vllm_cpu_kvcache_gb", "vllm_cpu_threads", "vllm_gpu_memory_utilization"}
+                    "vllm_start_timeout", "vllm_cpu_kvcache_gb", "vllm_cpu_threads", "vllm_gpu_memory_utilization",
+                    "ray_address", "ray_replicas", "ray_cpus_per_replica", "ray_batch_size", "ray_start_timeout"}
 
 
 def _check_same_config(run, asked: dict) -> None:

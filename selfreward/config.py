@@ -35,8 +35,8 @@ PromoteMetric = Literal["if_prompt_strict", "if_prompt_loose", "if_inst_strict",
 PROMOTE_METRICS = typing.get_args(PromoteMetric)
 
 # The groups of `--help-config`, config.toml and docs/config.md, in this order.
-GROUPS = ("data and model", "sampling", "self-instruction", "judge", "judge training", "api", "vllm", "training",
-          "DPO and SimPO", "online RL", "LoRA", "evaluation")
+GROUPS = ("data and model", "sampling", "self-instruction", "judge", "judge training", "api", "vllm", "ray",
+          "training", "DPO and SimPO", "online RL", "LoRA", "evaluation")
 
 
 def _group(name: str):
@@ -48,7 +48,7 @@ def _group(name: str):
     return make
 
 
-_data, _sampling, _instruct, _judge, _judge_training, _api, _vllm, _train, _dpo, _rl, _lora, _eval = map(
+_data, _sampling, _instruct, _judge, _judge_training, _api, _vllm, _ray, _train, _dpo, _rl, _lora, _eval = map(
     _group, GROUPS)
 
 
@@ -67,7 +67,8 @@ class Config:
         "auto", "Size preset: 'demo' (CPU), 'tiny' (smoke tests), 'paper' (GPU); 'auto': paper on CUDA, else demo.")
     seed: int = _data(0, "Random seed for sampling and training; stages derive their own seeds from it.")
     engine: str = _data("auto", "Policy engine: 'transformers' (in-process), 'vllm' (a long-lived server per model), "
-                        "or 'auto' (vllm where installed, except at the tiny preset).")
+                        "'ray' (each generation a Ray Data job on vLLM replicas, on a cluster), or 'auto' (vllm "
+                        "where installed, except at the tiny preset).")
     gen_batch_size: int = _data(16, "Sequences generated per forward batch (transformers engine).", positive=True)
     generation_precision: Literal["auto", "fp32", "bf16"] = _data(
         "auto", "Weights of the transformers engine (generation, judging, logprob scores): 'fp32', 'bf16', or "
@@ -128,6 +129,16 @@ class Config:
                                     "weights in place instead of restarting: 'auto' (on CPU), 'yes', 'no'.")
     vllm_extra_args: str = _vllm("", "Further vLLM server flags, passed through as written.")
     vllm_start_timeout: float = _vllm(900.0, "Seconds to wait for a vLLM server to load and warm up.", positive=True)
+    # --- ray: the ray engine, each generation a Ray Data job of vLLM engine replicas (docs/scaling.md) ---
+    ray_address: str = _ray("", "The Ray cluster (its GCS address, host:port): '' starts a local cluster for the "
+                            "command and stops it on every exit. Model folders must be on a filesystem every node "
+                            "reads.")
+    ray_replicas: int = _ray(1, "vLLM engine replicas (Ray actors) per generation job; each takes tensor x pipeline "
+                             "parallel size GPUs, or ray_cpus_per_replica CPUs without GPUs.", positive=True)
+    ray_cpus_per_replica: float = _ray(1.0, "CPU clusters only: CPUs one engine replica reserves.", positive=True)
+    ray_batch_size: int = _ray(16, "Rows (one sample each) per batch sent to an engine replica.", positive=True)
+    ray_start_timeout: float = _ray(120.0, "Seconds to wait for a local Ray cluster to start, or to reach "
+                                    "ray_address.", positive=True)
     # --- self-instruction ---
     prompts_per_round: int = _instruct(4000, "New prompts made by self-instruction in each round t >= 2.",
                                        positive=True)

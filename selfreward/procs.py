@@ -60,6 +60,40 @@ def group_members(pgid: int) -> list[int]:
     return members
 
 
+def session_members(sid: int) -> list[int]:
+    """Every process of a session: a Ray head's workers each lead a group of their own, but stay in it."""
+    members = []
+    for pid in psutil.pids():
+        try:
+            if os.getsid(pid) == sid:
+                members.append(pid)
+        except OSError:
+            continue
+    return members
+
+
+def kill_session(sid: int, wait: float = 10.0) -> None:
+    """SIGKILL every process of a session other than ours (and never pid 0 or 1), again for any it
+    started meanwhile, until none is left or `wait` seconds have passed."""
+    import time
+
+    if sid <= 1 or sid == os.getsid(0):
+        return
+    deadline = time.monotonic() + wait
+    while time.monotonic() < deadline:
+        alive = []
+        for pid in session_members(sid):
+            try:
+                if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:  # a zombie holds nothing
+                    alive.append(pid)
+                    os.kill(pid, signal.SIGKILL)
+            except (psutil.Error, ProcessLookupError, PermissionError):
+                pass
+        if not alive:
+            return
+        time.sleep(0.1)
+
+
 def signal_group(pgid: int, sig: int) -> None:
     if pgid <= 1 or pgid == os.getpgrp():
         return  # never the whole system, never ourselves
@@ -83,9 +117,12 @@ def end_group(proc: subprocess.Popen, grace: float = 15.0) -> None:
         proc.wait(timeout=10)
 
 
-def write_record(path: Path, pid: int, members: bool = False) -> None:
-    """Record the group `pid` leads (a new session's leader); members: also list each process now in it."""
+def write_record(path: Path, pid: int, members: bool = False, whole_session: bool = False) -> None:
+    """Record the group `pid` leads (a new session's leader); members: also list each process now in it;
+    whole_session: ending it also ends every process of its session."""
     record = {"boot": boot_id(), "pid": pid, "started": started(pid), "sid": session(pid)}
+    if whole_session:
+        record["session"] = True
     if members:
         record["members"] = [[m, started(m)] for m in group_members(pid)]
     tmp = path.with_name(f".{path.name}.tmp")
@@ -115,6 +152,9 @@ def reap_record(path: Path) -> int | None:
                 ended = pid
         if ended:
             signal_group(pid, signal.SIGKILL)
+            if record.get("session"):
+                # The rest of the session (a Ray head's workers) was started by the group just proven ours.
+                kill_session(pid)
     path.unlink(missing_ok=True)
     return ended
 

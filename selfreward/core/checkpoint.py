@@ -80,6 +80,7 @@ class CheckpointedEngine:
         self.inner, self.checkpoint = inner, checkpoint
         self.name, self.model_path = inner.name, inner.model_path
         self.seeds_per_request = inner.seeds_per_request
+        self.parallel_calls = getattr(inner, "parallel_calls", True)
         if hasattr(inner, "choice_probs"):
             # Read again on a resume rather than kept: one forward pass (or one-token request) each.
             self.choice_probs = inner.choice_probs

@@ -7,6 +7,9 @@ LLM judge (the self judge, and the API judge through the openai engine) call
 | `transformers` | `generate` in this process, batched                          | per batch           |
 | `vllm`         | one long-lived vLLM OpenAI server per model, in its own      | per request         |
 |                | process group, driven through the openai engine              |                     |
+| `ray`          | a Ray Data job per generation, its rows served by vLLM       | per request         |
+|                | engine replicas (Ray actors), on a local cluster or a remote |                     |
+|                | one (ray_address)                                            |                     |
 | `openai`       | any OpenAI-compatible server (vLLM, SGLang, llama.cpp, API), | per request, if the |
 |                | or several replicas of one, with failover between them       | server honours them |
 
@@ -41,6 +44,12 @@ def _vllm(cfg, model_path: str, workdir: Path | None) -> Engine:
     return VLLMEngine.from_config(cfg, model_path, workdir)
 
 
+def _ray(cfg, model_path: str, workdir: Path | None) -> Engine:
+    from selfreward.backends.engines.ray_data import RayEngine
+
+    return RayEngine.from_config(cfg, model_path, workdir)
+
+
 def _openai(cfg, model_path: str, workdir: Path | None) -> Engine:
     from selfreward.backends.engines.openai import OpenAIEngine
 
@@ -49,9 +58,10 @@ def _openai(cfg, model_path: str, workdir: Path | None) -> Engine:
 
 # name -> factory(cfg, model_path, workdir). Imports stay inside the factories: a
 # backend's heavy dependencies load only when it is used.
-ENGINES: dict[str, Callable[..., Engine]] = {"transformers": _transformers, "vllm": _vllm, "openai": _openai}
+ENGINES: dict[str, Callable[..., Engine]] = {"transformers": _transformers, "vllm": _vllm, "ray": _ray,
+                                             "openai": _openai}
 # Engines that load a model folder, so they can serve a policy that changes every round.
-POLICY_ENGINES = ("transformers", "vllm")
+POLICY_ENGINES = ("transformers", "vllm", "ray")
 
 
 def make_engine(cfg, model_path: str, workdir: Path | None = None, name: str | None = None) -> Engine:

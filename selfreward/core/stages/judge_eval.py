@@ -80,7 +80,9 @@ def judge_and_probe(ctx, model: str, judge, groups: list, seed: int):
     # Self-preference (self judge only): the policy's own answers, sampled as its candidates are.
     policy = ctx.engine(model) if probe and judge_kind(cfg).uses_policy else None
     answering = Sampling(cfg.candidate_temperature, cfg.candidate_top_p, cfg.candidate_max_new_tokens, seed)
-    parallel = llm and getattr(judge.engine, "seeds_per_request", False)
+    # Engines whose calls overlap (servers) judge the probes side by side; a ray job takes the whole cluster.
+    parallel = llm and getattr(judge.engine, "seeds_per_request", False) and getattr(judge.engine, "parallel_calls",
+                                                                                      True)
 
     def position():
         pairwise = judge if judge.mode == "pairwise" else LLMJudge(judge.engine, judge.sampling, "pairwise", judge.name)
