@@ -669,6 +669,33 @@ def train_rm_cmd(run, source, base, name, epochs, lr, batch_size, held_out, runs
                f"{held} -> {result['path']}")
 
 
+@cli.command(name="join-training")
+@click.argument("run")
+@click.option("--machine-rank", required=True, type=click.IntRange(1),
+              help="This machine's rank, 1 to num_machines - 1 (machine 0 runs `selfreward iterate`).")
+@click.option("--runs-dir", default="runs", show_default=True, type=click.Path(file_okay=False))
+def join_training(run, machine_rank, runs_dir):
+    """Be one more machine in each SFT, DPO and SimPO training of a run whose
+    accelerate_config has num_machines > 1. `selfreward iterate` runs on
+    machine 0 (the config's main_process_ip); before each training it writes
+    the stage's spec into the run folder, which every machine must see (a
+    shared filesystem), and waits for the others. This command waits for
+    that spec, runs the same `accelerate launch` with its own machine rank,
+    and then waits for the next training, until interrupted. It may start
+    before or after `iterate`; it never opens run.db. Each training's output
+    is in runs/<run>/logs/train-<model>-machine<rank>.log.
+
+    \b
+    Example:
+        selfreward join-training big --machine-rank 1
+        srun --nodes 1 --relative 1 selfreward join-training big --machine-rank 1   # under Slurm
+    """
+    from selfreward.training.launch import join
+
+    for line in join(_run_path(run, runs_dir), machine_rank):
+        click.echo(line)
+
+
 def _percent(value) -> str:
     from selfreward.inspection.status import fmt
 

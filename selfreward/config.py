@@ -582,10 +582,8 @@ def check_processes(c: Config) -> None:
                                   f"{c.train_processes} (each process takes an equal share of a step's batch)")
 
 
-def check_accelerate_config(path: str) -> None:
-    """What would fail only once training starts: a missing or unreadable file, DeepSpeed not installed."""
-    import importlib.util
-
+def accelerate_settings(path: str) -> dict:
+    """The keys of an accelerate config file, or one line saying why it has none."""
     import yaml
 
     if not Path(path).is_file():
@@ -597,9 +595,22 @@ def check_accelerate_config(path: str) -> None:
     if not isinstance(values, dict):
         raise SelfRewardError(f"accelerate_config {path} is not an accelerate config (`accelerate config` "
                               f"writes one)")
+    return values
+
+
+def check_accelerate_config(path: str) -> None:
+    """What would fail only once training starts: a missing or unreadable file, DeepSpeed not installed,
+    machines that could not find each other."""
+    import importlib.util
+
+    values = accelerate_settings(path)
     if values.get("distributed_type") == "DEEPSPEED" and importlib.util.find_spec("deepspeed") is None:
         raise SelfRewardError(f"accelerate_config {path} asks for DeepSpeed, which is not installed: "
                               f"pip install deepspeed")
+    machines = int(values.get("num_machines") or 1)
+    if machines > 1 and not values.get("main_process_ip"):
+        raise SelfRewardError(f"accelerate_config {path} has num_machines: {machines} but no main_process_ip: set it "
+                              f"to the address of the node that runs `selfreward iterate` (docs/training.md)")
 
 
 def check_api_settings(c: Config) -> None:
