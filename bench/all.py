@@ -1,7 +1,7 @@
 """`make bench`: every benchmark in bench/, one after the other, then one table of
 ratios, each against a baseline measured in the same run.
 
-    .venv/bin/python bench/all.py                      # make bench's sizes (about 15 minutes on 2 CPU cores)
+    .venv/bin/python bench/all.py                      # make bench's sizes (about 25 minutes on 2 CPU cores)
     .venv/bin/python bench/all.py --quick              # smoke sizes: checks that everything runs
     .venv/bin/python bench/all.py --json bench.json --only training,store
 
@@ -12,6 +12,8 @@ read; --results DIR writes it elsewhere (a --quick run writes one only then).
 Parts (each is also a script of its own, with its full sizes and its own table):
 - engines   bench/engines.py --medium --skip-bare: generation and judging per engine,
             against the transformers engine.
+- ray       bench/ray_engine.py: the ray engine (its jobs' wall time, and net of each job's
+            replica start) and bare vLLM against the vllm engine, generation and judging.
 - training  bench/training.py: SFT and DPO seconds per sequence and peak memory for
             LoRA fp32 (the baseline: the settings before the performance work), a
             bf16 base with lean training (today's CPU default) and QLoRA (nf4),
@@ -49,6 +51,7 @@ def commands(quick: bool, out: Path) -> dict[str, list[str]]:
     return {
         "engines": [py, str(HERE / "engines.py"), "--quick" if quick else "--medium", "--skip-bare",
                     "--json", str(out / "engines.json")],
+        "ray": [py, str(HERE / "ray_engine.py"), *(["--quick"] if quick else []), "--json", str(out / "ray.json")],
         "training": [py, str(HERE / "training.py"), "--examples", "8" if quick else "16",
                      "--variants", TRAINING_VARIANTS, "--json", str(out / "training.json")],
         "dedupe": [py, str(HERE / "dedupe.py"), *(["--quick"] if quick else []), "--json", str(out / "dedupe.json")],
@@ -99,7 +102,9 @@ def rows_store(r: dict) -> list[tuple]:
              r["run_db_per_s"] / r["bare_per_s"])]
 
 
-READERS = {"engines": rows_engines, "training": rows_training, "dedupe": rows_dedupe, "store": rows_store}
+# bench/ray_engine.py's rows have the engines part's shape (generation and judging blocks, ratio per row).
+READERS = {"engines": rows_engines, "ray": rows_engines, "training": rows_training, "dedupe": rows_dedupe,
+           "store": rows_store}
 
 
 def main() -> None:

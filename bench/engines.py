@@ -327,6 +327,23 @@ def versions() -> dict:
 
 # --- the table ---
 
+def block_lines(title: str, rows: list[dict], unit: str, rate_unit: str) -> list[str]:
+    """One block of the table: a row per measurement, its ratio to the first row and its target."""
+    lines = [title, f"  {'':44} {unit:>9} {'s':>8} {rate_unit:>12} {'ratio':>7}  target"]
+    for i, row in enumerate(rows):
+        target = "baseline" if i == 0 else ""
+        if "target" in row:
+            target = f">= {row['target']:g}x: {verdict(row['ratio'] >= row['target'])}"
+        notes = []
+        if "parsed" in row:
+            notes.append(f"{row['parsed']}/{row['count']} parsed")
+        if row["errors"]:
+            notes.append(f"{row['errors']} FAILED")
+        lines.append(f"  {row['name']:44} {row['count']:9d} {row['seconds']:8.1f} {row['rate']:12.2f} "
+                     f"{row['ratio']:6.2f}x  {target:18} {', '.join(notes)}".rstrip())
+    return lines
+
+
 def table(report: dict) -> str:
     s, m, v = report["sizes"], report["machine"], report["versions"]
     quick = "  (--quick: sizes too small for the targets)" if report["quick"] else ""
@@ -338,19 +355,7 @@ def table(report: dict) -> str:
              "model: SmolLM2-135M-Instruct (embedded)", ""]
 
     def block(title, rows, unit, rate_unit):
-        lines.append(title)
-        lines.append(f"  {'':44} {unit:>9} {'s':>8} {rate_unit:>12} {'ratio':>7}  target")
-        for i, row in enumerate(rows):
-            target = "baseline" if i == 0 else ""
-            if "target" in row:
-                target = f">= {row['target']:g}x: {verdict(row['ratio'] >= row['target'])}"
-            notes = []
-            if "parsed" in row:
-                notes.append(f"{row['parsed']}/{row['count']} parsed")
-            if row["errors"]:
-                notes.append(f"{row['errors']} FAILED")
-            lines.append(f"  {row['name']:44} {row['count']:9d} {row['seconds']:8.1f} {row['rate']:12.2f} "
-                         f"{row['ratio']:6.2f}x  {target:18} {', '.join(notes)}".rstrip())
+        lines.extend(block_lines(title, rows, unit, rate_unit))
 
     block(f"generation: {s['prompts']} prompts x {s['samples']} samples, {s['gen_tokens']} new tokens, "
           f"T {report['generation_sampling']['temperature']:g}, top-p {report['generation_sampling']['top_p']:g}",

@@ -7,6 +7,7 @@ paper scale, on a given number of GPUs, without a GPU.
     .venv/bin/python bench/plan.py --model 7b --gpus 8 --set n_candidates=8 --set judge_samples=5
     .venv/bin/python bench/plan.py --figures bench.json              # measured figures from `bench/all.py --json`
     .venv/bin/python bench/plan.py --results my-results/             # dated runs elsewhere than bench/results/
+    .venv/bin/python bench/plan.py --nodes 4 --engine ray             # a cluster: 4 nodes x 8 x H100, the ray engine
 
 The round's sizes come from selfreward's config (the `paper` preset: 4,000 prompts,
 N = 4 candidates, K = 3 judgments, the token limits, DPO epochs and batch);
@@ -19,6 +20,9 @@ newest dated run in bench/results/ that measured it, or from --figures), and the
 checkpoint commit rate (measured once; see docs/scaling.md). A throughput
 measured on your own GPU replaces the published one through --figures
 (decode_tokens_per_s, train_tflops_per_gpu).
+A cluster is --nodes N of --gpus each: only the ray engine spreads generation over the nodes (one
+Ray Data job per engine call, each starting its replicas: --replica-start-s); training spans them with
+accelerate (num_machines) at --internode-efficiency.
 docs/scaling.md states every assumption and what the estimate leaves out.
 """
 
@@ -34,6 +38,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from selfreward.backends.judges import read_logprobs  # noqa: E402
 from selfreward.config import PROMPTS_DIR, TYPES, coerce, resolve  # noqa: E402
 from selfreward.errors import SelfRewardError  # noqa: E402
 
@@ -116,6 +121,15 @@ QUALITY_METRICS = 10  # metrics rows an eval stage writes (parse rate, pairwise 
 # Measured here on 2026-11-22 (docs/scaling.md has the snippet): a Checkpoint.put_many of one judged answer
 # (3 rows) per transaction into a real run.db, WAL, synchronous FULL. --figures may replace it.
 CHECKPOINT_COMMITS_PER_S = 4574.0
+# The ray engine: every engine call is a Ray Data job that starts its replicas on the model (in parallel), so each
+# job pays one replica start: the weights read at --disk-gbps, VLLM_START_S of warm-up, and this much for Ray's
+# side (actor and placement group, vLLM imported in the actor), from the job start that bench/ray_engine.py
+# measured on this 2-core CPU with the 135M model (docs/engines.md, 2026-12-05; no GPU figure yet).
+RAY_JOB_START_S = 27.0
+# Training past one node (accelerate num_machines, DDP/FSDP over the network) against the same ranks in one node:
+# an assumption, not a measurement (--internode-efficiency).
+INTERNODE_EFFICIENCY = 0.8
+ENGINES = ("vllm", "ray")
 
 
 class PlanError(Exception):
@@ -213,10 +227,32 @@ def generation(name, requests, prompt_tokens, prefilled, output_tokens, decode, 
             "gpus_busy": replicas * tp}
 
 
+def with_reads(st: dict, reads: dict) -> dict:
+    """A judging stage and the second job that reads its score probabilities, as one row."""
+    return {**st, **{key: st[key] + reads[key] for key in ("requests", "prompt_tokens", "prefilled_tokens",
+                                                            "output_tokens", "gpu_hours", "wall_s")}}
+
+
+def self_instruct_jobs(want: int, keep: float, budget: int) -> int:
+    """Engine calls of self_instruct's loop (stages/self_instruct.py) at the expected keep rate: it asks twice
+    what it still lacks (at least 4) until it has `want` or spent `budget`."""
+    kept = generated = jobs = 0
+    while kept < want and generated < budget:
+        k = min(budget - generated, max(2 * (want - kept), 4))
+        generated, kept, jobs = generated + k, kept + math.floor(k * keep), jobs + 1
+    return jobs
+
+
 def plan(cfg, model_key: str, gpu: str, gpus: int, figures: dict, instruct_keep: float, pair_rate: float,
          eval_examples: int, train_efficiency: float, prefill_mfu: float, disk_gbps: float,
-         answer_tokens: int = ANSWER_TOKENS) -> dict:
+         answer_tokens: int = ANSWER_TOKENS, nodes: int = 1, engine: str = "vllm",
+         replica_start_s: float | None = None, internode_efficiency: float = INTERNODE_EFFICIENCY) -> dict:
+    """One round on `nodes` nodes of `gpus` GPUs each."""
     model = MODELS[model_key]
+    if engine not in ENGINES:
+        raise PlanError(f"unknown engine '{engine}'; choose one of: {', '.join(ENGINES)}")
+    if replica_start_s is not None and engine != "ray":
+        raise PlanError("--replica-start-s applies to --engine ray only (the vllm engine starts its server once)")
     if gpus < model.tp:
         raise PlanError(f"{model_key} needs at least {model.tp} GPUs: bf16 weights of {2 * model.params / 1e9:.0f} GB "
                         f"and a KV cache on 80 GB GPUs (vLLM tensor parallel {model.tp})")
@@ -229,7 +265,17 @@ def plan(cfg, model_key: str, gpu: str, gpus: int, figures: dict, instruct_keep:
     # The vllm engine's client and server cost this much over bare vLLM, as measured here; never credited below 0.
     decode /= 1 + max(0.0, figures["engine_overhead_pct"]) / 100
     prefill = prefill_mfu * peak * model.tp / (2 * model.params)
-    replicas = gpus // model.tp
+    # The vllm engine serves from the coordinating node; the ray engine places replicas on every node.
+    ray = engine == "ray"
+    total_gpus = gpus * nodes
+    replicas = (total_gpus if ray else gpus) // model.tp
+    weights_s = 2 * model.params / (disk_gbps * 1e9)
+    start_basis = "--replica-start-s"
+    if ray and replica_start_s is None:
+        replica_start_s = weights_s + VLLM_START_S + RAY_JOB_START_S
+        start_basis = (f"{weights_s:.0f} s reading weights at {disk_gbps:g} GB/s + {VLLM_START_S:.0f} s vLLM warm-up + "
+                       f"{RAY_JOB_START_S:.0f} s Ray job start measured on CPU; --replica-start-s to change")
+    logprobs = read_logprobs(cfg)
 
     instr = min(INSTRUCTION_TOKENS, cfg.instruct_max_new_tokens)
     answer = min(answer_tokens, cfg.candidate_max_new_tokens)
@@ -242,19 +288,45 @@ def plan(cfg, model_key: str, gpu: str, gpus: int, figures: dict, instruct_keep:
     attempts = min(math.ceil(prompts / instruct_keep), prompts * cfg.instruct_max_attempts)
     shots = cfg.fewshot_ift + cfg.fewshot_generated
     si_prompt = 12 + (shots + 1) * (instr + 3)
-    stages = [generation("self-instruct", attempts, attempts * si_prompt, attempts * si_prompt,
-                         attempts * cfg.instruct_max_new_tokens, decode, prefill, model.tp, replicas)]
+    si = generation("self-instruct", attempts, attempts * si_prompt, attempts * si_prompt,
+                    attempts * cfg.instruct_max_new_tokens, decode, prefill, model.tp, replicas)
     # Candidates: the engine sends one request per sample; the prefix cache prefills their shared prompt once.
-    stages.append(generation("candidates", prompts * n, prompts * n * instr, prompts * instr * (1 if caching else n),
-                             prompts * n * answer, decode, prefill, model.tp, replicas))
+    cand = generation("candidates", prompts * n, prompts * n * instr, prompts * instr * (1 if caching else n),
+                      prompts * n * answer, decode, prefill, model.tp, replicas)
     # Judging: the rubric is the same in every request and the K samples of one answer share the whole prompt,
     # so with prefix caching only the instruction and the answer are prefilled, once per answer.
     judge_prompt = rubric + instr + answer
     answers = prompts * n
-    stages.append(generation("judging", answers * k, answers * k * judge_prompt,
-                             answers * (instr + answer) + rubric if caching else answers * k * judge_prompt,
-                             answers * k * judgment, decode, prefill, model.tp, replicas))
+    judging = generation("judging", answers * k, answers * k * judge_prompt,
+                         answers * (instr + answer) + rubric if caching else answers * k * judge_prompt,
+                         answers * k * judgment, decode, prefill, model.tp, replicas)
     # (Pair building is a pure function over rows: 0.17 s for 16,000 candidates on this machine's CPU; left out.)
+    evaluation = generation("eval (held-out EFT)", eval_examples, eval_examples * judge_prompt,
+                            eval_examples * (instr + answer) + rubric if caching else eval_examples * judge_prompt,
+                            eval_examples * judgment, decode, prefill, model.tp, replicas)
+
+    def reads(judged: int, samples: int) -> dict:
+        """The ray engine's score-probability read (judge_logprobs): a second job, one token per judgment, on
+        the judge prompt and the judgment up to its score. A new job's prefix cache starts empty, so those are
+        prefilled again (the vllm engine's server still holds them: left out there, as before)."""
+        full = judge_prompt + judgment
+        return generation("", judged * samples, judged * samples * full,
+                          judged * (instr + answer + samples * judgment) + rubric if caching
+                          else judged * samples * full, judged * samples, decode, prefill, model.tp, replicas)
+
+    judge_jobs = 1
+    if ray and logprobs:
+        judging, evaluation, judge_jobs = with_reads(judging, reads(answers, k)), \
+            with_reads(evaluation, reads(eval_examples, 1)), 2
+    # The ray engine: every engine call is a job, the jobs run one at a time, and each first starts its replicas
+    # (in parallel, so one start a job). The vllm engine starts its server once, in the loads below.
+    jobs = {"self-instruct": self_instruct_jobs(prompts, instruct_keep, prompts * cfg.instruct_max_attempts),
+            "candidates": 1, "judging": judge_jobs, "eval (held-out EFT)": judge_jobs}
+    for st in (si, cand, judging, evaluation):
+        st["jobs"] = jobs[st["stage"]] if ray else 0
+        st["start_s"] = st["jobs"] * replica_start_s if ray else 0.0
+        st["wall_s"] += st["start_s"]
+        st["gpu_hours"] += st["start_s"] * st["gpus_busy"] / 3600
 
     # DPO with LoRA, a token of chosen or rejected: the policy's forward, its forward again (train.py recomputes
     # activations on CUDA) and its backward through frozen weights (activation gradients only), 2P each; and the
@@ -267,22 +339,24 @@ def plan(cfg, model_key: str, gpu: str, gpus: int, figures: dict, instruct_keep:
     if "train_tflops_per_gpu" in figures:
         tflops, train_note = figures["train_tflops_per_gpu"], f"measured ({figures['source']})"
     per_gpu = tflops * 1e12 * train_efficiency
-    # Every rank needs at least one pair of a step: dpo_batch_size caps data parallelism.
-    ranks = min(gpus, cfg.dpo_batch_size)
-    scaling = 1.0 if ranks == 1 else 0.9 if ranks <= 8 else 0.8
+    # Every rank needs at least one pair of a step: dpo_batch_size caps data parallelism, and so the nodes used.
+    ranks = min(total_gpus, cfg.dpo_batch_size)
+    train_nodes = math.ceil(ranks / gpus)
+    per_node = math.ceil(ranks / train_nodes)
+    scaling = 1.0 if per_node == 1 else 0.9 if per_node <= 8 else 0.8
+    if train_nodes > 1:
+        scaling *= internode_efficiency
     train_s = flops / (per_gpu * ranks * scaling)
     steps = math.ceil(pairs * cfg.dpo_epochs / cfg.dpo_batch_size)
-    stages.append({"stage": f"{cfg.train_method} training", "requests": pairs, "prompt_tokens": train_tokens,
-                   "prefilled_tokens": 0, "output_tokens": 0, "gpu_hours": train_s * ranks / 3600,
-                   "wall_s": train_s, "gpus_busy": ranks, "steps": steps})
-    stages.append(generation("eval (held-out EFT)", eval_examples, eval_examples * judge_prompt,
-                             eval_examples * (instr + answer) + rubric if caching else eval_examples * judge_prompt,
-                             eval_examples * judgment, decode, prefill, model.tp, replicas))
-    # Weights read or written once each a round: the vLLM start, the trainer's load, the merge's reload and the
-    # merged save. Replicas load in parallel, each from its own disk.
-    load_s = 4 * 2 * model.params / (disk_gbps * 1e9) + VLLM_START_S
-    stages.append({"stage": "model loads, merge, save", "requests": 0, "prompt_tokens": 0, "prefilled_tokens": 0,
-                   "output_tokens": 0, "gpu_hours": load_s * gpus / 3600, "wall_s": load_s, "gpus_busy": gpus})
+    training = {"stage": f"{cfg.train_method} training", "requests": pairs, "prompt_tokens": train_tokens,
+                "prefilled_tokens": 0, "output_tokens": 0, "gpu_hours": train_s * ranks / 3600,
+                "wall_s": train_s, "gpus_busy": ranks, "steps": steps, "nodes": train_nodes}
+    # Weights read or written once each a round: the vLLM start (on the ray engine, in each job's start instead),
+    # the trainer's load, the merge's reload and the merged save. Each node reads from its own disk, in parallel.
+    load_s = 3 * weights_s if ray else 4 * weights_s + VLLM_START_S
+    loads = {"stage": "model loads, merge, save", "requests": 0, "prompt_tokens": 0, "prefilled_tokens": 0,
+             "output_tokens": 0, "gpu_hours": load_s * total_gpus / 3600, "wall_s": load_s, "gpus_busy": total_gpus}
+    stages = [si, cand, judging, training, evaluation, loads]
 
     # --- run.db: rows each stage commits, and the checkpoint commits while generating
     rows = {"prompts": prompts, "candidates": answers, "judgments": answers * k, "pairs": prompts,
@@ -290,7 +364,8 @@ def plan(cfg, model_key: str, gpu: str, gpus: int, figures: dict, instruct_keep:
             "models": 1, "rounds": 1}
     commits = {"self-instruct": attempts, "candidates": prompts, "judging": answers,
                "eval (held-out EFT)": eval_examples}
-    demand = {s["stage"]: commits[s["stage"]] / s["wall_s"] for s in stages if s["stage"] in commits}
+    # Checkpoints are committed while a stage generates, not while its replicas start.
+    demand = {s["stage"]: commits[s["stage"]] / (s["wall_s"] - s["start_s"]) for s in stages if s["stage"] in commits}
     commit_rate = figures.get("checkpoint_commits_per_s", CHECKPOINT_COMMITS_PER_S)
     peak_stage = max(demand, key=demand.get)
     store = {"rows": rows, "rows_total": sum(rows.values()), "rows_per_s": figures["store_judgments_per_s"],
@@ -301,8 +376,11 @@ def plan(cfg, model_key: str, gpu: str, gpus: int, figures: dict, instruct_keep:
              # Commit demand grows with the number of replicas; the single writer saturates near this GPU count.
              "writer_limit_gpus": replicas * model.tp * commit_rate / demand[peak_stage]}
     wall = sum(s["wall_s"] for s in stages) + store["commit_s"]
-    return {"model": model.name, "model_key": model_key, "gpu": gpu_name, "gpus": gpus, "replicas": replicas,
-            "tensor_parallel": model.tp, "train_ranks": ranks,
+    return {"model": model.name, "model_key": model_key, "gpu": gpu_name, "gpus": total_gpus, "nodes": nodes,
+            "gpus_per_node": gpus, "engine": engine, "generation_nodes": nodes if ray else 1, "replicas": replicas,
+            "tensor_parallel": model.tp, "train_ranks": ranks, "train_nodes": train_nodes,
+            "replica_start_s": replica_start_s, "replica_start_basis": start_basis if ray else None,
+            "jobs": sum(jobs.values()) if ray else 0, "judge_logprobs": logprobs,
             "sizes": {"prompts": prompts, "n_candidates": n, "judge_samples": k, "pairs": pairs,
                       "self_instruct_generations": attempts, "eval_examples": eval_examples,
                       "instruct_max_new_tokens": cfg.instruct_max_new_tokens, "answer_tokens": answer,
@@ -310,12 +388,12 @@ def plan(cfg, model_key: str, gpu: str, gpus: int, figures: dict, instruct_keep:
                       "prefix_caching": caching, "dpo_epochs": cfg.dpo_epochs, "dpo_batch_size": cfg.dpo_batch_size},
             "stages": stages, "store": store,
             "total": {"wall_s": wall, "gpu_hours": sum(s["gpu_hours"] for s in stages),
-                      "gpu_hours_held": wall * gpus / 3600},
+                      "gpu_hours_held": wall * total_gpus / 3600},
             "rates": {"decode_tokens_per_s_per_replica": decode, "decode_basis": decode_note,
                       "prefill_tokens_per_s_per_replica": prefill, "train_tflops_per_gpu": tflops,
                       "train_basis": train_note},
             "assumptions": {"instruct_keep": instruct_keep, "pair_rate": pair_rate,
-                            "train_efficiency": train_efficiency,
+                            "train_efficiency": train_efficiency, "internode_efficiency": internode_efficiency,
                             "prefill_mfu": prefill_mfu, "disk_gbps": disk_gbps,
                             "sharegpt_input_per_output": SHAREGPT_IN_PER_OUT,
                             "engine_overhead_pct": figures["engine_overhead_pct"]},
@@ -344,15 +422,37 @@ def count(n: int) -> str:
 
 def render(p: dict) -> str:
     s = p["sizes"]
-    lines = [f"selfreward capacity plan: one round (t >= 2) of {p['model']} on {p['gpus']} x {p['gpu']}",
+    where = f"{p['gpus_per_node']} x {p['gpu']}"
+    if p["nodes"] > 1:
+        where = f"{p['nodes']} nodes x {where}"
+    if p["engine"] != "vllm" or p["nodes"] > 1:
+        where += f" ({p['engine']} engine)"
+    rates = p["rates"]
+    serving = (f"generation: {p['replicas']} vLLM replica(s) x tensor parallel {p['tensor_parallel']}, "
+                  f"{rates['decode_tokens_per_s_per_replica']:,.0f} output tok/s each ({rates['decode_basis']})")
+    if p["engine"] == "ray":
+        judges = "; judging and eval are 2 jobs each: the score-probability read (judge_logprobs) is a job of its " \
+                 "own, its prompts prefilled again" if p["judge_logprobs"] else ""
+        serving += (f"\n  ray engine: replicas on {p['generation_nodes']} node(s); {p['jobs']} Ray Data jobs a "
+                       f"round, one at a time, each starting its replicas first: {p['replica_start_s']:.0f} s a job "
+                       f"({p['replica_start_basis']}){judges}")
+    elif p["nodes"] > 1:
+        serving += (f"\n  vllm engine: generation on one node of {p['nodes']} (the vllm engine serves from one "
+                       f"node; --engine ray spreads it over all of them)")
+    training = (f"training: {p['train_ranks']} rank(s), {rates['train_tflops_per_gpu']:.0f} TFLOPS/GPU achieved "
+                f"({rates['train_basis']}) x fine-tuning efficiency {p['assumptions']['train_efficiency']:g}")
+    if p["train_nodes"] > 1:
+        training += (f", on {p['train_nodes']} nodes (accelerate num_machines) x inter-node efficiency "
+                     f"{p['assumptions']['internode_efficiency']:g}")
+    if p["train_nodes"] < p["nodes"]:
+        training += (f"; {p['train_nodes']} of {p['nodes']} nodes: dpo_batch_size {s['dpo_batch_size']} caps the "
+                     f"ranks (a pair per rank a step)")
+    lines = [f"selfreward capacity plan: one round (t >= 2) of {p['model']} on {where}",
              f"sizes: {s['prompts']:,} prompts, N = {s['n_candidates']}, K = {s['judge_samples']}, {s['pairs']:,} "
              f"pairs, {s['eval_examples']} eval examples; tokens: instruction {s['instruction_tokens']}, answer "
              f"{s['answer_tokens']}, judgment {s['judgment_tokens']}, rubric {s['rubric_tokens']}; prefix caching "
              f"{'on' if s['prefix_caching'] else 'off'}",
-             f"generation: {p['replicas']} vLLM replica(s) x tensor parallel {p['tensor_parallel']}, "
-             f"{p['rates']['decode_tokens_per_s_per_replica']:,.0f} output tok/s each ({p['rates']['decode_basis']})",
-             f"training: {p['train_ranks']} rank(s), {p['rates']['train_tflops_per_gpu']:.0f} TFLOPS/GPU achieved "
-             f"({p['rates']['train_basis']}) x fine-tuning efficiency {p['assumptions']['train_efficiency']:g}", "",
+             serving, training, "",
              f"{'stage':26} {'requests':>9} {'prompt tok':>10} {'prefilled':>10} {'output tok':>10} {'GPUs':>5} "
              f"{'GPU-h':>7} {'wall':>9}"]
     for st in p["stages"]:
@@ -424,7 +524,20 @@ class Parser(argparse.ArgumentParser):
 def main(argv: list[str] | None = None) -> None:
     ap = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="70b", choices=list(MODELS), help="Llama 2 size (default 70b, the paper's)")
-    ap.add_argument("--gpus", type=positive(int), default=8, metavar="N", help="GPUs for the round (default 8)")
+    ap.add_argument("--gpus", type=positive(int), default=8, metavar="N",
+                    help="GPUs for the round, per node with --nodes (default 8)")
+    ap.add_argument("--nodes", type=positive(int), default=1, metavar="N",
+                    help="nodes of --gpus GPUs each (default 1); training spans them with accelerate, generation "
+                         "only with --engine ray")
+    ap.add_argument("--engine", default="vllm", choices=ENGINES,
+                    help="policy engine (default vllm: one server on one node; ray: one Ray Data job per engine "
+                         "call, replicas on every node)")
+    ap.add_argument("--replica-start-s", type=positive(float), metavar="S",
+                    help="--engine ray: seconds a job takes to start its replicas (default: the weights read at "
+                         f"--disk-gbps + {VLLM_START_S:.0f} s vLLM warm-up + {RAY_JOB_START_S:.0f} s Ray job start)")
+    ap.add_argument("--internode-efficiency", type=fraction, metavar="F", default=INTERNODE_EFFICIENCY,
+                    help="training rate across nodes as a share of the same ranks within one node "
+                         f"(default {INTERNODE_EFFICIENCY:g}, an assumption)")
     ap.add_argument("--gpu", default="h100", choices=list(GPUS), help="80 GB SXM GPU kind (default h100)")
     ap.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                     help="any selfreward config key, over the paper preset (repeatable)")
@@ -465,7 +578,8 @@ def main(argv: list[str] | None = None) -> None:
         figures.setdefault("engine_overhead_pct", 0.0)
         cfg = resolve({}, {"preset": "paper", **parse_sets(args.sets)})
         result = plan(cfg, args.model, args.gpu, args.gpus, figures, args.instruct_keep, args.pair_rate,
-                      args.eval_examples, args.train_efficiency, args.prefill_mfu, args.disk_gbps, args.answer_tokens)
+                      args.eval_examples, args.train_efficiency, args.prefill_mfu, args.disk_gbps, args.answer_tokens,
+                      args.nodes, args.engine, args.replica_start_s, args.internode_efficiency)
     except (PlanError, SelfRewardError) as e:
         sys.exit(f"error: {e}")
     print(json.dumps(result, indent=2) if args.json else render(result))

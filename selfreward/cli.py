@@ -292,6 +292,10 @@ def _check_inputs(cfg) -> None:
     load_template("self_instruct")
     check_judge(cfg)
     resolve_policy(cfg.model)
+    if cfg.engine == "ray" and cfg.ray_address:
+        from selfreward.backends.engines.ray_data import reach
+
+        reach(cfg)  # a cluster that is not there; the engine checks it is Ray, with the resources asked
 
 
 def check_judge(cfg) -> None:

@@ -485,6 +485,10 @@ def validate(c: Config) -> None:
                               f"{', '.join(POLICY_ENGINES)}")
     check_training(c)
     check_vllm_extra_args(c.vllm_extra_args)
+    if c.ray_address:
+        from selfreward.backends.engines.ray_data import address_parts
+
+        address_parts(c.ray_address)
     check_api_settings(c)
     check_judge_training(c)
     check_actor_eval(c)

