@@ -137,16 +137,14 @@ class RayCluster:
 
         if ray.is_initialized():
             raise SelfRewardError("this process is already connected to a Ray cluster; one ray engine at a time")
-        for name, level in (("ray", logging.WARNING), ("ray.data", logging.ERROR), ("ray.llm", logging.ERROR)):
-            logging.getLogger(name).setLevel(level)  # Ray Data's notes on its own progress bars are no news
+        for name in ("ray", "ray.data", "ray.llm"):
+            # Notes on Ray Data's own progress bars, or on ray.init off the main thread, are no news to a user.
+            logging.getLogger(name).setLevel(logging.ERROR)
         if not logging.getLogger("ray.llm").handlers:
             # Ray's LLM modules give themselves an INFO console handler unless this logger has one.
             logging.getLogger("ray.llm").addHandler(logging.NullHandler())
         # This process's Ray core logs to the terminal; the engines' own errors come back as exceptions or rows.
         os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "fatal")
-        import signal
-
-        on_sigterm = signal.getsignal(signal.SIGTERM)
         failure: list[BaseException] = []
 
         def join() -> None:
@@ -157,7 +155,10 @@ class RayCluster:
                 failure.append(e)
 
         # A cluster that does not answer (or something at ray_address that is not Ray) keeps ray.init
-        # retrying for minutes: it gets ray_start_timeout seconds.
+        # retrying for minutes: it gets ray_start_timeout seconds. Off the main thread, ray.init also
+        # leaves SIGTERM alone: in the main thread it would turn it into an exit that waits on threads
+        # blocked in a job, where a SIGTERM ends this process at once, as with the other engines, and
+        # the head's watchdog ends the cluster.
         joining = threading.Thread(target=join, daemon=True)
         joining.start()
         joining.join(cfg.ray_start_timeout)
@@ -165,10 +166,6 @@ class RayCluster:
             where = "the local Ray cluster" if self.local else f"the server at ray_address {cfg.ray_address}"
             raise SelfRewardError(f"{where} did not answer as a Ray cluster within {cfg.ray_start_timeout:g} s "
                                   f"(ray_start_timeout)")
-        if threading.current_thread() is threading.main_thread():
-            # ray.init turns SIGTERM into an exit that waits on threads blocked in a job; a SIGTERM ends
-            # this process at once, as with the other engines, and the head's watchdog ends the cluster.
-            signal.signal(signal.SIGTERM, on_sigterm)
         if failure:
             raise SelfRewardError(f"cannot join the Ray cluster at {self.address}: {_first_line(failure[0])}")
         import ray.data
