@@ -27,3 +27,14 @@ def machine() -> dict:
 
 def verdict(ok: bool) -> str:
     return "met" if ok else "MISSED"
+
+
+def publish(text: str, report: dict, path: Path | None) -> None:
+    """A benchmark's table to stdout and, with --json PATH, its results to PATH (the note to stderr)."""
+    import json
+    import sys
+
+    print(text, flush=True)
+    if path:
+        path.write_text(json.dumps(report, indent=2) + "\n")
+        print(f"wrote {path}", file=sys.stderr, flush=True)

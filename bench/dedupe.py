@@ -34,7 +34,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import itertools
-import json
 import platform
 import random
 import sys
@@ -47,7 +46,7 @@ sys.path.insert(0, str(ROOT))
 
 import numpy as np  # noqa: E402
 
-from common import machine, verdict  # noqa: E402  (bench/common.py)
+from common import machine, publish, verdict  # noqa: E402  (bench/common.py)
 from selfreward.core.stages.self_instruct import DedupePool, _tokens, rouge_l  # noqa: E402
 
 THRESHOLD = 0.7  # the config's rouge_threshold default
@@ -261,10 +260,7 @@ def main() -> None:
     report = {"date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"), "quick": args.quick,
               "machine": machine(), "versions": {"python": platform.python_version(), "numpy": np.__version__}}
     report.update(run(QUICK if args.quick else FULL))
-    print(table(report), flush=True)
-    if args.json:
-        args.json.write_text(json.dumps(report, indent=2) + "\n")
-        log(f"wrote {args.json}")
+    publish(table(report), report, args.json)
 
 
 if __name__ == "__main__":

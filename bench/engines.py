@@ -50,7 +50,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from common import machine, verdict  # noqa: E402  (bench/common.py)
+from common import machine, publish, verdict  # noqa: E402  (bench/common.py)
 from selfreward.backends.engines import Sampling  # noqa: E402
 from selfreward.config import SEED_DIR, resolve  # noqa: E402
 from selfreward.data import read_eft, read_ift  # noqa: E402
@@ -344,6 +344,10 @@ def block_lines(title: str, rows: list[dict], unit: str, rate_unit: str) -> list
     return lines
 
 
+def start_lines(title: str, starts: list[dict]) -> list[str]:
+    return [title, *(f"  {row['name']:56} {row['seconds']:7.1f} s" for row in starts)]
+
+
 def table(report: dict) -> str:
     s, m, v = report["sizes"], report["machine"], report["versions"]
     quick = "  (--quick: sizes too small for the targets)" if report["quick"] else ""
@@ -373,9 +377,7 @@ def table(report: dict) -> str:
           f"top-p {report['judge_sampling']['top_p']:g}",
           report["judging"], "judgments", "judgments/s")
     lines.append("")
-    lines.append("engine start")
-    for row in report["starts"]:
-        lines.append(f"  {row['name']:56} {row['seconds']:7.1f} s")
+    lines.extend(start_lines("engine start", report["starts"]))
     return "\n".join(lines)
 
 
@@ -409,10 +411,7 @@ def main() -> None:
         log(f"vLLM logs kept in {workdir}")
         raise
     shutil.rmtree(workdir, ignore_errors=True)
-    print(table(report), flush=True)
-    if args.json:
-        args.json.write_text(json.dumps(report, indent=2) + "\n")
-        log(f"wrote {args.json}")
+    publish(table(report), report, args.json)
 
 
 if __name__ == "__main__":

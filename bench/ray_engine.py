@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
-import json
 import shutil
 import signal
 import sys
@@ -36,9 +35,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import machine, verdict  # noqa: E402  (bench/common.py)
+from common import machine, publish, verdict  # noqa: E402  (bench/common.py)
 from engines import (MEDIUM, QUICK, bare_vllm, block_lines, log, measure_generation, measure_judging,  # noqa: E402
-                     versions, warm_up)
+                     start_lines, versions, warm_up)
 from selfreward.backends.engines import Sampling  # noqa: E402
 from selfreward.config import SEED_DIR, resolve  # noqa: E402
 from selfreward.data import read_eft, read_ift  # noqa: E402
@@ -144,9 +143,7 @@ def table(report: dict) -> str:
     lines.append(f"  vllm engine at {100 * report['vllm_of_bare_judging']:.1f}% of bare vLLM's judgments/s "
                  f"(target >= {100 * TARGETS['vllm_of_bare_judging']:.0f}%: {verdict(ok)})")
     lines.append("")
-    lines.append("start")
-    for row in report["starts"]:
-        lines.append(f"  {row['name']:56} {row['seconds']:7.1f} s")
+    lines.extend(start_lines("start", report["starts"]))
     return "\n".join(lines)
 
 
@@ -166,10 +163,7 @@ def main() -> None:
     except SelfRewardError as e:
         sys.exit(f"error: {e}\n(logs kept in {workdir})")
     shutil.rmtree(workdir, ignore_errors=True)
-    print(table(report), flush=True)
-    if args.json:
-        args.json.write_text(json.dumps(report, indent=2) + "\n")
-        log(f"wrote {args.json}")
+    publish(table(report), report, args.json)
 
 
 if __name__ == "__main__":
