@@ -42,7 +42,7 @@ from tqdm.auto import tqdm
 
 from selfreward import procs
 from selfreward.backends.engines.base import Completion, OnDone, Prompt, Sampling, context_ids, failed, sum_choices
-from selfreward.backends.engines.vllm import free_port, last_error
+from selfreward.backends.engines.vllm import chunked_prefill, cpu_env, eager, free_port, last_error
 from selfreward.errors import SelfRewardError
 
 HEAD = "selfreward.backends.engines.ray_head"
@@ -233,12 +233,11 @@ def _set_token(token: str | None, before: dict | None = None) -> None:
 
 def engine_kwargs(cfg, cuda: bool) -> dict:
     """vLLM engine arguments from the same vllm_* settings as the vllm engine's server flags."""
-    eager = cfg.vllm_enforce_eager == "yes" or (cfg.vllm_enforce_eager == "auto" and not cuda)
-    chunked = cfg.vllm_chunked_prefill == "yes" or (cfg.vllm_chunked_prefill == "auto" and cuda)
     kwargs = dict(dtype=cfg.vllm_dtype, seed=cfg.seed, max_num_seqs=cfg.vllm_max_num_seqs,
                   tensor_parallel_size=cfg.vllm_tensor_parallel_size,
                   pipeline_parallel_size=cfg.vllm_pipeline_parallel_size,
-                  enable_prefix_caching=cfg.vllm_prefix_caching, enforce_eager=eager, enable_chunked_prefill=chunked)
+                  enable_prefix_caching=cfg.vllm_prefix_caching, enforce_eager=eager(cfg, cuda),
+                  enable_chunked_prefill=chunked_prefill(cfg, cuda))
     if cfg.vllm_max_model_len:
         kwargs["max_model_len"] = cfg.vllm_max_model_len
     if cuda:
@@ -379,8 +378,7 @@ class RayEngine:
             cfg = self.cfg
             # The replicas of a local cluster split its cores; on another cluster each takes its reservation.
             share = (os.cpu_count() or 1) // cfg.ray_replicas if self.cluster.local else int(cfg.ray_cpus_per_replica)
-            env.update(VLLM_CPU_KVCACHE_SPACE=f"{cfg.vllm_cpu_kvcache_gb:g}", VLLM_CPU_NUM_OF_RESERVED_CPU="0",
-                       OMP_NUM_THREADS=str(cfg.vllm_cpu_threads or max(1, share)))
+            env.update(cpu_env(cfg, share))
         return env
 
     def _completion(self, row: dict, sampling: Sampling) -> Completion:
